@@ -1,0 +1,1 @@
+"""Preprocessing stages: videos -> face crops -> landmarks -> aligned faces -> metadata JSON -> partners."""

@@ -1,0 +1,137 @@
+"""Small file helpers shared by every stage: atomic writes, robust image reading, paths.
+
+Every file a stage produces is written to a temporary name in the same folder and renamed into place,
+so a killed run never leaves a half-written file under the final name.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+#: The project root (the folder holding package_utils/).
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+#: Default data root; override with --data-root or the FF_DATA_ROOT environment variable.
+DEFAULT_DATA_ROOT = Path(os.environ.get("FF_DATA_ROOT", PROJECT_ROOT / "datasets_df"))
+#: Default folder for weights the user drops in (81-point predictor, checkpoints).
+PRETRAINED_DIR = Path(os.environ.get("FF_PRETRAINED_DIR", PROJECT_ROOT / "pretrained"))
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv"}
+
+
+class BadInputError(ValueError):
+    """An input file that cannot be used; the message names the file and the problem."""
+
+
+def _temp_path(path: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file + rename (never a partial file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = None) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False))
+
+
+def atomic_write_image(path: str | os.PathLike, image: np.ndarray, params: list[int] | None = None) -> None:
+    """Encode ``image`` (BGR or grey uint8) by the file's extension and write it atomically."""
+    path = Path(path)
+    ok, buffer = cv2.imencode(path.suffix or ".png", image, params or [])
+    if not ok:
+        raise OSError(f"{path}: OpenCV could not encode a {image.shape} {image.dtype} image")
+    atomic_write_bytes(path, buffer.tobytes())
+
+
+def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
+    """Move a finished temp folder onto ``final_dir``, dropping any stale folder there first."""
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp_dir, final_dir)
+
+
+def to_bgr8(image: np.ndarray, source: str | os.PathLike = "<array>") -> np.ndarray:
+    """Normalise any decoded image to 3-channel uint8 BGR.
+
+    Handles grey, grey+alpha, BGRA (alpha dropped), 16-bit and float images; raises BadInputError naming
+    ``source`` for anything else.
+    """
+    if image is None or image.size == 0:
+        raise BadInputError(f"{source}: empty image")
+    if image.dtype == np.uint16:
+        image = (image.astype(np.uint32) * 255 + 32767) // 65535
+        image = image.astype(np.uint8)
+    elif image.dtype in (np.float32, np.float64):
+        scale = 255.0 if float(np.nanmax(image)) <= 1.0 else 1.0
+        image = np.clip(np.nan_to_num(image) * scale, 0, 255).round().astype(np.uint8)
+    elif image.dtype != np.uint8:
+        raise BadInputError(f"{source}: unsupported pixel type {image.dtype}")
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    if image.ndim == 3:
+        channels = image.shape[2]
+        if channels == 1:
+            return cv2.cvtColor(image[:, :, 0], cv2.COLOR_GRAY2BGR)
+        if channels == 2:  # grey + alpha
+            return cv2.cvtColor(image[:, :, 0], cv2.COLOR_GRAY2BGR)
+        if channels == 3:
+            return np.ascontiguousarray(image)
+        if channels == 4:
+            return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    raise BadInputError(f"{source}: unsupported image shape {image.shape}")
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as uint8 BGR (grey, RGBA and 16-bit files are converted).
+
+    Raises:
+        BadInputError: the file is missing, empty or not a decodable image.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"{path}: no such file")
+    data = np.fromfile(path, dtype=np.uint8)
+    if data.size == 0:
+        raise BadInputError(f"{path}: zero-byte file")
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise BadInputError(f"{path}: not a decodable image")
+    return to_bgr8(image, path)
+
+
+def relative_to_root(path: str | os.PathLike, root: str | os.PathLike) -> str:
+    """``path`` relative to ``root`` as a POSIX string; a clear error when it lies outside."""
+    path, root = Path(path).resolve(), Path(root).resolve()
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        raise ValueError(
+            f"{path} is not inside the data root {root}; pass --data-root with a folder that contains it"
+        ) from None

@@ -1,0 +1,210 @@
+"""The metadata JSON: one file per split in processed_data/, read by every trainer.
+
+Schema (version 1)::
+
+    {
+      "schema": "ffpipe-metadata", "schema_version": 1,
+      "created": "2026-11-21T12:00:00+00:00",
+      "data_root": "/abs/path/datasets_df",      # image paths below are relative to this folder
+      "config": {...},                           # the resolved stage config that produced the file
+      "stats": {...},                            # counts: videos, frames, frames_without_landmarks, ...
+      "data": [item, ...]
+    }
+
+Each item is one face crop (one frame, one face). LAA-Net-compatible keys come first:
+
+=================  ===========================================================================
+key                meaning
+=================  ===========================================================================
+image_path         image the landmarks below describe (the aligned image when one was saved)
+file_name          file name of that image, e.g. ``000.png``
+id                 position of the item in ``data`` (int)
+fake_type          ``original`` for reals, else the video's folder name (LAA-Net convention)
+orig_lms           landmarks on the unaligned crop, list of [x, y] floats (68 or 81), [] if none
+aligned_lms        landmarks on ``image_path``'s pixels (equal to ``orig_lms`` when not aligned)
+video_id           globally unique video id ``<dataset>/<method>/<video>``
+frame_index        index of the frame in the source video (0-based)
+label              1 = fake, 0 = real
+split              train / val / test
+dataset            ff, cdf, dfd, dfdc, dfdcp, dfw, ffiw, folder, ...
+method             manipulation or source folder (``original``, ``Deepfakes``, ``Celeb-real`` ...)
+box                square crop box in source-frame pixels [x0, y0, x1, y1] (may leave the frame)
+landmark_model     ``dlib68`` / ``dlib81`` / ``none``
+=================  ===========================================================================
+
+Optional keys: ``crop_path`` (the unaligned crop), ``face_box`` (detector box in crop pixels),
+``face_score``, ``keypoints`` (5 detector keypoints in crop pixels), ``face_index``, ``mask_path``,
+``alignment`` and ``align_matrix`` (2x3, crop -> aligned image), ``partners`` (ids of blend partners)
+and ``best_match`` (their image paths, LAA-Net style), ``partner_distances``.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from package_utils.io_utils import atomic_write_json
+
+SCHEMA_NAME = "ffpipe-metadata"
+SCHEMA_VERSION = 1
+LANDMARK_MODELS = ("dlib68", "dlib81", "none")
+SPLITS = ("train", "val", "test")
+
+
+class MetadataError(ValueError):
+    """A metadata file that does not follow the schema; the message names file, item and key."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_num(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_points(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(p, list) and len(p) == 2 and _is_num(p[0]) and _is_num(p[1]) for p in value
+    )
+
+
+def _is_box(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 4 and all(_is_num(v) for v in value)
+
+
+# key -> (check, description) for the required item keys
+REQUIRED_ITEM_KEYS: dict[str, tuple[Any, str]] = {
+    "image_path": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "file_name": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "id": (_is_int, "an int"),
+    "fake_type": (lambda v: isinstance(v, str), "a string"),
+    "orig_lms": (lambda v: _is_points(v) and len(v) in (0, 68, 81), "a list of 0, 68 or 81 [x, y] points"),
+    "aligned_lms": (lambda v: _is_points(v) and len(v) in (0, 68, 81), "a list of 0, 68 or 81 [x, y] points"),
+    "video_id": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "frame_index": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+    "label": (lambda v: _is_int(v) and v in (0, 1), "0 (real) or 1 (fake)"),
+    "split": (lambda v: isinstance(v, str) and v != "", "a split name"),
+    "dataset": (lambda v: isinstance(v, str) and v != "", "a dataset name"),
+    "method": (lambda v: isinstance(v, str) and v != "", "a method / source folder name"),
+    "box": (_is_box, "a list [x0, y0, x1, y1]"),
+    "landmark_model": (lambda v: v in LANDMARK_MODELS, f"one of {LANDMARK_MODELS}"),
+}
+
+OPTIONAL_ITEM_KEYS: dict[str, tuple[Any, str]] = {
+    "crop_path": (lambda v: isinstance(v, str), "a string"),
+    "face_box": (lambda v: v is None or _is_box(v), "null or [x0, y0, x1, y1]"),
+    "face_score": (lambda v: v is None or _is_num(v), "null or a number"),
+    "keypoints": (lambda v: v is None or (_is_points(v) and len(v) == 5), "null or 5 [x, y] points"),
+    "face_index": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+    "mask_path": (lambda v: v is None or isinstance(v, str), "null or a string"),
+    "alignment": (lambda v: v in ("rotate", "similarity", "none"), "rotate, similarity or none"),
+    "align_matrix": (
+        lambda v: v is None or (isinstance(v, list) and len(v) == 2 and all(
+            isinstance(r, list) and len(r) == 3 and all(_is_num(x) for x in r) for r in v)),
+        "null or a 2x3 matrix",
+    ),
+    "partners": (lambda v: isinstance(v, list) and all(_is_int(x) for x in v), "a list of item ids"),
+    "partner_distances": (lambda v: isinstance(v, list) and all(_is_num(x) for x in v), "a list of numbers"),
+    "best_match": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of paths"),
+    "partner_status": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def validate_item(item: Any, index: int, source: str = "<metadata>") -> None:
+    """Raise MetadataError naming ``source``, the item index and the key when ``item`` is malformed."""
+    if not isinstance(item, dict):
+        raise MetadataError(f"{source}: item {index} is {type(item).__name__}, expected an object")
+    for key, (check, wanted) in REQUIRED_ITEM_KEYS.items():
+        if key not in item:
+            raise MetadataError(f"{source}: item {index}: missing key '{key}' (expected {wanted})")
+        if not check(item[key]):
+            raise MetadataError(f"{source}: item {index}: key '{key}' must be {wanted}, got {item[key]!r:.80}")
+    for key, (check, wanted) in OPTIONAL_ITEM_KEYS.items():
+        if key in item and not check(item[key]):
+            raise MetadataError(f"{source}: item {index}: key '{key}' must be {wanted}, got {item[key]!r:.80}")
+    if item["id"] != index:
+        raise MetadataError(f"{source}: item {index}: key 'id' is {item['id']}, expected its position {index}")
+    if len(item["orig_lms"]) != len(item["aligned_lms"]):
+        raise MetadataError(
+            f"{source}: item {index}: key 'aligned_lms' has {len(item['aligned_lms'])} points "
+            f"but 'orig_lms' has {len(item['orig_lms'])}"
+        )
+
+
+def validate(document: Any, source: str = "<metadata>") -> dict:
+    """Check a whole metadata document; returns it unchanged."""
+    if not isinstance(document, dict):
+        raise MetadataError(f"{source}: top level must be an object with a 'data' list")
+    if document.get("schema") != SCHEMA_NAME:
+        raise MetadataError(f"{source}: key 'schema' must be '{SCHEMA_NAME}', got {document.get('schema')!r}")
+    version = document.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise MetadataError(
+            f"{source}: key 'schema_version' is {version!r}; this version of the code reads {SCHEMA_VERSION}"
+        )
+    for key in ("data_root", "data"):
+        if key not in document:
+            raise MetadataError(f"{source}: missing top-level key '{key}'")
+    if not isinstance(document["data"], list):
+        raise MetadataError(f"{source}: key 'data' must be a list")
+    for index, item in enumerate(document["data"]):
+        validate_item(item, index, source)
+    return document
+
+
+def new_document(items: Iterable[dict], data_root: str | os.PathLike, config: dict | None = None,
+                 stats: dict | None = None) -> dict:
+    """Assemble a schema-conforming document; item ids are renumbered to their positions."""
+    data = []
+    for index, item in enumerate(items):
+        item = dict(item)
+        item["id"] = index
+        data.append(item)
+    return {
+        "schema": SCHEMA_NAME,
+        "schema_version": SCHEMA_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "data_root": str(Path(data_root).resolve()),
+        "config": config or {},
+        "stats": stats or {},
+        "data": data,
+    }
+
+
+def save(path: str | os.PathLike, document: dict) -> Path:
+    """Validate and write atomically. Returns the path written."""
+    path = Path(path)
+    validate(document, str(path))
+    atomic_write_json(path, document)
+    return path
+
+
+def load(path: str | os.PathLike, data_root: str | os.PathLike | None = None) -> dict:
+    """Read and validate a metadata file.
+
+    Args:
+        path: the JSON file.
+        data_root: folder the relative image paths are resolved against; default the file's own
+            ``data_root`` header. The chosen root is stored back in ``document['data_root']``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MetadataError(f"{path}: no such metadata file")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            document = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise MetadataError(f"{path}: not valid JSON ({error})") from None
+    validate(document, str(path))
+    if data_root is not None:
+        document["data_root"] = str(Path(data_root).resolve())
+    return document
+
+
+def resolve(document: dict, relative_path: str) -> Path:
+    """Absolute path of an item path (``image_path``, ``mask_path`` ...) of ``document``."""
+    path = Path(relative_path)
+    return path if path.is_absolute() else Path(document["data_root"]) / path
