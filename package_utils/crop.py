@@ -1,0 +1,378 @@
+"""Stage 1: sample frames from videos, detect faces, write square face crops.
+
+Usage::
+
+    python -m package_utils.crop --input datasets_df/FaceForensics++ --dataset ff --split train \\
+        --num-frames 32 --output datasets_df/processed/ff_c23 [--detector retinaface|dlib] [--workers 2]
+
+Output below ``<output>/<split>/``:
+
+* ``frames/<method>/<video>/<frame:03d>.png`` square crops, ``crop.size`` pixels;
+* ``masks/<method>/<video>/<frame:03d>.png`` the same boxes cut from FF++ mask videos (``--save-mask``);
+* ``records/<method>/<video>.json`` one record per video, written last: its presence marks the video done,
+  so a killed run restarts exactly where it stopped;
+* ``crop_index.json`` all records of the split plus the summary, read by the landmarks stage.
+
+The crop is a square of side ``crop.scale`` x the longer side of the detector box (1.5 = 0.25 of the box
+added on each side, as LAA-Net) centred on the box, resized to ``crop.size`` without stretching. Parts
+outside the frame are zero-padded and the padding is recorded.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from package_utils import datasets
+from package_utils.config import build_config, set_if_given
+from package_utils.detectors import Face, build_detector, choose_faces
+from package_utils.io_utils import (DEFAULT_DATA_ROOT, IMAGE_EXTENSIONS, BadInputError, atomic_write_json,
+                                    relative_to_root, replace_dir)
+from package_utils.parallel import run_jobs
+from package_utils.video import MediaReader, sample_indices
+
+log = logging.getLogger("package_utils.crop")
+
+CROP_INDEX_NAME = "crop_index.json"
+RECORD_VERSION = 1
+
+DEFAULTS: dict[str, Any] = {
+    "input": None,
+    "dataset": "folder",
+    "split": "test",
+    "output": None,
+    "data_root": None,             # image paths in records are relative to this folder
+    "num_frames": 32,
+    "compression": "c23",
+    "methods": None,
+    "split_file": None,
+    "detector": {
+        "name": "retinaface",      # retinaface | dlib | none (input is already a face crop, e.g. DFW)
+        "score_threshold": 0.7,
+        "nms_threshold": 0.4,
+        "max_size": 640,           # retinaface: longest side the frame is shrunk to before detection
+        "upsample": 1,             # dlib: upsampling passes
+        "threads": 1,              # retinaface: onnxruntime threads per worker
+    },
+    "faces": "largest",            # largest | all
+    "min_relative_area": 0.5,      # with faces=all: keep faces at least this fraction of the largest
+    "crop": {"scale": 1.5, "size": 320},
+    "save_mask": False,
+    "workers": 1,
+    "backend": "loky",             # loky | sequential | dask
+    "scheduler": None,             # dask scheduler address
+    "device": "cpu",
+}
+
+
+# ----------------------------------------------------------------------------------------------- geometry
+def square_box(face_box: np.ndarray, scale: float) -> np.ndarray:
+    """Integer square [x0, y0, x1, y1] of side scale * max(w, h) centred on ``face_box`` (may leave the frame)."""
+    x0, y0, x1, y1 = (float(v) for v in face_box)
+    side = max(1, int(round(max(x1 - x0, y1 - y0) * scale)))
+    left = int(round((x0 + x1) / 2 - side / 2))
+    top = int(round((y0 + y1) / 2 - side / 2))
+    return np.array([left, top, left + side, top + side], dtype=np.int64)
+
+
+def cut_with_padding(frame: np.ndarray, box: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """Cut ``box`` out of ``frame``, zero-filling what lies outside. Returns (patch, [left, top, right, bottom] pad)."""
+    height, width = frame.shape[:2]
+    x0, y0, x1, y1 = (int(v) for v in box)
+    pad = [max(0, -x0), max(0, -y0), max(0, x1 - width), max(0, y1 - height)]
+    patch = frame[max(0, y0):min(height, y1), max(0, x0):min(width, x1)]
+    if any(pad):
+        patch = cv2.copyMakeBorder(patch, pad[1], pad[3], pad[0], pad[2], cv2.BORDER_CONSTANT, value=0)
+    return patch, pad
+
+
+def resize_square(patch: np.ndarray, size: int) -> np.ndarray:
+    # INTER_AREA when shrinking avoids aliasing; bilinear when enlarging.
+    interpolation = cv2.INTER_AREA if patch.shape[0] > size else cv2.INTER_LINEAR
+    return cv2.resize(patch, (size, size), interpolation=interpolation)
+
+
+def to_crop_coords(points: np.ndarray, box: np.ndarray, size: int) -> np.ndarray:
+    """Frame pixels -> crop pixels for a square ``box`` resized to ``size``."""
+    scale = size / float(box[2] - box[0])
+    return ((np.asarray(points, dtype=np.float64).reshape(-1, 2) - box[:2]) * scale).astype(np.float32)
+
+
+def _rounded(values: np.ndarray | None, digits: int = 2) -> list | None:
+    return None if values is None else np.round(np.asarray(values, dtype=np.float64), digits).tolist()
+
+
+# ----------------------------------------------------------------------------------------------- per video
+_DETECTOR_CACHE: dict[str, Any] = {}
+
+
+def _get_detector(options: dict):
+    """One detector per worker process, built on first use (models load once per worker)."""
+    key = json.dumps(options, sort_keys=True)
+    if key not in _DETECTOR_CACHE:
+        name = options["name"]
+        if name == "retinaface":
+            kwargs = {k: options[k] for k in ("score_threshold", "nms_threshold", "max_size", "threads")}
+        else:
+            kwargs = {"upsample": options["upsample"], "score_threshold": min(0.0, options["score_threshold"])}
+        _DETECTOR_CACHE[key] = build_detector(name, **kwargs)
+    return _DETECTOR_CACHE[key]
+
+
+@dataclass(frozen=True)
+class CropJob:
+    """Everything a worker needs to crop one split (picklable)."""
+
+    output: Path
+    data_root: Path
+    num_frames: int
+    detector: dict
+    faces: str
+    min_relative_area: float
+    scale: float
+    size: int
+    save_mask: bool
+
+
+def record_path_for(output: Path, entry: datasets.VideoEntry) -> Path:
+    return output / entry.split / "records" / f"{entry.rel_dir}.json"
+
+
+def crop_video(entry: datasets.VideoEntry, job: CropJob) -> dict:
+    """Crop one video; returns its record (``status`` ok / skipped / cached). Idempotent and resumable."""
+    record_path = record_path_for(job.output, entry)
+    if record_path.is_file():
+        with open(record_path, encoding="utf-8") as handle:
+            record = json.load(handle)
+        record["cached"] = True
+        return record
+
+    split_dir = job.output / entry.split
+    frames_dir = split_dir / "frames" / entry.rel_dir
+    masks_dir = split_dir / "masks" / entry.rel_dir
+    record: dict[str, Any] = {
+        "record_version": RECORD_VERSION, "video_id": entry.video_id, "dataset": entry.dataset,
+        "method": entry.method, "name": entry.name, "label": entry.label, "split": entry.split,
+        "source": str(entry.path), "detector": job.detector["name"], "crop_size": job.size,
+        "crop_scale": job.scale,
+    }
+    started = time.perf_counter()
+    allow_image = entry.dataset in ("folder", "dfw") or entry.path.suffix.lower() in IMAGE_EXTENSIONS
+    try:
+        reader = MediaReader(entry.path, allow_image=allow_image)
+    except BadInputError as error:
+        record.update(status="skipped", reason=str(error), frames=[], frames_without_face=[])
+        atomic_write_json(record_path, record)  # deterministic problem: do not retry on resume
+        return record
+
+    indices = sample_indices(reader.info.frame_count, job.num_frames)
+    record.update(kind=reader.info.kind, frame_count=reader.info.frame_count, width=reader.info.width,
+                  height=reader.info.height, fps=reader.info.fps, sampled=len(indices),
+                  requested_frames=job.num_frames, short_video=reader.info.frame_count < job.num_frames)
+
+    mask_frames = _mask_frames(entry, indices) if job.save_mask and entry.mask_path else None
+    tmp_frames = frames_dir.with_name(frames_dir.name + ".partial")
+    tmp_masks = masks_dir.with_name(masks_dir.name + ".partial")
+    for tmp in (tmp_frames, tmp_masks):
+        shutil.rmtree(tmp, ignore_errors=True)  # left over from a killed run
+    tmp_frames.mkdir(parents=True)
+
+    detector = _get_detector(job.detector) if job.detector["name"] != "none" else None
+    frames, without_face, decoded = [], [], 0
+    for index, frame in reader.read(indices):
+        decoded += 1
+        if detector is None:  # already a face crop: the whole image is the face
+            height, width = frame.shape[:2]
+            faces = [Face(np.array([0, 0, width, height], dtype=np.float32), 1.0)]
+        else:
+            faces = choose_faces(detector.detect(frame), job.faces, job.min_relative_area)
+        if not faces:
+            without_face.append(int(index))
+            continue
+        scale = 1.0 if detector is None else job.scale
+        for face_index, face in enumerate(faces):
+            box = square_box(face.box, scale)
+            patch, pad = cut_with_padding(frame, box)
+            crop = resize_square(patch, job.size)
+            file_name = f"{index:03d}.png" if job.faces == "largest" else f"{index:03d}_{face_index}.png"
+            if not cv2.imwrite(str(tmp_frames / file_name), crop):
+                raise OSError(f"{tmp_frames / file_name}: could not write the crop")
+            item = {
+                "frame_index": int(index), "face_index": face_index, "file_name": file_name,
+                "image_path": relative_to_root(frames_dir / file_name, job.data_root),
+                "box": box.tolist(), "padding": pad,
+                "face_box": _rounded(to_crop_coords(face.box, box, job.size).reshape(-1)),
+                "face_score": round(face.score, 4),
+                "keypoints": _rounded(None if face.keypoints is None else to_crop_coords(face.keypoints, box, job.size)),
+                "mask_path": None,
+            }
+            if mask_frames is not None and index in mask_frames:
+                tmp_masks.mkdir(parents=True, exist_ok=True)
+                mask_patch, _ = cut_with_padding(mask_frames[index], box)
+                cv2.imwrite(str(tmp_masks / file_name), resize_square(mask_patch, job.size))
+                item["mask_path"] = relative_to_root(masks_dir / file_name, job.data_root)
+            frames.append(item)
+
+    missing = sorted(set(indices.tolist()) - {f["frame_index"] for f in frames} - set(without_face))
+    if frames:
+        replace_dir(tmp_frames, frames_dir)
+    else:  # nothing to keep: leave no empty folder behind
+        shutil.rmtree(tmp_frames, ignore_errors=True)
+        shutil.rmtree(frames_dir, ignore_errors=True)
+    if tmp_masks.exists():
+        replace_dir(tmp_masks, masks_dir)
+    record.update(status="ok" if frames else "skipped", frames=frames, frames_without_face=without_face,
+                  frames_not_decoded=missing, seconds=round(time.perf_counter() - started, 3))
+    if not frames:
+        record["reason"] = "no face found in any sampled frame" if decoded else "no frame could be decoded"
+    atomic_write_json(record_path, record)
+    return record
+
+
+def _mask_frames(entry: datasets.VideoEntry, indices: np.ndarray) -> dict[int, np.ndarray] | None:
+    """The mask video's frames at ``indices`` (FF++ masks are small: holding 32 frames is cheap)."""
+    try:
+        reader = MediaReader(entry.mask_path)
+    except BadInputError as error:
+        log.warning("mask video unusable, crops kept without masks: %s", error)
+        return None
+    if len(indices) and reader.info.frame_count < indices.max() + 1:
+        log.warning("%s: mask video has %d frames, the video needs %d", entry.mask_path,
+                    reader.info.frame_count, indices.max() + 1)
+    return dict(reader.read(indices))
+
+
+# ----------------------------------------------------------------------------------------------- stage
+def list_inputs(config: dict) -> list[datasets.VideoEntry]:
+    """The videos of the requested split: a dataset root, a folder, a list/CSV file, or a single file."""
+    source = Path(config["input"])
+    if source.is_file() and source.suffix.lower() in (".txt", ".csv", ".lst"):
+        return datasets.entries_from_list(source, config["split"], dataset=config["dataset"])
+    return datasets.list_entries(config["dataset"], source, config["split"], compression=config["compression"],
+                                 methods=config["methods"], split_file=config["split_file"])
+
+
+def summarize(records: list[dict]) -> dict:
+    ok = [r for r in records if r.get("status") == "ok"]
+    return {
+        "videos": len(records),
+        "ok": len(ok),
+        "skipped": sum(r.get("status") == "skipped" for r in records),
+        "failed": sum(r.get("status") == "failed" for r in records),
+        "resumed": sum(bool(r.get("cached")) for r in records),
+        "short_videos": sum(bool(r.get("short_video")) for r in ok),
+        "frames_sampled": sum(r.get("sampled", 0) for r in records),
+        "frames_without_face": sum(len(r.get("frames_without_face", [])) for r in records),
+        "frames_not_decoded": sum(len(r.get("frames_not_decoded", [])) for r in records),
+        "faces": sum(len(r.get("frames", [])) for r in records),
+    }
+
+
+def run(config: dict) -> dict:
+    """Run the crop stage for one split; returns the summary (also written into crop_index.json)."""
+    if config["input"] is None or config["output"] is None:
+        raise ValueError("--input and --output are required")
+    output = Path(config["output"]).resolve()
+    data_root = Path(config["data_root"] or DEFAULT_DATA_ROOT).resolve()
+    relative_to_root(output, data_root)  # fail early when the output lies outside the data root
+    if config["faces"] not in ("largest", "all"):
+        raise ValueError(f"faces must be largest or all, got {config['faces']!r}")
+    if config["device"] == "cuda":
+        log.warning("face detection runs on the CPU (onnxruntime CPU build); --device cuda is ignored here")
+    entries = list_inputs(config)
+    detector = dict(config["detector"])
+    if config["dataset"] == "dfw" and detector["name"] != "none":
+        log.info("DFW is already face-cropped: using the whole image as the face box (detector none)")
+        detector["name"] = "none"
+    job = CropJob(output=output, data_root=data_root, num_frames=config["num_frames"], detector=detector,
+                  faces=config["faces"], min_relative_area=config["min_relative_area"],
+                  scale=config["crop"]["scale"], size=config["crop"]["size"], save_mask=config["save_mask"])
+    log.info("cropping %d videos of %s/%s into %s", len(entries), config["dataset"], config["split"], output)
+    started = time.perf_counter()
+    records = run_jobs(crop_video, entries, job, workers=config["workers"], backend=config["backend"],
+                       scheduler=config["scheduler"], desc=f"crop {config['split']}")
+    for entry, record in zip(entries, records):
+        if record.get("status") == "failed":
+            log.error("%s: failed: %s", entry.path, record["reason"])
+            log.debug("%s", record.get("traceback"))
+        elif record.get("status") == "skipped" and not record.get("cached"):
+            log.warning("%s: skipped: %s", entry.path, record.get("reason"))
+    summary = summarize(records)
+    summary["seconds"] = round(time.perf_counter() - started, 2)
+    index = {"kind": "crop_index", "data_root": str(data_root), "config": config, "summary": summary,
+             "records": [r for r in records if r.get("status") == "ok"]}
+    for record in index["records"]:
+        record.pop("cached", None)
+    index_path = output / config["split"] / CROP_INDEX_NAME
+    atomic_write_json(index_path, index)
+    summary["index"] = str(index_path)
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m package_utils.crop", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config (keys as in configs/preprocess/crop.yaml)")
+    parser.add_argument("--input", help="dataset root, folder of videos/images, list/CSV file")
+    parser.add_argument("--dataset", choices=datasets.DATASETS)
+    parser.add_argument("--split", choices=("train", "val", "test"))
+    parser.add_argument("--output", help="output folder (inside the data root)")
+    parser.add_argument("--data-root", help=f"folder image paths are relative to (default {DEFAULT_DATA_ROOT})")
+    parser.add_argument("--num-frames", type=int, help="frames sampled per video (evenly spaced)")
+    parser.add_argument("--compression", help="FF++/DFD compression: raw (c0), c23, c40")
+    parser.add_argument("--methods", nargs="+", help="FF++/DFD method folders to read")
+    parser.add_argument("--split-file", help="official split list (FF++ <split>.json, Celeb-DF list, CSV)")
+    parser.add_argument("--detector", choices=("retinaface", "dlib", "none"))
+    parser.add_argument("--score-threshold", type=float, help="minimum detector score")
+    parser.add_argument("--faces", choices=("largest", "all"), help="crop the largest face or all faces")
+    parser.add_argument("--crop-size", type=int, help="side of the saved crops in pixels")
+    parser.add_argument("--crop-scale", type=float, help="crop side / detector box side")
+    parser.add_argument("--save-mask", action="store_true", default=None, help="also crop FF++ mask videos")
+    parser.add_argument("--workers", type=int, help="parallel worker processes")
+    parser.add_argument("--backend", choices=("loky", "sequential", "dask"))
+    parser.add_argument("--scheduler", help="Dask scheduler address for --backend dask")
+    parser.add_argument("--device", choices=("cpu", "cuda"))
+    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    return parser
+
+
+_FLAG_TO_KEY = {
+    "input": "input", "dataset": "dataset", "split": "split", "output": "output", "data_root": "data_root",
+    "num_frames": "num_frames", "compression": "compression", "methods": "methods", "split_file": "split_file",
+    "detector": "detector.name", "score_threshold": "detector.score_threshold", "faces": "faces",
+    "crop_size": "crop.size", "crop_scale": "crop.scale", "save_mask": "save_mask", "workers": "workers",
+    "backend": "backend", "scheduler": "scheduler", "device": "device",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = build_config(DEFAULTS, args.config, args.overrides)
+    for flag, key in _FLAG_TO_KEY.items():
+        set_if_given(config, key, getattr(args, flag))
+    try:
+        summary = run(config)
+    except (ValueError, FileNotFoundError) as error:
+        log.error("%s", error)
+        return 2
+    print(format_summary("crop", summary))
+    return 0 if summary["failed"] == 0 else 1
+
+
+def format_summary(stage: str, summary: dict) -> str:
+    parts = ", ".join(f"{key} {value}" for key, value in summary.items() if key != "index")
+    return f"[{stage}] {parts}\n[{stage}] index: {summary.get('index')}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
