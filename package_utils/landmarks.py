@@ -1,0 +1,278 @@
+"""Stage 2: 68/81-point dlib landmarks on the crops, optional alignment, and the metadata JSON.
+
+Usage::
+
+    python -m package_utils.landmarks --input datasets_df/processed/ff_c23/train \\
+        --output processed_data/train_ff_68.json --landmarks 68 [--align rotate|similarity|none] [--save-aligned]
+
+``--input`` is a crop split folder (``<output>/<split>`` of the crop stage) or its ``crop_index.json``.
+The shape predictor runs on the face box the crop stage found (no second detection that can fail).
+RetinaFace boxes are shaped differently from the dlib HOG boxes the predictor was trained on, so they
+are first mapped onto a HOG-like box (constants measured on the shared face photos; this halves the
+landmark disagreement with HOG-box landmarks: median error 0.026 -> 0.012 of the eye distance).
+
+Each video's result is cached in ``<split>/landmarks/<method>/<video>.<tag>.json`` (written
+atomically), so a killed run resumes; frames are handled one at a time, so memory stays flat.
+The metadata file follows package_utils.metadata (schema version 1).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from package_utils import align, metadata
+from package_utils.config import build_config, set_if_given
+from package_utils.crop import CROP_INDEX_NAME, format_summary
+from package_utils.detectors import DlibHogDetector, LandmarkPredictor, choose_faces
+from package_utils.io_utils import PROJECT_ROOT, atomic_write_image, atomic_write_json, read_image, relative_to_root
+from package_utils.parallel import run_jobs
+
+log = logging.getLogger("package_utils.landmarks")
+
+#: RetinaFace box -> dlib-HOG-like box, as fractions of the RetinaFace width/height for x0, y0, x1, y1.
+#: Means over 48 faces of the shared photos (std 0.06-0.09).
+RETINAFACE_TO_DLIB = np.array([-0.058, 0.162, 0.061, -0.030])
+
+DEFAULTS: dict[str, Any] = {
+    "input": None,
+    "output": None,
+    "data_root": None,           # default: the crop index's data root
+    "landmarks": 68,
+    "align": "none",             # none | rotate | similarity
+    "save_aligned": False,
+    "aligned_size": None,        # similarity output side (default: the crop size)
+    "calibrate_box": True,       # map RetinaFace boxes onto dlib-like boxes before predicting
+    "pretrained_dir": None,
+    "workers": 1,
+    "backend": "loky",
+    "scheduler": None,
+}
+
+
+@dataclass(frozen=True)
+class LandmarkJob:
+    split_dir: Path
+    data_root: Path
+    num_points: int
+    align: str
+    save_aligned: bool
+    aligned_size: int | None
+    calibrate_box: bool
+    pretrained_dir: str | None
+
+    @property
+    def tag(self) -> str:
+        return f"dlib{self.num_points}_{self.align}{'_saved' if self.save_aligned else ''}"
+
+
+_MODELS: dict[tuple, Any] = {}
+
+
+def _predictor(num_points: int, pretrained_dir: str | None) -> LandmarkPredictor:
+    key = ("predictor", num_points, pretrained_dir)
+    if key not in _MODELS:
+        _MODELS[key] = LandmarkPredictor(num_points, pretrained_dir)
+    return _MODELS[key]
+
+
+def predictor_box(frame: dict, detector: str, calibrate: bool, crop: np.ndarray) -> np.ndarray:
+    """The box handed to the shape predictor, in crop pixels."""
+    box = np.asarray(frame["face_box"], dtype=np.float64)
+    if detector == "retinaface" and calibrate:
+        width, height = box[2] - box[0], box[3] - box[1]
+        return box + RETINAFACE_TO_DLIB * np.array([width, height, width, height])
+    if detector == "none":  # whole-image face crops (DFW): find the face inside, else a central box
+        if "_hog" not in _MODELS:
+            _MODELS["_hog"] = DlibHogDetector(upsample=1)
+        faces = choose_faces(_MODELS["_hog"].detect(crop))
+        if faces:
+            return faces[0].box.astype(np.float64)
+        side = crop.shape[0]
+        return np.array([0.15, 0.2, 0.85, 0.9]) * side
+    return box
+
+
+def cache_path(job: LandmarkJob, record: dict) -> Path:
+    return job.split_dir / "landmarks" / record["method"] / f"{record['name']}.{job.tag}.json"
+
+
+def landmark_video(record: dict, job: LandmarkJob) -> dict:
+    """Landmarks (and alignment) for every crop of one video; cached per video for resume."""
+    path = cache_path(job, record)
+    if path.is_file():
+        with open(path, encoding="utf-8") as handle:
+            result = json.load(handle)
+        result["cached"] = True
+        return result
+    predictor = _predictor(job.num_points, job.pretrained_dir)
+    items, unreadable = [], []
+    for frame in record["frames"]:
+        crop_file = job.data_root / frame["image_path"]
+        try:
+            crop = read_image(crop_file)
+        except ValueError as error:
+            unreadable.append(str(error))
+            continue
+        landmarks = predictor.predict(crop, predictor_box(frame, record["detector"], job.calibrate_box, crop))
+        height, width = crop.shape[:2]
+        matrix = align.alignment_matrix(job.align, landmarks, width, height, job.aligned_size)
+        image_path, aligned = frame["image_path"], landmarks
+        if matrix is not None and job.save_aligned:
+            out_size = job.aligned_size or width if job.align == "similarity" else width
+            out_shape = (out_size, out_size) if job.align == "similarity" else (width, height)
+            aligned_file = job.split_dir / "aligned" / record["method"] / record["name"] / frame["file_name"]
+            atomic_write_image(aligned_file, align.warp(crop, matrix, out_shape))
+            image_path = relative_to_root(aligned_file, job.data_root)
+            aligned = align.transform_points(landmarks, matrix)
+        items.append(_item(record, frame, image_path, landmarks, aligned, job,
+                           matrix if job.save_aligned else None))
+    result = {"video_id": record["video_id"], "status": "ok" if items else "skipped", "items": items,
+              "unreadable": unreadable}
+    if not items:
+        result["reason"] = "no crop of this video could be read"
+    atomic_write_json(path, result)
+    return result
+
+
+def _points(values: np.ndarray) -> list[list[float]]:
+    return np.round(np.asarray(values, dtype=np.float64), 3).tolist()
+
+
+def _item(record: dict, frame: dict, image_path: str, landmarks: np.ndarray, aligned: np.ndarray,
+          job: LandmarkJob, matrix: np.ndarray | None) -> dict:
+    return {
+        "image_path": image_path,
+        "file_name": Path(image_path).name,
+        "id": 0,  # renumbered when the document is assembled
+        "fake_type": "original" if record["label"] == 0 else record["name"],
+        "orig_lms": _points(landmarks),
+        "aligned_lms": _points(aligned),
+        "video_id": record["video_id"],
+        "frame_index": frame["frame_index"],
+        "label": record["label"],
+        "split": record["split"],
+        "dataset": record["dataset"],
+        "method": record["method"],
+        "box": frame["box"],
+        "landmark_model": f"dlib{job.num_points}",
+        "crop_path": frame["image_path"],
+        "face_box": frame["face_box"],
+        "face_score": frame["face_score"],
+        "keypoints": frame["keypoints"],
+        "face_index": frame["face_index"],
+        "mask_path": frame.get("mask_path"),
+        "alignment": job.align if matrix is not None else "none",
+        "align_matrix": None if matrix is None else np.round(matrix, 6).tolist(),
+    }
+
+
+def load_crop_index(source: Path) -> tuple[Path, dict]:
+    """(split folder, crop index) from a split folder or a crop_index.json path."""
+    index_path = source / CROP_INDEX_NAME if source.is_dir() else source
+    if not index_path.is_file():
+        raise FileNotFoundError(f"{index_path}: no crop index; run the crop stage first "
+                                f"(python -m package_utils.crop ... --output <folder>) and pass <folder>/<split>")
+    with open(index_path, encoding="utf-8") as handle:
+        try:
+            index = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{index_path}: not valid JSON ({error})") from None
+    if index.get("kind") != "crop_index" or not isinstance(index.get("records"), list):
+        raise ValueError(f"{index_path}: not a crop index (missing kind=crop_index / records)")
+    return index_path.parent, index
+
+
+def run(config: dict) -> dict:
+    if config["input"] is None:
+        raise ValueError("--input is required (a crop split folder or its crop_index.json)")
+    if config["landmarks"] not in (68, 81):
+        raise ValueError(f"--landmarks must be 68 or 81, got {config['landmarks']}")
+    if config["align"] not in align.ALIGN_MODES:
+        raise ValueError(f"--align must be one of {align.ALIGN_MODES}, got {config['align']!r}")
+    split_dir, index = load_crop_index(Path(config["input"]).resolve())
+    data_root = Path(config["data_root"] or index["data_root"]).resolve()
+    _predictor(config["landmarks"], config["pretrained_dir"])  # fail now if the model file is missing
+    records = index["records"]
+    split = index["config"]["split"]
+    dataset = index["config"]["dataset"]
+    output = Path(config["output"] or PROJECT_ROOT / "processed_data" /
+                  f"{split}_{dataset}_{config['landmarks']}.json").resolve()
+    job = LandmarkJob(split_dir=split_dir, data_root=data_root, num_points=config["landmarks"],
+                      align=config["align"], save_aligned=config["save_aligned"],
+                      aligned_size=config["aligned_size"], calibrate_box=config["calibrate_box"],
+                      pretrained_dir=config["pretrained_dir"])
+    started = time.perf_counter()
+    results = run_jobs(landmark_video, records, job, workers=config["workers"], backend=config["backend"],
+                       scheduler=config["scheduler"], desc=f"landmarks {split}")
+    items: list[dict] = []
+    failed = 0
+    for record, result in zip(records, results):
+        if result.get("status") == "failed":
+            failed += 1
+            log.error("%s: failed: %s", record["video_id"], result["reason"])
+            continue
+        for problem in result.get("unreadable", []):
+            log.warning("%s", problem)
+        items.extend(result["items"])
+    summary = {
+        "videos": len(records), "failed": failed, "items": len(items),
+        "videos_resumed": sum(bool(r.get("cached")) for r in results),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    stage_config = {**config, "crop": index["config"]}
+    document = metadata.new_document(items, data_root, stage_config, {"landmarks": summary,
+                                                                      "crop": index.get("summary", {})})
+    metadata.save(output, document)
+    summary["index"] = str(output)
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m package_utils.landmarks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="YAML config")
+    parser.add_argument("--input", help="crop split folder (<crop output>/<split>) or its crop_index.json")
+    parser.add_argument("--output", help="metadata JSON to write (default processed_data/<split>_<dataset>_<n>.json)")
+    parser.add_argument("--data-root", help="folder the image paths are relative to (default: the crop index's)")
+    parser.add_argument("--landmarks", type=int, choices=(68, 81))
+    parser.add_argument("--align", choices=align.ALIGN_MODES)
+    parser.add_argument("--save-aligned", action="store_true", default=None, help="write aligned images")
+    parser.add_argument("--aligned-size", type=int, help="side of similarity-aligned images")
+    parser.add_argument("--pretrained-dir", help="folder holding shape_predictor_81_face_landmarks.dat")
+    parser.add_argument("--workers", type=int)
+    parser.add_argument("--backend", choices=("loky", "sequential", "dask"))
+    parser.add_argument("--scheduler", help="Dask scheduler address for --backend dask")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value")
+    return parser
+
+
+_FLAG_TO_KEY = {"input": "input", "output": "output", "data_root": "data_root", "landmarks": "landmarks",
+                "align": "align", "save_aligned": "save_aligned", "aligned_size": "aligned_size",
+                "pretrained_dir": "pretrained_dir", "workers": "workers", "backend": "backend",
+                "scheduler": "scheduler"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = build_config(DEFAULTS, args.config, args.overrides)
+    for flag, key in _FLAG_TO_KEY.items():
+        set_if_given(config, key, getattr(args, flag))
+    try:
+        summary = run(config)
+    except (ValueError, FileNotFoundError) as error:
+        log.error("%s", error)
+        return 2
+    print(format_summary("landmarks", summary))
+    return 0 if summary["failed"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
