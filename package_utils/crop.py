@@ -188,7 +188,7 @@ def crop_video(entry: datasets.VideoEntry, job: CropJob) -> dict:
 
     detector = _get_detector(job.detector) if job.detector["name"] != "none" else None
     frames, without_face, decoded = [], [], 0
-    for index, frame in reader.read(indices):
+    for index, frame in reader.read(indices, prefetch=2):
         decoded += 1
         if detector is None:  # already a face crop: the whole image is the face
             height, width = frame.shape[:2]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import bisect
 import logging
 import os
+import queue
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -112,11 +114,19 @@ class MediaReader:
         self._keyframe_indices = sorted(self._pts_to_index[p] for p in keyframe_pts)
         self.info = MediaInfo("video", len(pts), width, height, fps)
 
-    def read(self, indices: Sequence[int]) -> Iterator[tuple[int, np.ndarray]]:
+    def read(self, indices: Sequence[int], prefetch: int = 0) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(index, frame)`` for the requested indices, in increasing order.
 
         A frame that cannot be decoded is logged and left out; the caller sees which indices arrived.
+        With ``prefetch > 0`` a background thread decodes up to that many frames ahead, so decoding
+        (which releases the GIL) overlaps the caller's work on the previous frame.
         """
+        if prefetch > 0:
+            yield from _prefetched(self._read(indices), prefetch)
+        else:
+            yield from self._read(indices)
+
+    def _read(self, indices: Sequence[int]) -> Iterator[tuple[int, np.ndarray]]:
         wanted = sorted({int(i) for i in indices if 0 <= int(i) < self.info.frame_count})
         if not wanted:
             return
@@ -195,3 +205,44 @@ class MediaReader:
                 log.warning("%s: %d sampled frames could not be decoded: %s", self.path, len(missing), missing[:10])
         finally:
             capture.release()
+
+
+_END = object()
+
+
+def _prefetched(source: Iterator, depth: int) -> Iterator:
+    """Run ``source`` in a daemon thread, handing items over through a bounded queue.
+
+    Exceptions are re-raised in the consumer; a consumer that stops early stops the producer.
+    """
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in source:
+                while not stop.is_set():
+                    try:
+                        items.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            items.put(_END)
+        except BaseException as error:  # handed to the consumer
+            items.put(error)
+
+    thread = threading.Thread(target=produce, name="frame-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = items.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
