@@ -1,0 +1,1 @@
+"""Training: loaders, train loop, evaluation, inference, metrics, distributed helpers."""

@@ -1,0 +1,252 @@
+"""Loading faces for training: metadata JSON -> per-epoch frame choice -> CPU-prepared image batches.
+
+The split of work follows the data path. CPU loader workers only read images and do geometry (resize to
+the input size, horizontal flip with landmark mirroring); pseudo-fakes are synthesised later, on whole
+batches on the training device (synthesis/).
+
+All randomness of the loader lives in :class:`VideoFrameSampler`, which runs in the main process: each
+epoch it draws which frames of every video are used (the LAA-Net reference meant to do this and never
+did), the flips, the blend partners and the order, from ``(seed, epoch)`` alone. A batch is therefore the
+same whatever the number of loader workers, and resuming at an epoch reproduces it.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from package_utils import metadata
+from package_utils.io_utils import read_image
+from synthesis.masks import flip_landmarks, reorder_forehead_81
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FrameTable:
+    """The usable items of a metadata document, grouped by video.
+
+    Attributes:
+        document: the loaded metadata document (``data_root`` resolved).
+        items: items kept (those with landmarks unless ``require_landmarks`` is False).
+        landmarks: (N, L, 2) float32 landmarks on each item's ``image_path`` pixels.
+        video_index: (N,) int64 index into ``videos`` of each item.
+        videos: the distinct video ids, sorted.
+        frames_of_video: for each video, its item positions in frame order.
+        partners: (N, K) int64 positions of each item's blend partners in ``items`` (-1 = none), or None.
+    """
+
+    document: dict
+    items: list[dict]
+    landmarks: np.ndarray
+    video_index: np.ndarray
+    videos: list[str]
+    frames_of_video: list[np.ndarray]
+    partners: np.ndarray | None
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([item["label"] for item in self.items], dtype=np.int64)
+
+    def image_file(self, position: int) -> Path:
+        return metadata.resolve(self.document, self.items[position]["image_path"])
+
+
+def load_frame_table(source: str | os.PathLike | dict, data_root: str | os.PathLike | None = None,
+                     labels: tuple[int, ...] | None = None, require_landmarks: bool = True) -> FrameTable:
+    """Read a metadata file (or take a loaded document) and index it by video.
+
+    Args:
+        labels: keep only these labels (SBI and BI train on reals only: ``(0,)``).
+        require_landmarks: drop items without landmarks (logged with their count).
+    """
+    document = source if isinstance(source, dict) else metadata.load(source, data_root)
+    name = "<document>" if isinstance(source, dict) else str(source)
+    data = document["data"]
+    keep = [i for i, item in enumerate(data)
+            if (labels is None or item["label"] in labels) and (item["aligned_lms"] or not require_landmarks)]
+    dropped = sum(1 for item in data if not item["aligned_lms"]) if require_landmarks else 0
+    if dropped:
+        log.info("%s: %d items without landmarks left out", name, dropped)
+    if not keep:
+        raise ValueError(f"{name}: no usable items (labels {labels}, landmarks required: {require_landmarks})")
+    items = [data[i] for i in keep]
+    counts = {len(item["aligned_lms"]) for item in items if item["aligned_lms"]}
+    if len(counts) > 1:
+        raise ValueError(f"{name}: items mix landmark counts {sorted(counts)}; use one landmark model per file")
+    num_points = counts.pop() if counts else 0
+    landmarks = np.zeros((len(items), num_points, 2), dtype=np.float32)
+    for row, item in enumerate(items):
+        if item["aligned_lms"]:
+            landmarks[row] = np.asarray(item["aligned_lms"], dtype=np.float32)
+    if num_points == 81:
+        landmarks = reorder_forehead_81(landmarks)  # once, right after loading (SBI convention)
+    videos = sorted({item["video_id"] for item in items})
+    lookup = {video: i for i, video in enumerate(videos)}
+    video_index = np.array([lookup[item["video_id"]] for item in items], dtype=np.int64)
+    frames_of_video = [[] for _ in videos]
+    for position in sorted(range(len(items)), key=lambda p: (items[p]["frame_index"], items[p].get("face_index", 0))):
+        frames_of_video[video_index[position]].append(position)
+    partners = _partner_positions(data, keep, items)
+    return FrameTable(document, items, landmarks, video_index, videos,
+                      [np.asarray(f, dtype=np.int64) for f in frames_of_video], partners)
+
+
+def _partner_positions(data: list[dict], keep: list[int], items: list[dict]) -> np.ndarray | None:
+    """Partner ids (positions in the full document) -> positions in ``items``; partners left out become -1."""
+    if not any("partners" in item for item in items):
+        return None
+    position_of = np.full(len(data), -1, dtype=np.int64)
+    position_of[np.asarray(keep)] = np.arange(len(keep))
+    width = max(len(item.get("partners", [])) for item in items)
+    table = np.full((len(items), max(1, width)), -1, dtype=np.int64)
+    for row, item in enumerate(items):
+        ids = np.asarray(item.get("partners", []), dtype=np.int64)
+        if len(ids):
+            table[row, :len(ids)] = position_of[ids]
+    return table
+
+
+class VideoFrameSampler(Sampler):
+    """Yields ``(item, flip, partner)`` triples: per epoch, ``frames_per_video`` frames of every video.
+
+    Args:
+        table: the frame table.
+        frames_per_video: frames drawn from each video per epoch (all when a video has fewer; None = all).
+        sampling: ``random`` (a new random subset each epoch) or ``even`` (evenly spaced, SBI's
+            ``round(linspace)``, the same every epoch: use for val/test).
+        shuffle: shuffle the epoch's frames.
+        flip_probability: chance of a horizontal flip per sample (0 for evaluation).
+        seed: base seed; with ``set_epoch`` everything is a function of (seed, epoch).
+        num_replicas, rank: shard the epoch for distributed training (padded to equal length).
+    """
+
+    def __init__(self, table: FrameTable, frames_per_video: int | None = 8, sampling: str = "random",
+                 shuffle: bool = True, flip_probability: float = 0.0, seed: int = 0, num_replicas: int = 1,
+                 rank: int = 0):
+        if sampling not in ("random", "even"):
+            raise ValueError(f"sampling must be random or even, got {sampling!r}")
+        self.table, self.frames_per_video, self.sampling = table, frames_per_video, sampling
+        self.shuffle, self.flip_probability, self.seed = shuffle, flip_probability, seed
+        self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def epoch_items(self) -> np.ndarray:
+        """The item positions of this epoch, before sharding."""
+        rng = np.random.default_rng([self.seed, self.epoch, 0])
+        chosen = []
+        for frames in self.table.frames_of_video:
+            count = len(frames) if self.frames_per_video is None else min(self.frames_per_video, len(frames))
+            if count == len(frames):
+                chosen.append(frames)
+            elif self.sampling == "even":
+                # round() on floats is banker's rounding, as Python's round in the SBI reference
+                picks = np.round(np.linspace(0, len(frames) - 1, count)).astype(np.int64)
+                chosen.append(frames[picks])
+            else:
+                chosen.append(np.sort(rng.choice(frames, size=count, replace=False)))
+        positions = np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
+        if self.shuffle:
+            positions = rng.permutation(positions)
+        return positions
+
+    def _draws(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        positions = self.epoch_items()
+        rng = np.random.default_rng([self.seed, self.epoch, 1])
+        flips = rng.random(len(positions)) < self.flip_probability
+        partners = np.full(len(positions), -1, dtype=np.int64)
+        if self.table.partners is not None and len(positions):
+            candidates = self.table.partners[positions]
+            valid = candidates >= 0
+            counts = valid.sum(1)
+            pick = np.floor(rng.random(len(positions)) * np.maximum(counts, 1)).astype(np.int64)
+            # the pick-th valid partner of each row
+            order = np.argsort(~valid, axis=1, kind="stable")
+            chosen = np.take_along_axis(candidates, order, axis=1)[np.arange(len(positions)), pick]
+            partners = np.where(counts > 0, chosen, -1)
+        return positions, flips, partners
+
+    def __len__(self) -> int:
+        total = len(self.epoch_items())
+        return math.ceil(total / self.num_replicas)
+
+    def __iter__(self) -> Iterator[tuple[int, bool, int]]:
+        positions, flips, partners = self._draws()
+        per_rank = math.ceil(len(positions) / self.num_replicas)
+        padded = np.resize(np.arange(len(positions)), per_rank * self.num_replicas) if len(positions) else positions
+        for k in padded[self.rank::self.num_replicas]:
+            yield int(positions[k]), bool(flips[k]), int(partners[k])
+
+
+class FaceFrames(Dataset):
+    """Reads one face per request ``(item, flip, partner)`` and prepares it on the CPU.
+
+    Returns a dict of tensors: ``image`` (3, S, S) uint8 RGB, ``landmarks`` (L, 2) float32 in image
+    pixels, ``label`` (int64), ``item`` (position in the table), ``video`` (video index); with a partner
+    (BI) also ``partner_image`` (3, S, S) uint8 and ``has_partner`` (bool). Images are resized to
+    ``image_size`` (the crops are square, so nothing is stretched); a flip mirrors image and landmarks
+    with the 68/81-point index mapping.
+    """
+
+    def __init__(self, table: FrameTable, image_size: int = 384, with_partner: bool = False):
+        self.table, self.image_size, self.with_partner = table, image_size, with_partner
+
+    def __len__(self) -> int:
+        return len(self.table.items)
+
+    def _read(self, position: int, flip: bool) -> tuple[np.ndarray, float]:
+        image = read_image(self.table.image_file(position))
+        height, width = image.shape[:2]
+        if height != width:
+            raise ValueError(f"{self.table.image_file(position)}: expected a square crop, got {width}x{height}")
+        scale = self.image_size / width
+        if width != self.image_size:
+            interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+            image = cv2.resize(image, (self.image_size, self.image_size), interpolation=interpolation)
+        if flip:
+            image = image[:, ::-1]
+        return np.ascontiguousarray(image[:, :, ::-1].transpose(2, 0, 1)), scale  # BGR HWC -> RGB CHW
+
+    def __getitem__(self, request: tuple[int, bool, int] | int) -> dict:
+        position, flip, partner = (request, False, -1) if isinstance(request, (int, np.integer)) else request
+        image, scale = self._read(position, flip)
+        landmarks = self.table.landmarks[position] * scale
+        if flip and len(landmarks):
+            landmarks = flip_landmarks(landmarks, self.image_size)
+        sample = {
+            "image": torch.from_numpy(image),
+            "landmarks": torch.from_numpy(np.ascontiguousarray(landmarks, dtype=np.float32)),
+            "label": torch.tensor(self.table.items[position]["label"], dtype=torch.int64),
+            "item": torch.tensor(position, dtype=torch.int64),
+            "video": torch.tensor(self.table.video_index[position], dtype=torch.int64),
+        }
+        if self.with_partner:
+            has_partner = partner >= 0
+            # Same flip as the background: partners were matched on unflipped landmarks.
+            partner_image = self._read(partner, flip)[0] if has_partner else image
+            sample["partner_image"] = torch.from_numpy(partner_image)
+            sample["has_partner"] = torch.tensor(has_partner)
+        return sample
+
+
+def build_loader(table: FrameTable, *, image_size: int, batch_size: int, frames_per_video: int | None,
+                 train: bool, seed: int = 0, workers: int = 2, with_partner: bool = False,
+                 flip_probability: float = 0.5, num_replicas: int = 1, rank: int = 0,
+                 drop_last: bool | None = None) -> torch.utils.data.DataLoader:
+    """A DataLoader over ``table``; call ``loader.sampler.set_epoch(epoch)`` before each epoch."""
+    sampler = VideoFrameSampler(table, frames_per_video, sampling="random" if train else "even", shuffle=train,
+                                flip_probability=flip_probability if train else 0.0, seed=seed,
+                                num_replicas=num_replicas, rank=rank)
+    return torch.utils.data.DataLoader(
+        FaceFrames(table, image_size, with_partner), batch_size=batch_size, sampler=sampler, num_workers=workers,
+        drop_last=train if drop_last is None else drop_last, persistent_workers=workers > 0, pin_memory=False)
