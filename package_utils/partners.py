@@ -1,0 +1,406 @@
+"""Stage 5 (BI only): exact blend-partner search over landmarks, LAA-Net style.
+
+Usage::
+
+    python -m package_utils.partners --input processed_data/train.json --output processed_data/train_bi.json \\
+        --k 30 [--metric l2|laa] [--device cpu|cuda] [--block-size N] [--laa-paths] [--candidates other.json]
+
+For every item with landmarks (``aligned_lms``, the points on ``image_path``'s pixels) the ``k`` nearest faces
+of **other videos** are found by brute force over every candidate frame (no sampling, unlike LAA-Net's 10,000
+random frames). Candidates are the items with landmarks of ``--candidates`` (default: the input itself); they
+should be train frames only, and a warning is logged when they are not.
+
+Each item gets ``partners`` (candidate ids, nearest first), ``partner_distances`` (rounded to 4 decimals) and
+``partner_status``: ``ok``, ``fewer_than_k`` (fewer eligible candidates than k; all of them are kept) or
+``no_landmarks`` (the item stays in the file, with no partners). ``--laa-paths`` adds ``best_match``, the
+partners' ``image_path`` strings as LAA-Net's BI loader reads them. With ``--candidates``, partner ids and
+paths refer to the items of that file (recorded as ``stats.partners.partner_source``); its image paths are made
+absolute when its ``data_root`` differs from the input's.
+
+Metrics (distances in landmark pixels):
+
+* ``laa``: the references' D = sum_k ||a_k - b_k||_2 (LAA-Net, Face X-ray).
+* ``l2``: Euclidean distance of the flattened (2L)-vectors (DeepfakeBench), via ||b||^2 - 2 a.b matmuls.
+
+The search runs in tiles of ``block_size`` queries x a candidate block (float32 tiles bounded by
+``max_tile_mb``), keeping a running top-(k + margin) per query; same-video pairs are set to +inf before each
+top-k. The survivors are then re-scored in float64 and sorted by (distance, candidate id), so ties break
+deterministically and the result does not depend on the tile sizes.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from collections import Counter
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from package_utils import metadata
+
+__all__ = ["METRICS", "find_partners", "add_partners", "main"]
+
+log = logging.getLogger("package_utils.partners")
+
+METRICS = ("l2", "laa")
+DEFAULT_BLOCK_SIZE = 1024
+#: Bound on the float32 distance tile(s) held at once, in MiB.
+DEFAULT_TILE_MB = 128.0
+#: Largest laa tile side: its three per-landmark temporaries should stay in cache (measured: 1024 is ~2x
+#: faster per pair than 2048 on a 2-core EPYC).
+LAA_TILE = 1024
+#: Extra candidates kept per query in the float32 pass, so float32 rounding cannot push a true top-k
+#: neighbour out before the float64 re-scoring, and ties at the k-th place can be broken by id.
+TIE_MARGIN = 8
+_REFINE_ELEMENTS = 1 << 22  # float64 values per re-scoring chunk (32 MiB)
+
+
+def _as_landmarks(values: Any, name: str) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim != 3 or array.shape[2] != 2:
+        raise ValueError(f"{name} must have shape (N, L, 2), got {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} contains NaN or infinite coordinates")
+    return array
+
+
+def _video_codes(query_video: Sequence | np.ndarray, candidate_video: Sequence | np.ndarray,
+                 n_query: int, n_candidate: int) -> tuple[np.ndarray, np.ndarray]:
+    """Map both video id lists onto one integer code space."""
+    qv, cv = np.asarray(query_video), np.asarray(candidate_video)
+    if qv.shape != (n_query,) or cv.shape != (n_candidate,):
+        raise ValueError(f"video ids must be 1-D and match the landmarks: {qv.shape} for {n_query} queries, "
+                         f"{cv.shape} for {n_candidate} candidates")
+    if qv.dtype.kind != cv.dtype.kind:
+        qv, cv = qv.astype(str), cv.astype(str)
+    _, codes = np.unique(np.concatenate([qv, cv]), return_inverse=True)
+    return codes[:n_query].astype(np.int64), codes[n_query:].astype(np.int64)
+
+
+def _exact(query: np.ndarray, candidates: np.ndarray, metric: str) -> np.ndarray:
+    """float64 distances between query (n, L, 2) and its candidates (n, m, L, 2) -> (n, m)."""
+    diff = candidates - query[:, None]
+    if metric == "l2":
+        return np.sqrt(np.einsum("nmlc,nmlc->nm", diff, diff))
+    return np.sqrt(np.einsum("nmlc,nmlc->nml", diff, diff)).sum(axis=-1)
+
+
+class _Searcher:
+    """Float32 tiled top-(k + margin) search over queries and candidates sorted by video code."""
+
+    def __init__(self, query: np.ndarray, candidates: np.ndarray, query_codes: np.ndarray,
+                 candidate_codes: np.ndarray, keep: int, metric: str, device: torch.device):
+        self.metric, self.device, self.keep = metric, device, keep
+        self.query_codes, self.candidate_codes = query_codes, candidate_codes
+        self._buffers: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
+        if metric == "l2":
+            self.q = torch.from_numpy(query.reshape(len(query), -1).astype(np.float32)).to(device)
+            self.c = torch.from_numpy(candidates.reshape(len(candidates), -1).astype(np.float32)).to(device)
+            self.c_norm = (self.c * self.c).sum(dim=1)
+        else:
+            # (L, 2, N): each landmark's x or y over a block is a contiguous row for the broadcast ops
+            self.q = torch.from_numpy(np.ascontiguousarray(query.transpose(1, 2, 0), np.float32)).to(device)
+            self.c = torch.from_numpy(np.ascontiguousarray(candidates.transpose(1, 2, 0), np.float32)).to(device)
+        n = len(query)
+        self.best_d = torch.full((n, keep), math.inf, dtype=torch.float32, device=device)
+        self.best_i = torch.full((n, keep), -1, dtype=torch.int64, device=device)
+
+    def _buffer(self, rows: int, cols: int, count: int) -> tuple[torch.Tensor, ...]:
+        # a handful of shapes occur (full tiles, last row / column); reuse them instead of reallocating
+        key = (rows, cols)
+        if key not in self._buffers:
+            if len(self._buffers) >= 4:
+                self._buffers.clear()
+            self._buffers[key] = tuple(torch.empty(rows, cols, device=self.device) for _ in range(count))
+        return self._buffers[key]
+
+    def tile(self, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+        """Ranking distances of queries [r0, r1) x candidates [c0, c1), same-video pairs = +inf."""
+        if self.metric == "l2":
+            (out,) = self._buffer(r1 - r0, c1 - c0, 1)
+            # ||a||^2 is constant per row, so ||b||^2 - 2 a.b ranks like the squared distance
+            torch.addmm(self.c_norm[c0:c1], self.q[r0:r1], self.c[c0:c1].T, alpha=-2.0, out=out)
+        else:
+            out, t1, t2 = self._buffer(r1 - r0, c1 - c0, 3)
+            out.zero_()
+            for k in range(self.q.shape[0]):
+                torch.sub(self.q[k, 0, r0:r1, None], self.c[k, 0, None, c0:c1], out=t1)
+                t1.square_()
+                torch.sub(self.q[k, 1, r0:r1, None], self.c[k, 1, None, c0:c1], out=t2)
+                t1.addcmul_(t2, t2)
+                out.add_(t1.sqrt_())
+        # both sides are sorted by video, so each shared video is one rectangle of the tile
+        for code in np.unique(self.query_codes[r0:r1]):
+            q0, q1 = np.searchsorted(self.query_codes, [code, code + 1])
+            s0, s1 = np.searchsorted(self.candidate_codes, [code, code + 1])
+            q0, q1, s0, s1 = max(q0, r0), min(q1, r1), max(s0, c0), min(s1, c1)
+            if q0 < q1 and s0 < s1:
+                out[q0 - r0:q1 - r0, s0 - c0:s1 - c0] = math.inf
+        return out
+
+    def merge(self, r0: int, r1: int, distances: torch.Tensor, c0: int) -> None:
+        """Fold a (r1 - r0, C) tile whose column 0 is candidate c0 into the running top-keep of rows r0..r1."""
+        count = min(self.keep, distances.shape[1])
+        values, index = torch.topk(distances, count, dim=1, largest=False, sorted=False)
+        values = torch.cat([self.best_d[r0:r1], values], dim=1)
+        index = torch.cat([self.best_i[r0:r1], index + c0], dim=1)
+        values, pick = torch.topk(values, self.keep, dim=1, largest=False, sorted=False)
+        self.best_d[r0:r1] = values
+        self.best_i[r0:r1] = index.gather(1, pick)
+
+
+def _search(query: np.ndarray, query_video: Any, candidates: np.ndarray, candidate_video: Any, k: int,
+            metric: str, device: str | torch.device, block_size: int | None, candidate_block_size: int | None,
+            max_tile_mb: float, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """find_partners with float64 distances (the CLI rounds them to 4 decimals)."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    query = _as_landmarks(query, "query_landmarks")
+    candidates = _as_landmarks(candidates, "candidate_landmarks")
+    n, m = len(query), len(candidates)
+    if n and m and query.shape[1] != candidates.shape[1]:
+        raise ValueError(f"query landmarks have {query.shape[1]} points but candidate landmarks have "
+                         f"{candidates.shape[1]}; both sides need the same landmark model")
+    qv, cv = _video_codes(query_video, candidate_video, n, m)
+    indices = np.full((n, k), -1, dtype=np.int64)
+    distances = np.full((n, k), np.inf, dtype=np.float64)
+    if n == 0 or m == 0:
+        return indices, distances
+
+    # one search over the input itself: the laa tiles are symmetric, so each pair is computed once
+    self_search = metric == "laa" and n == m and np.array_equal(query, candidates) and np.array_equal(qv, cv)
+    bq = int(block_size or DEFAULT_BLOCK_SIZE)
+    if bq < 1 or (candidate_block_size is not None and candidate_block_size < 1):
+        raise ValueError("block sizes must be >= 1")
+    tile_floats = int(max_tile_mb * 2**20 / 4 / (1 if metric == "l2" else 3))  # laa keeps 3 tiles
+    if candidate_block_size:
+        bc = int(candidate_block_size)
+    elif metric == "l2":
+        bc = max(1, min(m, tile_floats // bq))
+    else:
+        bc = max(1, min(LAA_TILE, tile_floats // bq))
+        if self_search:
+            bq = bc = min(bq, bc)
+    self_search = self_search and bq == bc
+
+    q_order = np.argsort(qv, kind="stable")
+    c_order = np.argsort(cv, kind="stable")
+    # centring on the candidate mean shrinks the float32 values, and so the rounding of ||b||^2 - 2 a.b
+    centre = candidates.mean(axis=0)
+    keep = min(k + TIE_MARGIN, m)
+    searcher = _Searcher(query[q_order] - centre, candidates[c_order] - centre, qv[q_order], cv[c_order], keep,
+                         metric, torch.device(device))
+    row_blocks = [(r, min(r + bq, n)) for r in range(0, n, bq)]
+    col_blocks = [(c, min(c + bc, m)) for c in range(0, m, bc)]
+    with torch.inference_mode():
+        for bi, (r0, r1) in enumerate(tqdm(row_blocks, desc=f"partners ({metric})", unit="block",
+                                           disable=not progress)):
+            for bj, (c0, c1) in enumerate(col_blocks):
+                if self_search and bj < bi:
+                    continue  # already merged as the transpose of tile (bj, bi)
+                tile = searcher.tile(r0, r1, c0, c1)
+                searcher.merge(r0, r1, tile, c0)
+                if self_search and bj > bi:
+                    searcher.merge(c0, c1, tile.T, r0)
+        approx = searcher.best_d.cpu().numpy()
+        found = searcher.best_i.cpu().numpy()
+
+    # float64 re-scoring of the survivors, then a stable (distance, id) order
+    sorted_query, sorted_qv = query[q_order], qv[q_order]
+    chunk = max(1, _REFINE_ELEMENTS // (keep * query.shape[1] * 2))
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        valid = np.isfinite(approx[start:stop]) & (found[start:stop] >= 0)
+        ids = np.where(valid, c_order[np.clip(found[start:stop], 0, None)], m)
+        valid &= cv[np.clip(ids, 0, m - 1)] != sorted_qv[start:stop, None]
+        exact = _exact(sorted_query[start:stop], candidates[np.clip(ids, 0, m - 1)], metric)
+        exact = np.where(valid, exact, np.inf)
+        ids = np.where(valid, ids, m)
+        order = np.lexsort((ids, exact), axis=-1)[:, :k]
+        best_ids = np.take_along_axis(ids, order, axis=1)
+        best_d = np.take_along_axis(exact, order, axis=1)
+        width = best_ids.shape[1]
+        rows = q_order[start:stop]
+        indices[rows, :width] = np.where(best_ids < m, best_ids, -1)
+        distances[rows, :width] = best_d
+    return indices, distances
+
+
+def find_partners(query_landmarks: np.ndarray, query_video: Sequence[str] | np.ndarray,
+                  candidate_landmarks: np.ndarray, candidate_video: Sequence[str] | np.ndarray, k: int = 30,
+                  metric: str = "l2", device: str | torch.device = "cpu", block_size: int | None = None,
+                  candidate_block_size: int | None = None, max_tile_mb: float = DEFAULT_TILE_MB,
+                  progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest landmark sets from other videos.
+
+    Args:
+        query_landmarks: (N, L, 2) landmarks of the faces that need partners.
+        query_video: N video ids (strings or ints); a query never gets a candidate of its own video.
+        candidate_landmarks: (M, L, 2) landmarks to search, with the same L; pass the query arrays to search
+            a set against itself.
+        candidate_video: M video ids, comparable with ``query_video``.
+        k: partners per query.
+        metric: ``l2`` (Euclidean distance of the flattened vectors) or ``laa`` (sum of per-landmark
+            Euclidean distances, as LAA-Net).
+        device: torch device for the distance tiles (``cpu``, ``cuda``...).
+        block_size: queries per tile (default 1024).
+        candidate_block_size: candidates per tile; default: as many as fit ``max_tile_mb`` for l2, and square
+            cache-sized tiles of at most 1024 for laa.
+        max_tile_mb: bound on the float32 tile memory in MiB.
+        progress: show a tqdm bar over query blocks.
+
+    Returns:
+        ``(indices, distances)``: (N, k) int64 candidate positions, nearest first, ties by lower position,
+        padded with -1; and (N, k) float32 distances padded with +inf (rows of queries with fewer than k
+        candidates from other videos).
+
+    Raises:
+        ValueError: malformed shapes, non-finite coordinates, differing landmark counts or a bad metric / k.
+    """
+    indices, distances = _search(query_landmarks, query_video, candidate_landmarks, candidate_video, k, metric,
+                                 device, block_size, candidate_block_size, max_tile_mb, progress)
+    return indices, distances.astype(np.float32)
+
+
+def _landmark_items(document: dict, source: str) -> tuple[list[int], np.ndarray]:
+    """Positions of the items with landmarks and their (n, L, 2) ``aligned_lms``; one L per file."""
+    positions = [i for i, item in enumerate(document["data"]) if item["aligned_lms"]]
+    counts = Counter(len(document["data"][i]["aligned_lms"]) for i in positions)
+    if len(counts) > 1:
+        examples = ", ".join(
+            f"item {next(i for i in positions if len(document['data'][i]['aligned_lms']) == c)} has {c}"
+            for c in sorted(counts))
+        raise metadata.MetadataError(
+            f"{source}: items mix landmark counts {dict(sorted(counts.items()))} ({examples}); partner search "
+            "compares landmarks point by point, so all items need the same landmark model")
+    points = np.array([document["data"][i]["aligned_lms"] for i in positions], dtype=np.float64)
+    return positions, points.reshape(len(positions), -1, 2)
+
+
+def add_partners(document: dict, candidates: dict | None = None, *, k: int = 30, metric: str = "l2",
+                 device: str = "cpu", block_size: int | None = None, max_tile_mb: float = DEFAULT_TILE_MB,
+                 laa_paths: bool = False, source: str = "<input>", candidate_source: str | None = None,
+                 progress: bool = False) -> dict:
+    """Fill ``partners``, ``partner_distances``, ``partner_status`` (and ``best_match``) in place.
+
+    Args:
+        document: metadata document whose items get partners.
+        candidates: metadata document to search (default ``document``); ids refer to its items.
+        k, metric, device, block_size, max_tile_mb: as find_partners.
+        laa_paths: also write ``best_match``, the partners' ``image_path`` strings.
+        source: name of ``document`` in messages.
+        candidate_source: name of ``candidates`` in messages and in ``stats.partners.partner_source``.
+        progress: tqdm bar over query blocks.
+
+    Returns:
+        The stats stored in ``document['stats']['partners']``.
+
+    Raises:
+        MetadataError: a file mixes landmark counts, or the two files use different ones.
+    """
+    if candidates is None:
+        candidates, candidate_source = document, source
+    candidate_source = candidate_source or "<candidates>"
+    splits = Counter(item["split"] for item in candidates["data"])
+    if set(splits) - {"train"}:
+        log.warning("%s: candidates include non-train frames (%s); blend partners should come from train "
+                    "frames only", candidate_source, ", ".join(f"{s}: {c}" for s, c in sorted(splits.items())))
+    q_pos, q_points = _landmark_items(document, source)
+    c_pos, c_points = (q_pos, q_points) if candidates is document else _landmark_items(candidates,
+                                                                                       candidate_source)
+    if len(q_pos) and len(c_pos) and q_points.shape[1] != c_points.shape[1]:
+        raise metadata.MetadataError(f"{source} has {q_points.shape[1]}-point landmarks but {candidate_source} "
+                                     f"has {c_points.shape[1]}-point ones; use files of one landmark model")
+    q_video = [document["data"][i]["video_id"] for i in q_pos]
+    c_video = [candidates["data"][i]["video_id"] for i in c_pos]
+
+    start = time.perf_counter()
+    indices, distances = _search(q_points, q_video, c_points, c_video, k, metric, device, block_size, None,
+                                 max_tile_mb, progress)
+    seconds = time.perf_counter() - start
+
+    c_items = candidates["data"]
+    same_root = candidates is document or candidates["data_root"] == document["data_root"]
+    paths = [item["image_path"] if same_root else str(metadata.resolve(candidates, item["image_path"]))
+             for item in c_items]
+    for item in document["data"]:
+        item.update(partners=[], partner_distances=[], partner_status="no_landmarks")
+        if laa_paths:
+            item["best_match"] = []
+    status = Counter({"no_landmarks": len(document["data"]) - len(q_pos)})
+    for row, position in enumerate(q_pos):
+        width = int((indices[row] >= 0).sum())
+        ids = [c_items[c_pos[j]]["id"] for j in indices[row, :width]]
+        item = document["data"][position]
+        item["partners"] = ids
+        item["partner_distances"] = [round(float(d), 4) for d in distances[row, :width]]
+        item["partner_status"] = "ok" if width == k else "fewer_than_k"
+        status[item["partner_status"]] += 1
+        if laa_paths:
+            item["best_match"] = [paths[i] for i in ids]
+
+    stats = {
+        "k": k, "metric": metric, "seconds": round(seconds, 3),
+        "items_with_partners": sum(1 for p in q_pos if document["data"][p]["partners"]),
+        "items_ok": status["ok"], "items_fewer_than_k": status["fewer_than_k"],
+        "items_no_landmarks": status["no_landmarks"],
+        "queries": len(q_pos), "candidates": len(c_pos), "candidate_splits": dict(sorted(splits.items())),
+        "landmarks": int(q_points.shape[1]) if len(q_pos) else None,
+        "partner_source": candidate_source,
+    }
+    document.setdefault("stats", {})["partners"] = stats
+    return stats
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m package_utils.partners", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", required=True, help="metadata JSON whose items need partners")
+    parser.add_argument("--output", required=True, help="metadata JSON to write (may equal --input)")
+    parser.add_argument("--k", type=int, default=30, help="partners per item (LAA-Net: 30)")
+    parser.add_argument("--metric", choices=METRICS, default="l2",
+                        help="l2: flattened Euclidean (fast); laa: sum of per-landmark distances (LAA-Net)")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ...")
+    parser.add_argument("--block-size", type=int, help=f"queries per tile (default {DEFAULT_BLOCK_SIZE})")
+    parser.add_argument("--max-tile-mb", type=float, default=DEFAULT_TILE_MB,
+                        help="bound on the float32 distance tiles held at once, MiB")
+    parser.add_argument("--laa-paths", action="store_true", help="also write best_match (partner image paths)")
+    parser.add_argument("--candidates", help="metadata JSON to search (train frames; default: --input)")
+    parser.add_argument("--data-root", help="override the input's data_root header")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if str(args.device).startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: torch sees no CUDA device")
+        document = metadata.load(args.input, args.data_root)
+        candidates = metadata.load(args.candidates) if args.candidates else None
+        stats = add_partners(document, candidates, k=args.k, metric=args.metric, device=args.device,
+                             block_size=args.block_size, max_tile_mb=args.max_tile_mb, laa_paths=args.laa_paths,
+                             source=args.input, candidate_source=args.candidates, progress=True)
+        document.setdefault("config", {})["partners"] = {
+            "input": args.input, "output": args.output, "candidates": args.candidates, "k": args.k,
+            "metric": args.metric, "device": args.device, "block_size": args.block_size,
+            "max_tile_mb": args.max_tile_mb, "laa_paths": args.laa_paths, "tie_margin": TIE_MARGIN,
+        }
+        metadata.save(args.output, document)
+    except (ValueError, FileNotFoundError) as error:
+        log.error("%s", error)
+        return 2
+    log.info("partners: %d queries x %d candidates, k=%d, %s, %.1f s: %d ok, %d fewer than k, %d without "
+             "landmarks -> %s", stats["queries"], stats["candidates"], stats["k"], stats["metric"],
+             stats["seconds"], stats["items_ok"], stats["items_fewer_than_k"], stats["items_no_landmarks"],
+             args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,197 @@
+"""Tests of the exact blend-partner search (package_utils.partners) against a brute-force Python loop."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from package_utils import metadata
+from package_utils.partners import find_partners, main
+
+N_ITEMS, N_VIDEOS, N_POINTS = 60, 7, 68
+
+
+def brute_force(query: np.ndarray, query_video, candidates: np.ndarray, candidate_video, k: int, metric: str):
+    """Reference: every pair by a Python loop, sorted by (distance, candidate index)."""
+    indices = np.full((len(query), k), -1)
+    distances = np.full((len(query), k), np.inf)
+    for i, a in enumerate(query):
+        scored = []
+        for j, b in enumerate(candidates):
+            if candidate_video[j] == query_video[i]:
+                continue
+            if metric == "l2":
+                distance = float(np.sqrt(((a - b) ** 2).sum()))
+            else:
+                distance = float(sum(np.hypot(*(a[p] - b[p])) for p in range(len(a))))
+            scored.append((distance, j))
+        scored.sort()
+        for rank, (distance, j) in enumerate(scored[:k]):
+            indices[i, rank], distances[i, rank] = j, distance
+    return indices, distances
+
+
+def random_faces(n: int = N_ITEMS, videos: int = N_VIDEOS, points: int = N_POINTS, seed: int = 0):
+    """Landmarks of n frames from ``videos`` videos: a face per video plus per-frame noise (pixels)."""
+    rng = np.random.default_rng(seed)
+    video = rng.integers(0, videos, n)
+    per_video = rng.uniform(60, 200, (videos, points, 2))
+    return per_video[video] + rng.normal(0, 4, (n, points, 2)), video
+
+
+@pytest.mark.parametrize("metric", ["l2", "laa"])
+def test_matches_brute_force_loop(metric):
+    faces, video = random_faces()
+    names = [f"ff/original/{v:03d}" for v in video]
+    indices, distances = find_partners(faces, names, faces, names, k=12, metric=metric)
+    want_i, want_d = brute_force(faces, video, faces, video, 12, metric)
+    assert indices.dtype == np.int64 and distances.dtype == np.float32
+    np.testing.assert_array_equal(indices, want_i)
+    np.testing.assert_allclose(distances, want_d, rtol=1e-6)
+
+
+@pytest.mark.parametrize("metric", ["l2", "laa"])
+def test_separate_candidate_set_matches_brute_force(metric):
+    faces, video = random_faces(seed=1)
+    query, query_video = faces[:25], video[:25]
+    candidates, candidate_video = faces[25:], video[25:]
+    indices, distances = find_partners(query, query_video, candidates, candidate_video, k=6, metric=metric)
+    want_i, want_d = brute_force(query, query_video, candidates, candidate_video, 6, metric)
+    np.testing.assert_array_equal(indices, want_i)
+    np.testing.assert_allclose(distances, want_d, rtol=1e-6)
+
+
+@pytest.mark.parametrize("metric", ["l2", "laa"])
+def test_partners_never_from_the_same_video(metric):
+    # frames of one video are near-duplicates, so a search that forgot the mask would return them first
+    rng = np.random.default_rng(2)
+    video = np.repeat(np.arange(5), 12)
+    faces = rng.uniform(0, 256, (5, N_POINTS, 2))[video] + rng.normal(0, 0.1, (60, N_POINTS, 2))
+    indices, distances = find_partners(faces, video, faces, video, k=30, metric=metric, block_size=16)
+    assert (indices >= 0).all() and np.isfinite(distances).all()
+    assert (video[indices] != video[:, None]).all()
+    assert (np.diff(distances, axis=1) >= 0).all()
+
+
+@pytest.mark.parametrize("metric", ["l2", "laa"])
+def test_fewer_than_k_candidates_are_padded(metric):
+    faces, _ = random_faces(n=6)
+    video = np.array(["a", "a", "b", "b", "b", "c"])
+    indices, distances = find_partners(faces, video, faces, video, k=5, metric=metric)
+    for row, own in enumerate(video):
+        eligible = int((video != own).sum())  # 4 for a, 3 for b, 5 for c
+        assert (indices[row, :eligible] >= 0).all() and (indices[row, eligible:] == -1).all()
+        assert np.isfinite(distances[row, :eligible]).all() and np.isinf(distances[row, eligible:]).all()
+        assert set(indices[row, :eligible]) == set(np.flatnonzero(video != own))
+
+
+@pytest.mark.parametrize("metric", ["l2", "laa"])
+def test_results_do_not_depend_on_block_sizes(metric):
+    faces, video = random_faces(n=53, seed=3)
+    reference = find_partners(faces, video, faces, video, k=9, metric=metric)
+    for block_size, candidate_block_size in [(7, None), (7, 5), (1, 1), (53, 4), (4, 53)]:
+        indices, distances = find_partners(faces, video, faces, video, k=9, metric=metric, block_size=block_size,
+                                           candidate_block_size=candidate_block_size)
+        np.testing.assert_array_equal(indices, reference[0])
+        np.testing.assert_array_equal(distances, reference[1])
+
+
+@pytest.mark.parametrize("metric", ["l2", "laa"])
+def test_ties_break_by_lower_candidate_id(metric):
+    faces, video = random_faces(n=30, seed=4)
+    video = video % 3 + 10
+    twins = [5, 11, 17, 23]  # identical faces in four other videos: equal distance to every query
+    faces[twins] = faces[5]
+    video[twins] = [0, 1, 2, 3]
+    indices, _ = find_partners(faces[:1], [99], faces, video, k=30, metric=metric, block_size=1,
+                               candidate_block_size=4)
+    positions = [list(indices[0]).index(t) for t in twins]
+    assert positions == sorted(positions) and np.ptp(positions) == 3
+
+
+def test_mismatched_landmark_counts_raise():
+    faces, video = random_faces(n=10)
+    with pytest.raises(ValueError, match="68 points but candidate landmarks have 81"):
+        find_partners(faces, video, np.zeros((4, 81, 2)), np.arange(4), k=2)
+
+
+def make_item(video_id: str, frame: int, landmarks: np.ndarray | None, split: str = "train") -> dict:
+    points = [] if landmarks is None else landmarks.round(3).tolist()
+    return {
+        "image_path": f"train/frames/original/{video_id}/{frame:03d}.png", "file_name": f"{frame:03d}.png",
+        "id": 0, "fake_type": "original", "orig_lms": points, "aligned_lms": points,
+        "video_id": f"ff/original/{video_id}", "frame_index": frame, "label": 0, "split": split, "dataset": "ff",
+        "method": "original", "box": [0, 0, 256, 256], "landmark_model": "none" if landmarks is None else "dlib68",
+    }
+
+
+def write_document(path, items, tmp_path):
+    metadata.save(path, metadata.new_document(items, tmp_path, config={"stage": "test"}))
+    return path
+
+
+def test_cli_end_to_end(tmp_path):
+    faces, _ = random_faces(n=10, seed=5)
+    layout = ["000"] * 5 + ["001"] * 3 + ["002"] * 2  # video 000 frames see 5 candidates, the rest 7 or 8
+    items = [make_item(v, i, faces[i]) for i, v in enumerate(layout)]
+    items.insert(3, make_item("001", 99, None))  # no landmarks: kept and marked
+    source = write_document(tmp_path / "train.json", items, tmp_path)
+    output = tmp_path / "out" / "train_partners.json"
+
+    assert main(["--input", str(source), "--output", str(output), "--k", "6", "--metric", "laa", "--laa-paths",
+                 "--block-size", "3"]) == 0
+    document = metadata.load(output)
+    data = document["data"]
+    assert len(data) == 11 and data[3]["partner_status"] == "no_landmarks" and data[3]["partners"] == []
+    assert data[3]["best_match"] == []
+    with_points = [item for item in data if item["aligned_lms"]]
+    points = np.array([item["aligned_lms"] for item in with_points])
+    videos = [item["video_id"] for item in with_points]
+    want_i, want_d = brute_force(points, videos, points, videos, 6, "laa")
+    for row, item in enumerate(with_points):
+        width = int((want_i[row] >= 0).sum())
+        assert item["partners"] == [with_points[j]["id"] for j in want_i[row, :width]]
+        np.testing.assert_allclose(item["partner_distances"], want_d[row, :width], atol=6e-5)
+        assert item["partner_distances"] == [round(d, 4) for d in item["partner_distances"]]
+        assert item["best_match"] == [data[j]["image_path"] for j in item["partners"]]
+        assert all(data[j]["video_id"] != item["video_id"] for j in item["partners"])
+        assert item["partner_status"] == ("fewer_than_k" if item["video_id"].endswith("000") else "ok")
+    stats = document["stats"]["partners"]
+    assert (stats["k"], stats["metric"], stats["items_with_partners"], stats["items_no_landmarks"]) == (6, "laa", 10, 1)
+    assert (stats["items_ok"], stats["items_fewer_than_k"], stats["partner_source"]) == (5, 5, str(source))
+    assert document["config"]["partners"]["laa_paths"] is True and document["config"]["stage"] == "test"
+
+
+def test_cli_with_candidate_file_warns_on_non_train(tmp_path, caplog):
+    faces, _ = random_faces(n=12, seed=6)
+    queries = write_document(tmp_path / "val.json", [make_item(f"v{i % 2}", i, faces[i], "val") for i in range(4)],
+                             tmp_path)
+    pool_items = [make_item(f"t{i % 4}", i, faces[i], "train") for i in range(4, 12)]
+    pool_items[-1]["split"] = "test"
+    pool = write_document(tmp_path / "pool.json", pool_items, tmp_path)
+    output = tmp_path / "val_partners.json"
+    with caplog.at_level(logging.WARNING, logger="package_utils.partners"):
+        assert main(["--input", str(queries), "--output", str(output), "--k", "3", "--candidates", str(pool),
+                     "--laa-paths"]) == 0
+    assert any("non-train" in r.getMessage() and str(pool) in r.getMessage() for r in caplog.records)
+    document = metadata.load(output)
+    want_i, _ = brute_force(faces[:4], ["v0", "v1"] * 2, faces[4:], [f"t{i % 4}" for i in range(4, 12)], 3, "l2")
+    for row, item in enumerate(document["data"]):
+        assert item["partners"] == list(want_i[row]) and item["partner_status"] == "ok"
+        assert item["best_match"] == [pool_items[j]["image_path"] for j in want_i[row]]
+    assert document["stats"]["partners"]["partner_source"] == str(pool)
+    assert document["stats"]["partners"]["candidate_splits"] == {"test": 1, "train": 7}
+
+
+def test_cli_mixed_landmark_counts_name_the_file(tmp_path, caplog):
+    faces, _ = random_faces(n=3, points=81, seed=7)
+    items = [make_item("a", 0, faces[0, :68]), make_item("b", 1, faces[1]), make_item("c", 2, faces[2, :68])]
+    items[1]["landmark_model"] = "dlib81"
+    source = write_document(tmp_path / "mixed.json", items, tmp_path)
+    output = tmp_path / "never.json"
+    with caplog.at_level(logging.ERROR, logger="package_utils.partners"):
+        assert main(["--input", str(source), "--output", str(output)]) == 2
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert str(source) in message and "mix landmark counts" in message and "item 1 has 81" in message
+    assert not output.exists()
