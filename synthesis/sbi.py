@@ -1,0 +1,485 @@
+"""Self-blended images (SBI, synthesis spec §2, steps 2-8), batched on tensors of any device.
+
+The loader has already reordered the forehead points, flipped and cropped (steps 1 and 9 are not here).
+:class:`SelfBlender` turns a batch of real faces into (real, fake) pairs:
+
+2. with p = 0.25, forget the forehead points 68-80 of 81-point landmarks;
+3. a hull mask (:mod:`synthesis.masks`) of a random type per sample;
+4. source = a copy of the image; with p = 0.5 the source gets the source transforms (RGB shift, HSV,
+   brightness/contrast, then downscale or sharpen), otherwise the target gets them;
+5. a random affine warp (translate, anisotropic scale about the centre) of source and mask, then an elastic
+   deformation of the **mask only**: one ``grid_sample`` warps the source, one warps the mask through the
+   composed affine + elastic map;
+6. the blend mask: resize to (h', w'), erode by a k1 x k1 square, Gaussian blur k2 / sigma2, divide by the max,
+   resize back;
+7. fake = M r source + (1 - M r) target with r in {0.25, 0.5, 0.75, 1, 1, 1}; real = target;
+8. post transforms with the same parameters for real and fake (RGB shift, HSV, brightness/contrast, JPEG).
+
+Where the batched implementation deliberately differs from the per-sample reference
+(:mod:`synthesis.reference_sbi`, and SBI's ``blend.py``):
+
+* Step 6.2 (blur with k1, divide by the max, zero everything below 1) is computed as what it amounts to on a
+  float mask: a binary erosion by a k1 x k1 square of the region at the mask's maximum (a pixel keeps its value
+  only if its whole Gaussian window sits on that region). Values within 1e-5 of the maximum count as at it, so
+  float rounding of the resize cannot punch holes into the mask.
+* Step 6 works on one canvas for the batch: each mask is resized to its own (h', w') into the canvas with a
+  reflect-101 margin built into the resampling grid, so that erosion and blur with per-sample sizes are plain
+  "valid" filters (reflect-101 is OpenCV's default border).
+* Step 5, elastic: the smoothed random displacement field (uniform noise in [-1, 1], Gaussian sigma 7, times
+  alpha 50, as albumentations' ElasticTransform with uniform noise) is drawn on a grid ``elastic_grid_step``
+  pixels apart, with noise and sigma rescaled so the field has the same variance and correlation length, then
+  upsampled bilinearly. It is smooth at the 7 px scale, so the coarse grid changes its law very little and
+  saves the 57-tap full-resolution blur.
+* Everything is float32 in [0, 1]; nothing is quantised to uint8 between steps (the references cast to uint8
+  after blending, and JPEG works on uint8 internally).
+
+Outputs flagged ``valid == False`` are samples whose blend mask came out empty even after ``max_retries``
+re-draws of the mask chain (mask type, elastic field, blend-mask parameters); their ``fake`` equals their
+``real``, so they must be dropped or relabelled by the caller, never used as fakes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from synthesis import augment
+from synthesis.masks import MASK_TYPES, hull_masks
+
+__all__ = ["SBIConfig", "SelfBlender", "smooth_blend_masks"]
+
+# Values of a resized mask at least this close to its maximum count as "at the maximum" in the erosion step.
+_EROSION_TOLERANCE = 1e-5
+
+
+@dataclass
+class SBIConfig:
+    """Parameters of SBI (spec §2); the defaults are the spec's.
+
+    Colour limits are in albumentations' uint8 units, as in the references: RGB shifts out of 255, HSV shifts as
+    (OpenCV hue in half-degrees, saturation out of 255, value out of 255), so SBI's HSV of 0.3 is nearly a no-op.
+    """
+
+    # Step 2.
+    forehead_drop_p: float = 0.25
+    # Step 3.
+    mask_types: tuple[str, ...] = MASK_TYPES
+    # Step 4: p that the source (rather than the target) gets the source transforms.
+    transform_source_p: float = 0.5
+    source_rgb_shift: float = 20.0
+    source_rgb_shift_p: float = 0.3
+    source_hsv_shift: tuple[float, float, float] = (0.3, 0.3, 0.3)
+    source_hsv_p: float = 1.0
+    source_brightness: float = 0.1
+    source_contrast: float = 0.1
+    source_brightness_contrast_p: float = 1.0
+    downscale_p: float = 0.5  # otherwise sharpen: exactly one of the two
+    downscale_ratios: tuple[int, ...] = (2, 4)
+    sharpen_alpha: tuple[float, float] = (0.2, 0.5)
+    sharpen_lightness: tuple[float, float] = (0.5, 1.0)
+    # Step 5.
+    translate_x: float = 0.03
+    translate_y: float = 0.015
+    scale: tuple[float, float] = (0.95, 1 / 0.95)
+    elastic_alpha: float = 50.0
+    elastic_sigma: float = 7.0
+    elastic_grid_step: int = 4
+    # Step 6: "absolute" (SBI, DeepfakeBench) draws h', w' in blend_mask_size; "relative" (LAA-Net) draws them
+    # in [floor(0.8 H), floor(H / 0.8)) and likewise for W.
+    blend_mask_resize: Literal["absolute", "relative"] = "absolute"
+    blend_mask_size: tuple[int, int] = (192, 256)
+    blend_mask_relative: tuple[float, float] = (0.8, 1 / 0.8)
+    blend_kernel_1: tuple[int, int] = (5, 25)
+    blend_kernel_2: tuple[int, int] = (5, 25)
+    blend_sigma_2: tuple[int, int] = (5, 45)
+    # Step 7.
+    blend_ratios: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.0, 1.0)
+    # The ``mask`` output: False gives the ratio-free M (LAA-Net), True gives M r (SBI, DeepfakeBench).
+    return_mask_with_ratio: bool = False
+    # Step 8.
+    post_transforms: bool = True
+    post_rgb_shift: float = 20.0
+    post_rgb_shift_p: float = 0.3
+    post_hsv_shift: tuple[float, float, float] = (0.3, 0.3, 0.3)
+    post_hsv_p: float = 0.3
+    post_brightness: float = 0.3
+    post_contrast: float = 0.3
+    post_brightness_contrast_p: float = 0.3
+    jpeg_quality: tuple[int, int] = (40, 100)
+    jpeg_p: float = 0.5
+    # Re-draws of the mask chain for samples whose blend mask came out empty.
+    max_retries: int = 3
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.mask_types) - set(MASK_TYPES))
+        if unknown or not self.mask_types:
+            raise ValueError(f"mask_types must be a non-empty subset of {MASK_TYPES}, got {self.mask_types}")
+        if self.blend_mask_resize not in ("absolute", "relative"):
+            raise ValueError(f"blend_mask_resize must be 'absolute' or 'relative', got {self.blend_mask_resize!r}")
+        for name in ("blend_kernel_1", "blend_kernel_2"):
+            low, high = getattr(self, name)
+            if low % 2 == 0 or high % 2 == 0 or not 1 <= low <= high:
+                raise ValueError(f"{name} must be an ordered pair of odd sizes, got {(low, high)}")
+        if self.elastic_grid_step < 1:
+            raise ValueError(f"elastic_grid_step must be >= 1, got {self.elastic_grid_step}")
+
+
+def _hsv_limits(shift: tuple[float, float, float]) -> tuple[float, float, float]:
+    """albumentations uint8 HSV units -> (degrees, [0, 1], [0, 1])."""
+    hue, saturation, value = shift
+    return hue * 2.0, saturation / 255.0, value / 255.0
+
+
+def _randint(size: int, low: int, high_inclusive: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(low, high_inclusive + 1, (size,), generator=generator, device=generator.device)
+
+
+def _random_odd(size: int, bounds: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    low, high = bounds
+    return low + 2 * _randint(size, 0, (high - low) // 2, generator)
+
+
+class SelfBlender:
+    """Batched SBI synthesis; see the module docstring for the steps and the deliberate differences.
+
+    Example::
+
+        blender = SelfBlender(SBIConfig())
+        out = blender(images, landmarks, generator)  # images (B, 3, H, W) in [0, 1], landmarks (B, L, 2)
+        batch = torch.cat([out["real"], out["fake"][out["valid"]]])
+    """
+
+    def __init__(self, config: SBIConfig | None = None) -> None:
+        self.config = config or SBIConfig()
+
+    # ------------------------------------------------------------------------------------------------------
+    def __call__(self, images: torch.Tensor, landmarks: torch.Tensor,
+                 generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Synthesises one fake per real image.
+
+        Args:
+            images: (B, 3, H, W) float RGB in [0, 1] (any float dtype and device).
+            landmarks: (B, L, 2) float (x, y) pixel coordinates of the same images, L = 68 or 81 (forehead
+                already reordered).
+            generator: source of every random draw; the same seed (and generator device) gives bit-identical
+                outputs.
+
+        Returns:
+            A dict of tensors on the images' device:
+            ``real`` (B, 3, H, W) the target image; ``fake`` (B, 3, H, W); ``mask`` (B, 1, H, W) the blend
+            mask M in [0, 1] (times the ratio when ``return_mask_with_ratio``); ``blend_mask`` (B, 1, H, W)
+            M r, the weight of the source in the fake; ``ratio`` (B,) r; ``valid`` (B,) bool, False for
+            samples whose blend mask stayed empty (their fake equals their real: drop them).
+        """
+        config = self.config
+        if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+            raise ValueError(f"images must be (B, 3, H, W) float, got {tuple(images.shape)} {images.dtype}")
+        if landmarks.ndim != 3 or landmarks.shape[0] != images.shape[0] or landmarks.shape[2] != 2:
+            raise ValueError(f"landmarks must be (B, L, 2) for {images.shape[0]} images, got {tuple(landmarks.shape)}")
+        if landmarks.shape[1] not in (68, 81):
+            raise ValueError(f"landmarks must have 68 or 81 points, got {landmarks.shape[1]}")
+        batch, _, height, width = images.shape
+        dtype, device = images.dtype, images.device
+
+        landmarks = self._drop_forehead(landmarks, generator)
+        source_first = augment.bernoulli(batch, config.transform_source_p, generator).to(device)
+        transformed = self._source_transforms(images, generator)
+        pick_source = source_first[:, None, None, None]
+        source = torch.where(pick_source, transformed, images)
+        target = torch.where(pick_source, images, transformed)
+        del transformed
+
+        grid, scale = self._affine_grid(batch, height, width, generator, device, dtype)
+        warped_source = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        del source
+
+        masks, valid = self._blend_masks(landmarks, grid, scale, generator)
+        for _ in range(config.max_retries):
+            if bool(valid.all()):
+                break
+            # A retry re-draws the mask chain for the whole batch (so the random stream does not depend on which
+            # samples failed) and keeps it for the failed samples only.
+            retry, retry_valid = self._blend_masks(landmarks, grid, scale, generator)
+            failed = ~valid
+            masks = torch.where(failed[:, None, None, None], retry, masks)
+            valid = valid | retry_valid
+
+        ratio_choices = torch.as_tensor(config.blend_ratios, dtype=torch.float32, device=generator.device)
+        ratio = ratio_choices[_randint(batch, 0, len(config.blend_ratios) - 1, generator)].to(device, dtype)
+        blend_mask = masks * ratio[:, None, None, None]
+        fake = torch.lerp(target, warped_source, blend_mask)
+        real = target
+
+        if config.post_transforms:
+            real, fake = self._post_transforms(real, fake, generator)
+        return {
+            "real": real,
+            "fake": fake,
+            "mask": blend_mask if config.return_mask_with_ratio else masks,
+            "blend_mask": blend_mask,
+            "ratio": ratio,
+            "valid": valid,
+        }
+
+    # ------------------------------------------------------------------------------------------------------
+    def _drop_forehead(self, landmarks: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Step 2: with p = forehead_drop_p, points 68-80 collapse onto point 30 (nose bridge), which leaves
+        every hull as the hull of points 0-67 while keeping one (B, L, 2) tensor."""
+        if landmarks.shape[1] != 81:
+            return landmarks
+        drop = augment.bernoulli(landmarks.shape[0], self.config.forehead_drop_p, generator).to(landmarks.device)
+        collapsed = landmarks.clone()
+        collapsed[:, 68:] = landmarks[:, 30:31]
+        return torch.where(drop[:, None, None], collapsed, landmarks)
+
+    def _source_transforms(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Step 4: RGB shift, HSV, brightness/contrast, then exactly one of downscale and sharpen."""
+        config, batch = self.config, images.shape[0]
+        rgb = augment.sample_rgb_shift(batch, config.source_rgb_shift / 255.0, config.source_rgb_shift_p, generator)
+        hsv = augment.sample_hsv_shift(batch, *_hsv_limits(config.source_hsv_shift), config.source_hsv_p, generator)
+        contrast = augment.sample_brightness_contrast(batch, config.source_brightness, config.source_contrast,
+                                                      config.source_brightness_contrast_p, generator)
+        use_downscale = augment.bernoulli(batch, config.downscale_p, generator)
+        ratios = augment.sample_downscale(batch, config.downscale_ratios, 1.0, generator)
+        ratios = torch.where(use_downscale, ratios, torch.ones_like(ratios))
+        sharpen = augment.sample_sharpen(batch, config.sharpen_alpha, config.sharpen_lightness, 1.0, generator)
+        sharpen[:, 0] *= ~use_downscale
+
+        out = augment.rgb_shift(images, rgb)
+        out = augment.hsv_shift(out, hsv)
+        out = augment.brightness_contrast(out, contrast)
+        out = augment.downscale(out, ratios)
+        return augment.sharpen(out, sharpen)
+
+    def _affine_grid(self, batch: int, height: int, width: int, generator: torch.Generator,
+                     device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step 5, affine: the (B, H, W, 2) ``grid_sample`` grid of albumentations' Affine (translate by a
+        fraction of the size, independent x/y scale about the image centre, no rotation or shear), and the
+        (B, 2) scales (x, y).
+
+        Output pixel p comes from input (p - c - t) / s + c; in normalised coordinates (align_corners=False)
+        the centre c is 0 and the map is separable, so the grid is built from one row and one column.
+        """
+        config = self.config
+        translate_x = augment.uniform(batch, -config.translate_x, config.translate_x, generator)
+        translate_y = augment.uniform(batch, -config.translate_y, config.translate_y, generator)
+        scale_x = augment.uniform(batch, *config.scale, generator)
+        scale_y = augment.uniform(batch, *config.scale, generator)
+        xs = (2 * torch.arange(width, device=generator.device) + 1) / width - 1
+        ys = (2 * torch.arange(height, device=generator.device) + 1) / height - 1
+        grid_x = ((xs[None, :] - 2 * translate_x[:, None]) / scale_x[:, None]).to(device, dtype)  # (B, W)
+        grid_y = ((ys[None, :] - 2 * translate_y[:, None]) / scale_y[:, None]).to(device, dtype)  # (B, H)
+        grid = torch.stack([grid_x[:, None, :].expand(batch, height, width),
+                            grid_y[:, :, None].expand(batch, height, width)], dim=-1)
+        return grid, torch.stack([scale_x, scale_y], dim=1).to(device, dtype)
+
+    def _elastic_offsets(self, scale: torch.Tensor, height: int, width: int,
+                         generator: torch.Generator) -> torch.Tensor:
+        """Step 5, elastic: (B, H, W, 2) displacement in normalised grid units (already through the inverse
+        affine's scale).
+
+        Uniform noise in [-1, 1] on a grid of spacing s ~ ``elastic_grid_step`` px, divided by s and smoothed by
+        a Gaussian of sigma / s (replicate border, truncated at 4 sigma), has the variance and correlation length
+        of the full-resolution field smoothed by sigma; times alpha it is the displacement in pixels.
+        """
+        config = self.config
+        batch, device, dtype = scale.shape[0], scale.device, scale.dtype
+        step = config.elastic_grid_step
+        coarse_h, coarse_w = -(-(height - 1) // step) + 1, -(-(width - 1) // step) + 1
+        spacing_y, spacing_x = (height - 1) / max(coarse_h - 1, 1), (width - 1) / max(coarse_w - 1, 1)
+        # 2-D white noise on a grid of cell area s_x s_y keeps the smoothed variance when divided by sqrt(area).
+        noise = augment.uniform((batch, 2, coarse_h, coarse_w), -1.0, 1.0, generator).to(device, dtype)
+        noise = noise / (spacing_x * spacing_y) ** 0.5
+        sigma_y, sigma_x = config.elastic_sigma / spacing_y, config.elastic_sigma / spacing_x
+        kernel_y = _gaussian_taps(sigma_y, device, dtype)
+        kernel_x = _gaussian_taps(sigma_x, device, dtype)
+        planes = noise.view(1, batch * 2, coarse_h, coarse_w)
+        ry, rx = len(kernel_y) // 2, len(kernel_x) // 2
+        planes = F.conv2d(F.pad(planes, (0, 0, ry, ry), mode="replicate"),
+                          kernel_y.view(1, 1, -1, 1).expand(batch * 2, 1, -1, 1), groups=batch * 2)
+        planes = F.conv2d(F.pad(planes, (rx, rx, 0, 0), mode="replicate"),
+                          kernel_x.view(1, 1, 1, -1).expand(batch * 2, 1, 1, -1), groups=batch * 2)
+        field = planes.view(batch, 2, coarse_h, coarse_w) * config.elastic_alpha
+        field = F.interpolate(field, size=(height, width), mode="bilinear", align_corners=True)
+        # Pixels -> normalised units (2 / size), then through the inverse affine's linear part (1 / scale).
+        to_grid = torch.tensor([2.0 / width, 2.0 / height], device=device, dtype=dtype) / scale
+        return field.permute(0, 2, 3, 1) * to_grid[:, None, None, :]
+
+    # ------------------------------------------------------------------------------------------------------
+    def _blend_masks(self, landmarks: torch.Tensor, grid: torch.Tensor, scale: torch.Tensor,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps 3, 5 (mask part) and 6 for the whole batch: (B, 1, H, W) blend masks M and (B,) non-empty."""
+        config = self.config
+        batch, height, width, _ = grid.shape
+        device, dtype = grid.device, grid.dtype
+        type_choice = _randint(batch, 0, len(config.mask_types) - 1, generator).cpu()
+        mask_types = [config.mask_types[i] for i in type_choice.tolist()]
+        hulls = hull_masks(landmarks, height, width, mask_types).to(device, dtype)
+        mask_grid = grid + self._elastic_offsets(scale, height, width, generator)
+        warped = F.grid_sample(hulls, mask_grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        return self._smooth_blend_masks(warped, generator)
+
+    def _smooth_blend_masks(self, masks: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor,
+                                                                                              torch.Tensor]:
+        """Step 6 with freshly drawn per-sample parameters; see :func:`smooth_blend_masks`."""
+        config = self.config
+        batch, _, height, width = masks.shape
+        if config.blend_mask_resize == "absolute":
+            low, high = config.blend_mask_size
+            sizes_h, sizes_w = _randint(batch, low, high, generator), _randint(batch, low, high, generator)
+        else:
+            low, high = config.blend_mask_relative
+            # numpy's randint(H * 0.8, H / 0.8): floor of both bounds, high exclusive.
+            sizes_h = _randint(batch, int(height * low), int(height * high) - 1, generator)
+            sizes_w = _randint(batch, int(width * low), int(width * high) - 1, generator)
+        kernel_1 = _random_odd(batch, config.blend_kernel_1, generator)
+        kernel_2 = _random_odd(batch, config.blend_kernel_2, generator)
+        sigma_2 = _randint(batch, config.blend_sigma_2[0], config.blend_sigma_2[1], generator)
+        return smooth_blend_masks(masks, sizes_h, sizes_w, kernel_1, kernel_2, sigma_2)
+
+    # ------------------------------------------------------------------------------------------------------
+    def _post_transforms(self, real: torch.Tensor, fake: torch.Tensor,
+                         generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step 8: one draw of parameters, applied to real and fake alike."""
+        config, batch = self.config, real.shape[0]
+        rgb = augment.sample_rgb_shift(batch, config.post_rgb_shift / 255.0, config.post_rgb_shift_p, generator)
+        hsv = augment.sample_hsv_shift(batch, *_hsv_limits(config.post_hsv_shift), config.post_hsv_p, generator)
+        contrast = augment.sample_brightness_contrast(batch, config.post_brightness, config.post_contrast,
+                                                      config.post_brightness_contrast_p, generator)
+        quality = augment.sample_jpeg(batch, config.jpeg_quality, config.jpeg_p, generator)
+        pair = []
+        for images in (real, fake):
+            images = augment.rgb_shift(images, rgb)
+            images = augment.hsv_shift(images, hsv)
+            images = augment.brightness_contrast(images, contrast)
+            pair.append(augment.jpeg(images, quality))
+        return pair[0], pair[1]
+
+
+def smooth_blend_masks(masks: torch.Tensor, sizes_h: torch.Tensor, sizes_w: torch.Tensor, kernel_1: torch.Tensor,
+                       kernel_2: torch.Tensor, sigma_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 6 (SBI's ``get_blend_mask``) for a batch of masks with per-sample parameters.
+
+    Per sample: resize to (h', w') bilinearly, erode by a k1 x k1 square (the float "blur k1, divide by the max,
+    zero what is below 1"), Gaussian blur k2 / sigma2, divide by the max, resize back bilinearly. Borders are
+    reflect-101 as in OpenCV.
+
+    Args:
+        masks: (B, 1, H, W) float in [0, 1].
+        sizes_h, sizes_w: (B,) resize sizes h', w'.
+        kernel_1, kernel_2: (B,) odd kernel sizes.
+        sigma_2: (B,) sigma of the second blur.
+
+    Returns:
+        (B, 1, H, W) blend masks in [0, 1] with maximum 1, and (B,) bool, False where the mask came out empty
+        (its blend mask is then all zeros).
+    """
+    batch, _, height, width = masks.shape
+    device, dtype = masks.device, masks.dtype
+    sizes_h, sizes_w = sizes_h.to(device), sizes_w.to(device)
+    radius_1, radius_2 = (kernel_1 // 2).to(device), (kernel_2 // 2).to(device)
+    max_radius_2 = int(radius_2.max())
+    margin = int(radius_1.max()) + max_radius_2
+    canvas_h, canvas_w = int(sizes_h.max()) + 2 * margin, int(sizes_w.max()) + 2 * margin
+
+    # 6.1: resize each mask to its (h', w') (cv2.INTER_LINEAR sampling), surrounded by a reflect-101 margin.
+    rows = _reflected_resize_coordinates(canvas_h, margin, sizes_h, height)  # (B, canvas_h), normalised
+    columns = _reflected_resize_coordinates(canvas_w, margin, sizes_w, width)
+    resize_grid = torch.stack([columns[:, None, :].expand(batch, canvas_h, canvas_w),
+                               rows[:, :, None].expand(batch, canvas_h, canvas_w)], dim=-1).to(dtype)
+    small = F.grid_sample(masks, resize_grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    # 6.2: keep the pixels whose k1 x k1 window lies on the mask's maximum (the float "blur, /max, < 1 -> 0").
+    inside_h = _inside(canvas_h, margin, sizes_h)  # (B, canvas_h) rows of the (h', w') image itself
+    inside_w = _inside(canvas_w, margin, sizes_w)
+    inside = inside_h[:, None, :, None] & inside_w[:, None, None, :]
+    level = torch.where(inside, small, torch.zeros_like(small)).amax(dim=(1, 2, 3))
+    at_level = (small >= (level - _EROSION_TOLERANCE)[:, None, None, None]) & (level > 0)[:, None, None, None]
+    eroded = _erode_square(at_level.to(dtype), radius_1)
+
+    # 6.3: Gaussian blur k2 / sigma2 ("valid": the margin provides the reflect-101 border), divide by the max.
+    kernels = augment.gaussian_kernels(kernel_2, sigma_2.to(torch.float32), length=2 * max_radius_2 + 1)
+    kernels = kernels.to(device, dtype)
+    blurred = _valid_separable_filter(eroded, kernels, kernels)  # canvas shrinks by max_radius_2 per side
+    offset = margin - max_radius_2  # where the (h', w') image starts in ``blurred``
+    blurred_inside = inside[:, :, max_radius_2:canvas_h - max_radius_2, max_radius_2:canvas_w - max_radius_2]
+    peak = torch.where(blurred_inside, blurred, torch.zeros_like(blurred)).amax(dim=(1, 2, 3))
+    non_empty = peak > 0
+    blurred = blurred / torch.where(non_empty, peak, torch.ones_like(peak))[:, None, None, None]
+
+    # 6.4: resize back to (H, W) (cv2.INTER_LINEAR: edge pixels clamp to the border of the small image).
+    blurred_h, blurred_w = blurred.shape[-2:]
+    back_rows = _resize_back_coordinates(height, sizes_h, offset, blurred_h)
+    back_columns = _resize_back_coordinates(width, sizes_w, offset, blurred_w)
+    back_grid = torch.stack([back_columns[:, None, :].expand(batch, height, width),
+                             back_rows[:, :, None].expand(batch, height, width)], dim=-1).to(dtype)
+    result = F.grid_sample(blurred, back_grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return result.clamp_(0.0, 1.0), non_empty
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers of the blend-mask canvas
+# ----------------------------------------------------------------------------------------------------------
+def _gaussian_taps(sigma: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Normalised Gaussian truncated at 4 sigma (scipy's default; OpenCV's automatic size for float images)."""
+    radius = max(int(4.0 * sigma + 0.5), 1)
+    offsets = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
+    taps = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    return (taps / taps.sum()).to(dtype)
+
+
+def _reflected_resize_coordinates(canvas: int, margin: int, sizes: torch.Tensor, source: int) -> torch.Tensor:
+    """Normalised source coordinates (align_corners=False) of each canvas line.
+
+    Canvas line i is line t = i - margin of the image resized to ``sizes`` (per sample); t outside [0, size)
+    reflects (reflect-101), t beyond the reflected margin clamps. Line t samples source coordinate
+    (t + 0.5) * source / size - 0.5, which is (2 t + 1) / size - 1 in normalised units.
+    """
+    sizes = sizes[:, None].to(torch.float32)
+    t = torch.arange(canvas, device=sizes.device, dtype=torch.float32)[None, :] - margin
+    t = torch.where(t < 0, -t, t)
+    t = torch.where(t > sizes - 1, 2 * (sizes - 1) - t, t).clamp(min=0)
+    return (2 * t + 1) / sizes - 1
+
+
+def _inside(canvas: int, margin: int, sizes: torch.Tensor) -> torch.Tensor:
+    positions = torch.arange(canvas, device=sizes.device)[None, :] - margin
+    return (positions >= 0) & (positions < sizes[:, None])
+
+
+def _resize_back_coordinates(output: int, sizes: torch.Tensor, offset: int, canvas: int) -> torch.Tensor:
+    """Normalised coordinates in the blurred canvas of the output lines when resizing (h', w') back to the
+    output size: line y samples t = (y + 0.5) * size / output - 0.5, clamped to the small image."""
+    sizes = sizes[:, None].to(torch.float32)
+    y = torch.arange(output, device=sizes.device, dtype=torch.float32)[None, :]
+    t = ((y + 0.5) * sizes / output - 0.5).clamp(min=0)
+    t = torch.minimum(t, sizes - 1)
+    return (2 * (t + offset) + 1) / canvas - 1
+
+
+def _erode_square(binary: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """Binary erosion of (B, 1, H, W) 0/1 masks by a (2 r + 1)^2 square, r per sample; windows are clipped
+    at the canvas edge (the margin already holds the reflect-101 border)."""
+    def erode_last_axis(x: torch.Tensor) -> torch.Tensor:
+        length = x.shape[-1]
+        holes = F.pad((1.0 - x).cumsum(dim=-1), (1, 0))  # holes[..., j] = number of zeros before j
+        positions = torch.arange(length, device=x.device)
+        r = radius.view(-1, *([1] * (x.ndim - 1)))
+        upper = (positions + r + 1).clamp(max=length).expand(*x.shape)
+        lower = (positions - r).clamp(min=0).expand(*x.shape)
+        count = holes.gather(-1, upper) - holes.gather(-1, lower)
+        return (count < 0.5).to(x.dtype)
+
+    eroded = erode_last_axis(binary)
+    return erode_last_axis(eroded.transpose(-1, -2)).transpose(-1, -2)
+
+
+def _valid_separable_filter(images: torch.Tensor, kernel_y: torch.Tensor, kernel_x: torch.Tensor) -> torch.Tensor:
+    """Per-sample separable correlation without padding: (B, 1, H, W) -> (B, 1, H - ky + 1, W - kx + 1)."""
+    batch = images.shape[0]
+    planes = images.transpose(0, 1)  # (1, B, H, W): one group per sample
+    planes = F.conv2d(planes, kernel_y.view(batch, 1, -1, 1), groups=batch)
+    planes = F.conv2d(planes, kernel_x.view(batch, 1, 1, -1), groups=batch)
+    return planes.transpose(0, 1)
