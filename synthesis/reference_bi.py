@@ -7,14 +7,151 @@ run lengths that count the centre once and do not wrap around, and a distance tr
 """
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import dataclass
 
+import cv2
+import numpy as np
+from PIL import Image
+from skimage import transform as sktransform
+
+from synthesis.bi import BIConfig, BIDraws
+from synthesis.masks import MASK_TYPES, hull_mask_numpy
 from synthesis.targets import BOUNDARY_THRESHOLD, gaussian_radius
 
 __all__ = [
+    "ReferenceParams",
+    "blend_one_reference",
+    "color_transfer_reference",
     "consistency_targets_numpy",
+    "feather_reference",
     "heatmap_targets_numpy",
 ]
+
+
+@dataclass
+class ReferenceParams:
+    """The random parameters of one BI sample (see :class:`synthesis.bi.BIDraws` for their meaning)."""
+
+    mask_type: str
+    working_size: int
+    control_shift: np.ndarray  # (G, G, 2) (dx, dy) in working-size pixels
+    erode: bool
+    kernel: int
+    post_process: bool
+    post_size: int
+    post_nearest: bool
+
+    @classmethod
+    def from_draws(cls, draws: BIDraws, index: int) -> ReferenceParams:
+        """Parameters of sample ``index`` of a batch of draws, so both paths can run on the same randomness."""
+        return cls(
+            mask_type=MASK_TYPES[int(draws.mask_type[index])],
+            working_size=int(draws.working_size[index]),
+            control_shift=draws.control_shift[index].cpu().numpy(),
+            erode=bool(draws.erode[index]),
+            kernel=int(draws.kernel[index]),
+            post_process=bool(draws.post_process[index]),
+            post_size=int(draws.post_size[index]),
+            post_nearest=bool(draws.post_nearest[index]),
+        )
+
+
+def color_transfer_reference(background: np.ndarray, foreground: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """FaceSwap's ``colorTransfer``: shift the foreground's mask pixels to the background's mean (int32, clipped)."""
+    transferred = np.copy(foreground)
+    rows, cols = np.nonzero(mask)
+    masked_background = background[rows, cols].astype(np.int32)
+    masked_foreground = foreground[rows, cols].astype(np.int32)
+    shifted = masked_foreground - masked_foreground.mean(axis=0) + masked_background.mean(axis=0)
+    transferred[rows, cols] = np.clip(shifted, 0, 255)
+    return transferred
+
+
+def feather_reference(mask: np.ndarray, feather_amount: float = 0.2) -> np.ndarray:
+    """Weights ``clip(d/F, 0, 1)`` on mask pixels: ``d`` = distance to the convex hull's boundary (cv2.convexHull).
+
+    The distance of a point inside a convex polygon to its boundary is the smallest distance to an edge's line,
+    which is what ``cv2.pointPolygonTest(hull, p, True)`` returns; it is evaluated for all mask pixels at once
+    instead of one call per pixel.
+    """
+    rows, cols = np.nonzero(mask)
+    weights = np.zeros(mask.shape, dtype=np.float64)
+    points = np.stack((cols, rows), axis=1)
+    feather = feather_amount * np.max(points.max(axis=0) - points.min(axis=0))
+    hull = cv2.convexHull(points.astype(np.int32)).reshape(-1, 2).astype(np.float64)
+    if len(hull) < 3 or feather <= 0:
+        return weights
+    edges = np.roll(hull, -1, axis=0) - hull
+    normals = np.stack((-edges[:, 1], edges[:, 0]), axis=1) / np.linalg.norm(edges, axis=1, keepdims=True)
+    normals *= np.sign(((hull.mean(axis=0) - hull) * normals).sum(axis=1, keepdims=True))
+    distances = (points @ normals.T - (hull * normals).sum(axis=1)).min(axis=1)
+    weights[rows, cols] = np.clip(distances / feather, 0, 1)
+    return weights
+
+
+def _piecewise_affine_warp(mask: np.ndarray, control_shift: np.ndarray) -> np.ndarray:
+    """imgaug's ``PiecewiseAffine`` with given control displacements: skimage piecewise-affine warp, order 1."""
+    size = mask.shape[0]
+    grid = control_shift.shape[0]
+    lattice = np.linspace(0, size, grid)
+    source = np.stack(np.meshgrid(lattice, lattice), axis=-1).reshape(-1, 2)  # (x, y), rows of the lattice first
+    transform = sktransform.PiecewiseAffineTransform.from_estimate(source, source + control_shift.reshape(-1, 2))
+    if not transform:
+        raise RuntimeError(f"piecewise-affine estimation failed: {transform}")
+    return sktransform.warp(mask, transform, order=1, mode="constant", cval=0, preserve_range=True)
+
+
+def blend_one_reference(
+    background: np.ndarray,
+    landmarks: np.ndarray,
+    foreground: np.ndarray,
+    params: ReferenceParams,
+    config: BIConfig | None = None,
+) -> dict[str, np.ndarray | bool]:
+    """One BI fake the references' way (AlgoHunt / LAA-Net ``_gen_BI`` + post-processing), sizes derived from S.
+
+    Resizing uses OpenCV (area when shrinking, bilinear when enlarging) where the references call skimage, which
+    is several times slower for the same result; the post-processing uses PIL as the references do.
+
+    Args:
+        background: (S, S, 3) uint8 RGB query frame.
+        landmarks: (L, 2) landmarks of the background.
+        foreground: (S, S, 3) uint8 RGB partner.
+        params: Random parameters of this sample.
+        config: Only ``feather_amount`` and ``post_process`` are read.
+
+    Returns:
+        ``image`` (S, S, 3) uint8, ``mask`` (S, S) float64 soft mask, ``boundary`` (S, S) ``4M(1 − M)`` and
+        ``valid`` (False when the mask is empty after erosion; the image is then the background).
+    """
+    config = config or BIConfig()
+    size = background.shape[0]
+    working = params.working_size
+    # INTER_AREA averages when shrinking, like skimage's anti-aliased resize in the references.
+    small_foreground = cv2.resize(foreground, (working, working), interpolation=cv2.INTER_AREA)
+    small_background = cv2.resize(background, (working, working), interpolation=cv2.INTER_AREA)
+    mask = hull_mask_numpy(np.asarray(landmarks) * (working / size), working, working, params.mask_type)
+    mask = _piecewise_affine_warp(mask, params.control_shift)
+    # The references cast to uint8 before the morphology: everything below 1 is dropped.
+    mask = mask.astype(np.uint8) * 255
+    kernel = np.ones((params.kernel, params.kernel), np.uint8)
+    mask = (cv2.erode(mask, kernel) if params.erode else cv2.dilate(mask, kernel)) / 255
+    if mask.sum() == 0:
+        empty = np.zeros((size, size), dtype=np.float64)
+        return {"image": background.copy(), "mask": empty, "boundary": empty, "valid": False}
+
+    small_foreground = color_transfer_reference(small_background, small_foreground, mask)
+    weights = feather_reference(mask, config.feather_amount)[..., None]
+    blended = (weights * small_foreground + (1 - weights) * small_background).astype(np.uint8)
+    image = cv2.resize(blended, (size, size), interpolation=cv2.INTER_LINEAR)
+    soft = cv2.resize(weights[..., 0], (size, size), interpolation=cv2.INTER_LINEAR)
+
+    if config.post_process and params.post_process:
+        face = Image.fromarray(image)
+        resample = Image.NEAREST if params.post_nearest else Image.BILINEAR
+        face = face.resize((params.post_size, params.post_size), resample).resize((size, size), Image.BILINEAR)
+        image = np.asarray(face)
+    return {"image": image, "mask": soft, "boundary": 4 * soft * (1 - soft), "valid": True}
 
 
 def _run_through(mask: np.ndarray, row: int, col: int) -> tuple[int, int]:
