@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from synthesis import augment
 from synthesis.masks import MASK_TYPES, hull_masks
 from synthesis.targets import boundary_from_mask
 
@@ -48,9 +49,11 @@ __all__ = [
     "BIDraws",
     "BlendedImages",
     "box_erode_dilate",
+    "color_jitter",
     "color_transfer",
     "deform_masks",
     "feather_weights",
+    "laa_color_jitter",
     "resize_per_sample",
 ]
 
@@ -153,6 +156,11 @@ class BIDraws:
     def select(self, index: Tensor) -> BIDraws:
         """The draws of the samples in ``index`` (a (K,) int64 tensor on the draws' device)."""
         return BIDraws(**{name: getattr(self, name)[index] for name in self.__dataclass_fields__})
+
+
+def _uniform(generator: torch.Generator, shape: tuple[int, ...], low: float, high: float) -> Tensor:
+    """Float64 uniform draws on the generator's device (the BI geometry is drawn in float64)."""
+    return torch.rand(shape, generator=generator, device=generator.device, dtype=torch.float64) * (high - low) + low
 
 
 def _odd(values: Tensor) -> Tensor:
@@ -414,129 +422,89 @@ def color_transfer(foreground: Tensor, background: Tensor, region: Tensor) -> Te
 _LUMA = (0.299, 0.587, 0.114)
 
 
-def _uniform(generator: torch.Generator, shape: tuple[int, ...], low: float, high: float) -> Tensor:
-    return torch.rand(shape, generator=generator, device=generator.device, dtype=torch.float64) * (high - low) + low
-
-
 def _gray(images: Tensor) -> Tensor:
     weights = torch.tensor(_LUMA, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     return (images * weights).sum(dim=1, keepdim=True)
 
 
-def _rgb_to_hsv(images: Tensor) -> Tensor:
-    """(B, 3, H, W) RGB in [0, 1] -> HSV with hue in [0, 1) (a fraction of the circle), saturation, value."""
-    value, argmax = images.max(dim=1)
-    chroma = value - images.min(dim=1).values
-    safe = chroma.clamp(min=1e-12)
-    red, green, blue = images.unbind(dim=1)
-    hue = torch.where(argmax == 0, ((green - blue) / safe) % 6,
-                      torch.where(argmax == 1, (blue - red) / safe + 2, (red - green) / safe + 4)) / 6
-    hue = torch.where(chroma > 0, hue, torch.zeros_like(hue))
-    saturation = torch.where(value > 0, chroma / value.clamp(min=1e-12), torch.zeros_like(value))
-    return torch.stack((hue % 1.0, saturation, value), dim=1)
+def color_jitter(images: Tensor, factors: Tensor, hue_degrees: Tensor) -> Tensor:
+    """torchvision-style ColorJitter with per-sample factors, in the fixed order brightness, contrast, saturation,
+    hue (torchvision shuffles the order per call).
 
-
-def _hsv_to_rgb(hsv: Tensor) -> Tensor:
-    hue, saturation, value = hsv.unbind(dim=1)
-    # Standard closed form: channel n uses k = (n + 6·h) mod 6 with n = 5, 3, 1 for R, G, B.
-    channels = []
-    for n in (5.0, 3.0, 1.0):
-        k = (n + hue * 6) % 6
-        channels.append(value - value * saturation * torch.clamp(torch.minimum(k, 4 - k), 0, 1))
-    return torch.stack(channels, dim=1)
-
-
-def _gaussian_blur(images: Tensor, kernel_sizes: Tensor) -> Tensor:
-    """Per-sample Gaussian blur with odd kernel sizes and OpenCV's automatic σ = 0.3((k − 1)/2 − 1) + 0.8."""
-    blurred = images.clone()
-    for size in sorted(set(kernel_sizes.tolist())):
-        index = (kernel_sizes == size).nonzero().flatten()
-        sigma = 0.3 * ((size - 1) * 0.5 - 1) + 0.8
-        taps = torch.arange(size, dtype=images.dtype, device=images.device) - size // 2
-        kernel = torch.exp(-(taps**2) / (2 * sigma**2))
-        kernel = kernel / kernel.sum()
-        part = F.pad(images[index], (size // 2,) * 4, mode="reflect")
-        channels = part.shape[1]
-        part = F.conv2d(part, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, size), groups=channels)
-        part = F.conv2d(part, kernel.view(1, 1, -1, 1).expand(channels, 1, size, 1), groups=channels)
-        blurred[index] = part
-    return blurred
-
-
-def _jpeg(images: Tensor, qualities: Tensor) -> Tensor:
-    """JPEG round trip per sample at integer qualities (torchvision's codec on CPU; results come back on device)."""
-    from torchvision.io import decode_jpeg, encode_jpeg
-
-    encoded = (images.detach() * 255).round().clamp(0, 255).to("cpu", torch.uint8)
-    decoded = [decode_jpeg(encode_jpeg(image, quality=int(quality))) for image, quality in
-               zip(encoded, qualities.tolist())]
-    return (torch.stack(decoded).to(images.device, images.dtype) / 255)
+    Args:
+        images: (B, 3, H, W) RGB in [0, 1].
+        factors: (B, 3) brightness, contrast and saturation factors (1 = unchanged).
+        hue_degrees: (B,) hue rotation in degrees.
+    """
+    factors = factors.to(images.device, images.dtype).view(-1, 3, 1, 1)
+    out = (images * factors[:, 0:1]).clamp(0, 1)
+    mean_gray = _gray(out).mean(dim=(2, 3), keepdim=True)
+    out = torch.lerp(mean_gray, out, factors[:, 1:2]).clamp(0, 1)
+    out = torch.lerp(_gray(out), out, factors[:, 2:3]).clamp(0, 1)
+    zeros = torch.zeros_like(hue_degrees)
+    return augment.hsv_shift(out, torch.stack((hue_degrees, zeros, zeros), dim=1))
 
 
 def laa_color_jitter(images: Tensor, generator: torch.Generator) -> Tensor:
     """LAA-Net's BI train colour jitter (spec §4.1) on (B, 3, H, W) RGB in [0, 1], each sample independently.
 
-    In sequence: ColorJitter(0.2, 0.2, 0.2, 0.2) p 0.3 (brightness, contrast, saturation, hue in that fixed order;
-    torchvision shuffles the order); JPEG quality 40-100 p 0.5; RGBShift ±20/255 p 0.3; gamma 0.8-1.2 p 0.5; then
-    with p 0.5 one of Gaussian blur (kernel 3/5/7) or Gaussian noise (variance 10-50 on the 0..255 scale); then with
-    p 0.5 one of brightness/contrast ±0.1 or HSV shifts (hue ±20/180 of the circle, saturation and value ±20/255).
-    All draws come from ``generator`` and are made for every sample, so the stream does not depend on the data.
+    In sequence, with albumentations' limits converted to [0, 1] units:
+
+    * ColorJitter(0.2, 0.2, 0.2, 0.2), p 0.3 (:func:`color_jitter`; hue ±0.2 of the circle);
+    * JPEG quality 40-100, p 0.5; RGBShift ±20/255, p 0.3; gamma 0.8-1.2, p 0.5;
+    * with p 0.5 one of: Gaussian blur (kernel 3/5/7, OpenCV's automatic σ) or Gaussian noise (variance 10-50 on
+      the 0..255 scale, per pixel and channel);
+    * with p 0.5 one of: brightness/contrast ±0.1 or HSV shifts (hue ±20 OpenCV units = ±40°, saturation and
+      value ±20/255).
+
+    The transforms shared with SBI come from :mod:`synthesis.augment`. Every parameter is drawn from
+    ``generator`` for every sample before anything is applied; the noise field comes last and only for the
+    samples that use it.
     """
-    batch, device, dtype = images.shape[0], images.device, images.dtype
+    batch = images.shape[0]
+    jitter_on = augment.bernoulli(batch, 0.3, generator)
+    jitter_factors = augment.uniform((batch, 3), 0.8, 1.2, generator)
+    jitter_hue = augment.uniform(batch, -0.2 * 360, 0.2 * 360, generator)
+    qualities = augment.sample_jpeg(batch, (40, 100), 0.5, generator)
+    rgb_shifts = augment.sample_rgb_shift(batch, 20 / 255, 0.3, generator)
+    gamma_on = augment.bernoulli(batch, 0.5, generator)
+    gammas = augment.uniform(batch, 0.8, 1.2, generator)
+    degrade_on, use_blur = augment.bernoulli(batch, 0.5, generator), augment.bernoulli(batch, 0.5, generator)
+    blur = augment.sample_gaussian_blur(batch, (3, 7), None, 1.0, generator)
+    noise_std = augment.uniform(batch, 10.0, 50.0, generator).sqrt() / 255
+    tone_on, use_brightness = augment.bernoulli(batch, 0.5, generator), augment.bernoulli(batch, 0.5, generator)
+    brightness = augment.sample_brightness_contrast(batch, 0.1, 0.1, 1.0, generator)
+    hsv = augment.sample_hsv_shift(batch, 40.0, 20 / 255, 20 / 255, 1.0, generator)
 
-    def draw(*shape: int, low: float = 0.0, high: float = 1.0) -> Tensor:
-        return _uniform(generator, (batch, *shape), low, high).to(device, dtype)
-
-    def flags(probability: float) -> Tensor:
-        return (_uniform(generator, (batch,), 0.0, 1.0) < probability).to(device)
-
-    def where(selected: Tensor, changed: Tensor, unchanged: Tensor) -> Tensor:
-        return torch.where(selected.view(-1, 1, 1, 1), changed, unchanged)
-
-    jitter_on = flags(0.3)
-    brightness, contrast, saturation = draw(3, low=0.8, high=1.2).unbind(1)
-    hue_shift = draw(low=-0.2, high=0.2)
-    jpeg_on = flags(0.5)
-    jpeg_quality = torch.randint(40, 101, (batch,), generator=generator, device=generator.device)
-    shift_on = flags(0.3)
-    rgb_shift = draw(3, low=-20 / 255, high=20 / 255)
-    gamma_on = flags(0.5)
-    gamma = draw(low=0.8, high=1.2)
-    degrade_on, degrade_blur = flags(0.5), flags(0.5)
-    blur_kernel = 2 * torch.randint(1, 4, (batch,), generator=generator, device=generator.device) + 1
-    noise_std = draw(low=10.0, high=50.0).sqrt() / 255
-    noise = torch.randn(images.shape, generator=generator, device=generator.device, dtype=torch.float32)
-    tone_on, tone_contrast = flags(0.5), flags(0.5)
-    alpha, beta = draw(low=0.9, high=1.1), draw(low=-0.1, high=0.1)
-    hsv_shift = draw(3, low=-20.0, high=20.0) / torch.tensor([180.0, 255.0, 255.0], device=device, dtype=dtype)
+    # Samples not selected get identity parameters, which the augment functions skip.
+    jitter_factors = torch.where(jitter_on[:, None], jitter_factors, torch.ones_like(jitter_factors))
+    jitter_hue = jitter_hue * jitter_on
+    blur[~(degrade_on & use_blur), 0] = 1.0
+    noise_on = degrade_on & ~use_blur
+    brightness[~(tone_on & use_brightness)] = torch.tensor([1.0, 0.0], device=brightness.device)
+    hsv[~(tone_on & ~use_brightness)] = 0.0
+    noise_index = noise_on.nonzero().flatten()
+    noise = torch.randn((len(noise_index), *images.shape[1:]), generator=generator, device=generator.device)
 
     out = images
-    if bool(jitter_on.any()):
-        jittered = (out * brightness.view(-1, 1, 1, 1)).clamp(0, 1)
-        mean_gray = _gray(jittered).mean(dim=(2, 3), keepdim=True)
-        jittered = ((jittered - mean_gray) * contrast.view(-1, 1, 1, 1) + mean_gray).clamp(0, 1)
-        gray = _gray(jittered)
-        jittered = ((jittered - gray) * saturation.view(-1, 1, 1, 1) + gray).clamp(0, 1)
-        hsv = _rgb_to_hsv(jittered)
-        hsv = torch.cat(((hsv[:, :1] + hue_shift.view(-1, 1, 1, 1)) % 1.0, hsv[:, 1:]), dim=1)
-        out = where(jitter_on, _hsv_to_rgb(hsv), out)
-    if bool(jpeg_on.any()):
-        index = jpeg_on.nonzero().flatten()
-        out = out.index_copy(0, index, _jpeg(out[index], jpeg_quality[index.to(jpeg_quality.device)]))
-    out = where(shift_on, (out + rgb_shift.view(-1, 3, 1, 1)).clamp(0, 1), out)
-    out = where(gamma_on, out.clamp(min=0) ** gamma.view(-1, 1, 1, 1), out)
-    if bool(degrade_on.any()):
-        blurred = _gaussian_blur(out, blur_kernel.to(device))
-        noisy = (out + noise.to(device, dtype) * noise_std.view(-1, 1, 1, 1)).clamp(0, 1)
-        out = where(degrade_on, where(degrade_blur, blurred, noisy), out)
-    if bool(tone_on.any()):
-        toned = (out * alpha.view(-1, 1, 1, 1) + beta.view(-1, 1, 1, 1)).clamp(0, 1)
-        hsv = _rgb_to_hsv(out)
-        hue = (hsv[:, :1] + hsv_shift[:, 0].view(-1, 1, 1, 1)) % 1.0
-        rest = (hsv[:, 1:] + hsv_shift[:, 1:].view(-1, 2, 1, 1)).clamp(0, 1)
-        shifted = _hsv_to_rgb(torch.cat((hue, rest), dim=1))
-        out = where(tone_on, where(tone_contrast, toned, shifted), out)
-    return out
+    jitter_rows = jitter_on.nonzero().flatten().to(images.device)
+    if len(jitter_rows):
+        out = out.index_copy(0, jitter_rows, color_jitter(out[jitter_rows], jitter_factors[jitter_on],
+                                                          jitter_hue[jitter_on]))
+    out = augment.jpeg(out, qualities)
+    out = augment.rgb_shift(out, rgb_shifts)
+    gamma_rows = gamma_on.nonzero().flatten().to(images.device)
+    if len(gamma_rows):
+        exponents = gammas[gamma_on].to(images.device, images.dtype).view(-1, 1, 1, 1)
+        out = out.index_copy(0, gamma_rows, out[gamma_rows].clamp(min=0) ** exponents)
+    out = augment.gaussian_blur(out, blur)
+    if len(noise_index):
+        rows = noise_index.to(images.device)
+        noisy = out[rows] + noise.to(images.device, images.dtype) * noise_std[noise_on].to(
+            images.device, images.dtype).view(-1, 1, 1, 1)
+        out = out.index_copy(0, rows, noisy.clamp(0, 1))
+    out = augment.brightness_contrast(out, brightness)
+    return augment.hsv_shift(out, hsv)
 
 
 # ----------------------------------------------------------------------------------------------------------
