@@ -150,7 +150,7 @@ def blend_one_reference(
         face = Image.fromarray(image)
         resample = Image.NEAREST if params.post_nearest else Image.BILINEAR
         face = face.resize((params.post_size, params.post_size), resample).resize((size, size), Image.BILINEAR)
-        image = np.asarray(face)
+        image = np.array(face)
     return {"image": image, "mask": soft, "boundary": 4 * soft * (1 - soft), "valid": True}
 
 

@@ -200,12 +200,11 @@ def _draw_scattered(
         ys = y_start[part, None] + offsets
         x_ok = (xs < x_end[part, None]) & (xs >= 0) & (xs < width)
         y_ok = (ys < y_end[part, None]) & (ys >= 0) & (ys < height)
-        dx_sq = (xs - x_centre[part, None]) ** 2
-        dy_sq = (ys - y_centre[part, None]) ** 2
-        exponent = (dy_sq[:, :, None] + dx_sq[:, None, :]) / two_sigma_sq[part, None, None]
-        values = torch.exp(-exponent).to(torch.float32)  # (P, span, span)
-        # Out-of-window taps write 0, which max-merging onto a non-negative map ignores.
-        values = torch.where(y_ok[:, :, None] & x_ok[:, None, :], values, torch.zeros_like(values))
+        # The Gaussian is separable: two 1-D factors (exactly 1 at the centre) replace a 2-D exp per tap.
+        # Out-of-window taps get factor 0, which max-merging onto a non-negative map ignores.
+        x_factor = torch.exp(-((xs - x_centre[part, None]) ** 2) / two_sigma_sq[part, None]) * x_ok
+        y_factor = torch.exp(-((ys - y_centre[part, None]) ** 2) / two_sigma_sq[part, None]) * y_ok
+        values = y_factor.to(torch.float32)[:, :, None] * x_factor.to(torch.float32)[:, None, :]  # (P, span, span)
         flat = (point_b[part, None, None] * height + ys.clamp(0, height - 1)[:, :, None]) * width
         flat = flat + xs.clamp(0, width - 1)[:, None, :]
         flat_heatmap.scatter_reduce_(0, flat.reshape(-1), values.reshape(-1), reduce="amax")
