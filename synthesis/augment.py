@@ -217,7 +217,10 @@ def sharpen(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     x = images[device_rows] if len(rows) < images.shape[0] else images
     alpha, lightness = params.to(device=images.device, dtype=images.dtype)[device_rows].unbind(1)
     centre_weight = (1.0 - alpha) + alpha * (9.0 + lightness)
-    box = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), kernel_size=3, stride=1) * 9.0
+    # 3 x 3 box sum as two 3-tap sums of shifted slices (much faster on CPU than avg_pool2d with stride 1).
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    row_sums = padded[..., :-2, :] + padded[..., 1:-1, :] + padded[..., 2:, :]
+    box = row_sums[..., :-2] + row_sums[..., 1:-1] + row_sums[..., 2:]
     transformed = torch.addcmul(-alpha[:, None, None, None] * box, x, centre_weight[:, None, None, None])
     return _apply_to_rows(images, rows, transformed.clamp_(0.0, 1.0))
 
@@ -347,14 +350,15 @@ def jpeg(images: torch.Tensor, qualities: torch.Tensor) -> torch.Tensor:
     if len(rows) == 0:
         return images
     device_rows = rows.to(images.device)
-    # (N, H, W, 3) uint8 in BGR order for OpenCV.
-    pixels = (images[device_rows].flip(1) * 255.0).round_().clamp_(0, 255).to(torch.uint8)
-    pixels = pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    selected = images[device_rows] if len(rows) < images.shape[0] else images
+    # (N, H, W, 3) uint8; the RGB -> BGR swap is done on the small uint8 arrays.
+    pixels = selected.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     decoded = np.empty_like(pixels)
     for i, quality in enumerate(qualities[rows].tolist()):
-        ok, encoded = cv2.imencode(".jpg", pixels[i], (cv2.IMWRITE_JPEG_QUALITY, int(quality)))
+        ok, encoded = cv2.imencode(".jpg", np.ascontiguousarray(pixels[i, :, :, ::-1]),
+                                   (cv2.IMWRITE_JPEG_QUALITY, int(quality)))
         if not ok:
             raise RuntimeError(f"cv2.imencode failed at JPEG quality {quality}")
-        decoded[i] = cv2.imdecode(encoded, cv2.IMREAD_COLOR)
-    transformed = torch.from_numpy(decoded).to(images.device).permute(0, 3, 1, 2).flip(1)
+        decoded[i] = cv2.imdecode(encoded, cv2.IMREAD_COLOR)[:, :, ::-1]
+    transformed = torch.from_numpy(decoded).to(images.device).permute(0, 3, 1, 2)
     return _apply_to_rows(images, rows, transformed.to(images.dtype) / 255.0)
