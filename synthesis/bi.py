@@ -54,7 +54,6 @@ __all__ = [
     "deform_masks",
     "feather_weights",
     "laa_color_jitter",
-    "resize_per_sample",
 ]
 
 # Warped mask values at or above this count as 1 (the references' uint8 cast keeps only exact 1.0; bilinear
@@ -167,18 +166,6 @@ def _odd(values: Tensor) -> Tensor:
     return values + (values % 2 == 0).to(values.dtype)
 
 
-def resize_per_sample(images: Tensor, sizes: Tensor, mode: str = "bilinear", antialias: bool = False) -> list[Tensor]:
-    """Resize each image of ``images`` (B, C, H, W) to its own square size; returns B tensors (1, C, s, s)."""
-    resized = []
-    for image, size in zip(images.split(1), sizes.tolist()):
-        if mode == "nearest":
-            resized.append(F.interpolate(image, size=(size, size), mode="nearest"))
-        else:
-            resized.append(F.interpolate(image, size=(size, size), mode=mode, align_corners=False,
-                                         antialias=antialias))
-    return resized
-
-
 def _support_window(active: Tensor, margin: int) -> tuple[int, int, int, int] | None:
     """Rows ``[top, bottom)`` and columns ``[left, right)`` covering every ``True`` of ``active`` (B, H, W) in any
     sample, widened by ``margin`` and clipped to the tensor; None when nothing is active."""
@@ -223,23 +210,27 @@ def deform_masks(
         (B, 1, h, w) for the window: the output at ``p`` samples the input at ``p + δ(p)`` (bilinear, zeros
         outside), zero outside each sample's block.
     """
-    batch, _, canvas_size, _ = masks.shape
+    canvas_size = masks.shape[-1]
     device, dtype = masks.device, masks.dtype
     top, bottom, left, right = window if window is not None else (0, canvas_size, 0, canvas_size)
     ys = torch.arange(top, bottom, device=device, dtype=dtype)
     xs = torch.arange(left, right, device=device, dtype=dtype)
     grid = control_shift.shape[1]
-    # A bilinear interpolation of a lattice is separable: δ = Φ_y · C · Φ_xᵀ for each displacement component.
+    to_normalised = 2 / max(canvas_size - 1, 1)  # align_corners=True: pixel 0 -> -1, pixel A-1 -> +1
+    # A bilinear interpolation of a lattice is separable: δ = Φ_y · C · Φ_xᵀ for each displacement component,
+    # computed directly in grid_sample's (B, h, w, 2) layout and normalised units.
     row_weights = _lattice_weights(ys, working_size, grid)  # (B, h, G)
     column_weights = _lattice_weights(xs, working_size, grid)  # (B, w, G)
-    shift = control_shift.to(dtype).permute(0, 3, 1, 2)  # (B, 2, G, G)
-    shift_field = row_weights[:, None] @ shift @ column_weights[:, None].transpose(-1, -2)  # (B, 2, h, w)
-    source_x = xs.view(1, 1, -1) + shift_field[:, 0]
-    source_y = ys.view(1, -1, 1) + shift_field[:, 1]
-    sample_grid = torch.stack((source_x, source_y), dim=-1) * (2 / max(canvas_size - 1, 1)) - 1
+    shift = control_shift.to(dtype) * to_normalised  # (B, G, G, 2), rows of the lattice first
+    sample_grid = torch.einsum("bhi,bijc,bwj->bhwc", row_weights, shift, column_weights).contiguous()
+    identity = torch.stack(torch.broadcast_tensors(xs.view(1, -1), ys.view(-1, 1)), dim=-1) * to_normalised - 1
+    sample_grid += identity
     warped = F.grid_sample(masks, sample_grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-    limit = working_size.to(dtype).view(-1, 1)
-    return warped * ((ys.view(1, -1) < limit)[:, None, :, None] & (xs.view(1, -1) < limit)[:, None, None, :])
+    # Pixels beyond a sample's own block are outside its image.
+    for sample, size in enumerate(working_size.tolist()):
+        warped[sample, :, max(size - top, 0):] = 0
+        warped[sample, :, :, max(size - left, 0):] = 0
+    return warped
 
 
 def _window_count(values: Tensor, radius: int) -> Tensor:
@@ -409,11 +400,12 @@ def color_transfer(foreground: Tensor, background: Tensor, region: Tensor) -> Te
     Returns:
         (B, C, H, W): the shifted foreground (all pixels are shifted; only ``region`` is used by the blend).
     """
-    weight = region.to(foreground.dtype)
-    count = weight.sum(dim=(2, 3), keepdim=True).clamp(min=1)
-    foreground_mean = (foreground * weight).sum(dim=(2, 3), keepdim=True) / count
-    background_mean = (background * weight).sum(dim=(2, 3), keepdim=True) / count
-    return (foreground + (background_mean - foreground_mean)).clamp(0, 1)
+    weight = region.to(foreground.dtype).flatten(2).transpose(1, 2)  # (B, HW, 1)
+    count = weight.sum(dim=1, keepdim=True).clamp(min=1)
+    # Masked sums as one batched matrix product per image.
+    foreground_mean = torch.bmm(foreground.flatten(2), weight) / count  # (B, C, 1)
+    background_mean = torch.bmm(background.flatten(2), weight) / count
+    return (foreground + (background_mean - foreground_mean).unsqueeze(-1)).clamp_(0, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -606,11 +598,8 @@ class BlendedImages:
         valid = torch.ones(batch, dtype=torch.bool, device=device)
         fake_index = is_fake.nonzero().flatten()
         if fake_index.numel():
-            blended, soft, blended_ok = self._blend(backgrounds[fake_index], bg_landmarks[fake_index].to(device),
-                                                    foregrounds[fake_index], draws.select(fake_index))
-            kept = fake_index[blended_ok]
-            image[kept] = blended[blended_ok]
-            mask[kept] = soft[blended_ok]
+            blended_ok = self._blend_into(image, mask, fake_index, bg_landmarks[fake_index].to(device), foregrounds,
+                                          draws.select(fake_index))
             valid[fake_index[~blended_ok]] = False
         label = is_fake & valid
 
@@ -628,11 +617,10 @@ class BlendedImages:
             "valid": valid,
         }
 
-    def _blend(self, backgrounds: Tensor, landmarks: Tensor, foregrounds: Tensor,
-               draws: BIDraws) -> tuple[Tensor, Tensor, Tensor]:
-        """Blend every sample given; returns images, soft masks and whether each mask kept any weight."""
+    def _soft_masks(self, landmarks: Tensor, draws: BIDraws, size: int) -> Tensor:
+        """Soft masks ``M`` (K, 1, S, S) float32: hull, warp, erosion/dilation and feathering at the working size."""
         cfg = self.config
-        count, _, size, _ = backgrounds.shape
+        count, device = landmarks.shape[0], landmarks.device
         working = draws.working_size
         canvas = int(working.max())
         scaled_landmarks = landmarks.to(torch.float32) * (working.to(torch.float32) / size).view(-1, 1, 1)
@@ -640,34 +628,65 @@ class BlendedImages:
         # Only the part of the canvas that warped and dilated masks can reach is processed further.
         reach = int(torch.ceil(draws.control_shift.abs().amax())) + 1 + int((draws.kernel // 2).amax())
         window = _support_window(hulls[:, 0] > 0, reach)
-        soft = torch.zeros(count, 1, size, size, dtype=backgrounds.dtype, device=backgrounds.device)
         if window is None:
-            return backgrounds, soft, torch.zeros(count, dtype=torch.bool, device=backgrounds.device)
+            return torch.zeros(count, 1, size, size, dtype=torch.float32, device=device)
         top, bottom, left, right = window
         warped = deform_masks(hulls, draws.control_shift, working, window)
-        rows = torch.arange(top, bottom, device=working.device).view(1, -1) < working.view(-1, 1)
-        columns = torch.arange(left, right, device=working.device).view(1, -1) < working.view(-1, 1)
+        rows = torch.arange(top, bottom, device=device).view(1, -1) < working.view(-1, 1)
+        columns = torch.arange(left, right, device=device).view(1, -1) < working.view(-1, 1)
         region = rows[:, None, :, None] & columns[:, None, None, :]
         binary = box_erode_dilate((warped >= _MASK_ONE) & region, draws.erode, draws.kernel, region)
-        weights = torch.zeros(count, 1, canvas, canvas, dtype=torch.float32, device=backgrounds.device)
+        weights = torch.zeros(count, 1, canvas, canvas, dtype=torch.float32, device=device)
         weights[:, :, top:bottom, left:right] = feather_weights(binary, cfg.feather_amount)
-        soft = _blocks_to_full(weights, working, size).clamp_(0, 1).to(backgrounds.dtype)
-        ok = soft.flatten(1).amax(dim=1) > 0
-        if not bool(ok.any()):
-            return backgrounds, soft, ok
+        return _blocks_to_full(weights, working, size).clamp_(0, 1)
 
-        if cfg.resample_foreground:
-            small = resize_per_sample(foregrounds, working, antialias=True)
-            foregrounds = torch.cat([F.interpolate(face, size=(size, size), mode="bilinear", align_corners=False)
-                                     for face in small]).clamp_(0, 1)
+    def _blend_into(self, image: Tensor, mask: Tensor, fake_index: Tensor, landmarks: Tensor, foregrounds: Tensor,
+                    draws: BIDraws) -> Tensor:
+        """Blend the samples ``fake_index`` of ``image`` in place and write their soft masks into ``mask``.
+
+        Returns:
+            (K,) bool, whether each sample's mask kept any weight (the others are left unchanged).
+        """
+        size = image.shape[-1]
+        soft = self._soft_masks(landmarks, draws, size).to(image.dtype)
+        ok = soft.flatten(1).amax(dim=1) > 0
+        mask[fake_index] = soft
+        window = _support_window(soft[:, 0] > 0, 0)
+        if window is None:
+            return ok
         # Colour transfer and blending touch only the rows and columns where some soft mask is non-zero.
-        top, bottom, left, right = _support_window(soft[:, 0] > 0, 0)
-        crop = (slice(None), slice(None), slice(top, bottom), slice(left, right))
-        soft_crop = soft[crop]
-        shifted = color_transfer(foregrounds[crop], backgrounds[crop], soft_crop > 0)
-        blended = backgrounds.clone()
-        blended[crop] = torch.lerp(backgrounds[crop], shifted, soft_crop.expand_as(shifted))
-        return blended, soft, ok
+        top, bottom, left, right = window
+        backgrounds = image[fake_index, :, top:bottom, left:right]
+        soft = soft[:, :, top:bottom, left:right]
+        if self.config.resample_foreground:
+            faces = self._resampled_crops(foregrounds[fake_index], draws.working_size, window)
+        else:
+            faces = foregrounds[fake_index, :, top:bottom, left:right]
+        shifted = color_transfer(faces, backgrounds, soft > 0)
+        image[fake_index, :, top:bottom, left:right] = torch.lerp(backgrounds, shifted, soft.expand_as(shifted))
+        return ok
+
+    @staticmethod
+    def _resampled_crops(faces: Tensor, working_size: Tensor, window: tuple[int, int, int, int],
+                         margin: int = 4) -> Tensor:
+        """The window of each face after a trip through the working resolution (scale ``a/S`` down, then back).
+
+        Only the window (plus a margin against border effects) is resampled: the blend reads nothing else.
+        """
+        size = faces.shape[-1]
+        top, bottom, left, right = window
+        outer = (max(0, top - margin), min(size, bottom + margin), max(0, left - margin), min(size, right + margin))
+        height, width = outer[1] - outer[0], outer[3] - outer[2]
+        rows, columns = slice(top - outer[0], bottom - outer[0]), slice(left - outer[2], right - outer[2])
+        resampled = faces.new_empty(faces.shape[0], faces.shape[1], bottom - top, right - left)
+        for sample, working in enumerate(working_size.tolist()):
+            crop = faces[sample:sample + 1, :, outer[0]:outer[1], outer[2]:outer[3]].contiguous()
+            small = (max(1, round(height * working / size)), max(1, round(width * working / size)))
+            # Both steps are convex combinations of pixels, so the result stays in [0, 1].
+            crop = F.interpolate(crop, size=small, mode="bilinear", align_corners=False, antialias=True)
+            crop = F.interpolate(crop, size=(height, width), mode="bilinear", align_corners=False)
+            resampled[sample] = crop[0, :, rows, columns]
+        return resampled
 
     @staticmethod
     def _down_up(images: Tensor, sizes: Tensor, nearest: Tensor) -> Tensor:

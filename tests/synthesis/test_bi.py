@@ -26,6 +26,15 @@ SIZE = 256
 RAW = BIConfig(post_process=False)  # blends exactly as synthesised, without the down-and-up scaling
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """One intra-op thread: the tensors here are small, and on a busy shared machine extra threads only wait."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def crop_face(image: np.ndarray, landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Square crop of 1.6x the landmark extent around the face (zero padded), resized to SIZE, with landmarks."""
     low, high = landmarks.min(0), landmarks.max(0)
@@ -125,9 +134,9 @@ def test_color_transfer_matches_masked_means(faces):
     assert (masked_mean(foregrounds) - masked_mean(backgrounds)).abs().max() > 0.02
     # Real faces saturate a few pixels after the shift; the means still agree to within a grey level.
     torch.testing.assert_close(masked_mean(shifted), masked_mean(backgrounds), rtol=0, atol=1 / 255)
-    mid_grey = foregrounds * 0.5 + 0.25  # no clipping possible: exact agreement
+    mid_grey = foregrounds * 0.5 + 0.25  # no clipping possible: agreement up to float32 summation
     torch.testing.assert_close(masked_mean(color_transfer(mid_grey, backgrounds * 0.5 + 0.25, region)),
-                               masked_mean(backgrounds * 0.5 + 0.25), rtol=0, atol=1e-6)
+                               masked_mean(backgrounds * 0.5 + 0.25), rtol=0, atol=1e-5)
 
 
 def test_erode_dilate_equals_opencv_per_sample_kernel(faces):
