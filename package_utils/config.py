@@ -63,8 +63,12 @@ def _coerce(value: Any, default: Any, key: str, source: str) -> Any:
     raise ConfigError(f"{source}: key '{key}' must be {_type_name(default)}, got {value!r} ({_type_name(value)})")
 
 
-def read_yaml(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict:
-    """Read a YAML file and everything it inherits through ``_base_`` (child keys win)."""
+def read_yaml(path: str | os.PathLike, defaults: Mapping | None = None, _seen: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML file and everything it inherits through ``_base_`` (child keys win).
+
+    With ``defaults``, each file's own keys and types are checked against them, so an error names the file
+    the bad key is written in (a parent, not the child that inherits it).
+    """
     path = Path(path).resolve()
     if path in _seen:
         raise ConfigError(f"{path}: _base_ chain loops back to itself")
@@ -78,9 +82,13 @@ def read_yaml(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict:
     if not isinstance(content, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     base_name = content.pop("_base_", None)
+    if defaults is not None:
+        _merge(copy.deepcopy(dict(defaults)), content, str(path), defaults)
     if base_name is None:
         return content
-    base = read_yaml(path.parent / base_name, _seen + (path,))
+    if not isinstance(base_name, str) or not base_name:
+        raise ConfigError(f"{path}: _base_ must be a file name, got {base_name!r}")
+    base = read_yaml(path.parent / base_name, defaults, _seen + (path,))
     return _merge(base, content, str(path), None)
 
 
@@ -99,7 +107,7 @@ def build_config(defaults: Mapping, path: str | os.PathLike | None = None,
     """Defaults <- YAML file (with inheritance) <- ``key=value`` overrides, all type-checked."""
     config = copy.deepcopy(dict(defaults))
     if path is not None:
-        config = _merge(config, read_yaml(path), str(path), defaults)
+        config = _merge(config, read_yaml(path, defaults), str(path), defaults)
     for text in overrides:
         keys, value = parse_override(text)
         nested: Any = value

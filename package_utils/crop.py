@@ -10,7 +10,7 @@ Output below ``<output>/<split>/``:
 * ``frames/<method>/<video>/<frame:03d>.png`` square crops, ``crop.size`` pixels;
 * ``masks/<method>/<video>/<frame:03d>.png`` the same boxes cut from FF++ mask videos (``--save-mask``);
 * ``records/<method>/<video>.json`` one record per video, written last: its presence marks the video done,
-  so a killed run restarts exactly where it stopped;
+  so a killed run restarts exactly where it stopped (a record made with other settings is redone);
 * ``crop_index.json`` all records of the split plus the summary, read by the landmarks stage.
 
 The crop is a square of side ``crop.scale`` x the longer side of the detector box (1.5 = 0.25 of the box
@@ -36,7 +36,7 @@ from package_utils import datasets
 from package_utils.config import build_config, set_if_given
 from package_utils.detectors import Face, build_detector, choose_faces
 from package_utils.io_utils import (DEFAULT_DATA_ROOT, IMAGE_EXTENSIONS, BadInputError, atomic_write_json,
-                                    relative_to_root, replace_dir)
+                                    relative_to_root, remove_leftovers, replace_dir)
 from package_utils.parallel import run_jobs
 from package_utils.video import MediaReader, sample_indices
 
@@ -44,6 +44,8 @@ log = logging.getLogger("package_utils.crop")
 
 CROP_INDEX_NAME = "crop_index.json"
 RECORD_VERSION = 1
+#: What a killed run can leave in a split folder: temp files of atomic writes and unfinished crop folders.
+LEFTOVER_PATTERNS = (".*.tmp", "records/*/.*.tmp", "frames/*/*.partial", "masks/*/*.partial")
 
 DEFAULTS: dict[str, Any] = {
     "input": None,
@@ -142,6 +144,28 @@ class CropJob:
     size: int
     save_mask: bool
 
+    @property
+    def settings(self) -> dict:
+        """Everything that shapes a video's crops: a record made with other settings is redone, not reused."""
+        return {"num_frames": self.num_frames, "detector": dict(self.detector), "faces": self.faces,
+                "min_relative_area": self.min_relative_area, "crop_scale": self.scale, "crop_size": self.size,
+                "save_mask": self.save_mask, "output": relative_to_root(self.output, self.data_root)}
+
+
+def _cached_record(record_path: Path, settings: dict) -> dict | None:
+    """The finished record of a previous run, if it was made with the same settings."""
+    try:
+        with open(record_path, encoding="utf-8") as handle:
+            record = json.load(handle)
+    except (OSError, json.JSONDecodeError) as error:
+        log.warning("%s: unreadable record, video redone (%s)", record_path, error)
+        return None
+    if record.get("settings") != settings:
+        log.info("%s: made with other settings, video redone", record_path)
+        return None
+    record["cached"] = True
+    return record
+
 
 def record_path_for(output: Path, entry: datasets.VideoEntry) -> Path:
     return output / entry.split / "records" / f"{entry.rel_dir}.json"
@@ -150,11 +174,11 @@ def record_path_for(output: Path, entry: datasets.VideoEntry) -> Path:
 def crop_video(entry: datasets.VideoEntry, job: CropJob) -> dict:
     """Crop one video; returns its record (``status`` ok / skipped / cached). Idempotent and resumable."""
     record_path = record_path_for(job.output, entry)
+    settings = job.settings
     if record_path.is_file():
-        with open(record_path, encoding="utf-8") as handle:
-            record = json.load(handle)
-        record["cached"] = True
-        return record
+        cached = _cached_record(record_path, settings)
+        if cached is not None:
+            return cached
 
     split_dir = job.output / entry.split
     frames_dir = split_dir / "frames" / entry.rel_dir
@@ -163,7 +187,7 @@ def crop_video(entry: datasets.VideoEntry, job: CropJob) -> dict:
         "record_version": RECORD_VERSION, "video_id": entry.video_id, "dataset": entry.dataset,
         "method": entry.method, "name": entry.name, "label": entry.label, "split": entry.split,
         "source": str(entry.path), "detector": job.detector["name"], "crop_size": job.size,
-        "crop_scale": job.scale,
+        "crop_scale": job.scale, "settings": settings,
     }
     started = time.perf_counter()
     allow_image = entry.dataset in ("folder", "dfw") or entry.path.suffix.lower() in IMAGE_EXTENSIONS
@@ -230,6 +254,8 @@ def crop_video(entry: datasets.VideoEntry, job: CropJob) -> dict:
         shutil.rmtree(frames_dir, ignore_errors=True)
     if tmp_masks.exists():
         replace_dir(tmp_masks, masks_dir)
+    else:  # no masks this time: drop those of an earlier run made with other settings
+        shutil.rmtree(masks_dir, ignore_errors=True)
     record.update(status="ok" if frames else "skipped", frames=frames, frames_without_face=without_face,
                   frames_not_decoded=missing, seconds=round(time.perf_counter() - started, 3))
     if not frames:
@@ -297,6 +323,8 @@ def run(config: dict) -> dict:
                   faces=config["faces"], min_relative_area=config["min_relative_area"],
                   scale=config["crop"]["scale"], size=config["crop"]["size"], save_mask=config["save_mask"])
     log.info("cropping %d videos of %s/%s into %s", len(entries), config["dataset"], config["split"], output)
+    for path in remove_leftovers(output / config["split"], LEFTOVER_PATTERNS):
+        log.info("removed %s, left by an interrupted run", path)
     started = time.perf_counter()
     records = run_jobs(crop_video, entries, job, workers=config["workers"], backend=config["backend"],
                        scheduler=config["scheduler"], desc=f"crop {config['split']}")

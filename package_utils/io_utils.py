@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import cv2
 import numpy as np
@@ -75,6 +75,25 @@ def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
         shutil.rmtree(final_dir)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp_dir, final_dir)
+
+
+def remove_leftovers(folder: str | os.PathLike, patterns: Iterable[str]) -> list[Path]:
+    """Delete what a killed run left below ``folder``: temp files of atomic writes, unfinished folders.
+
+    ``patterns`` are glob patterns relative to ``folder`` (e.g. ``records/*/.*.tmp``). Stages call this once
+    before they start, so a restarted run ends with exactly the files of an uninterrupted one. Returns the
+    paths removed.
+    """
+    folder = Path(folder)
+    removed = []
+    for pattern in patterns:
+        for path in folder.glob(pattern):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def to_bgr8(image: np.ndarray, source: str | os.PathLike = "<array>") -> np.ndarray:

@@ -12,14 +12,18 @@ are first mapped onto a HOG-like box (constants measured on the shared face phot
 landmark disagreement with HOG-box landmarks: median error 0.026 -> 0.012 of the eye distance).
 
 Each video's result is cached in ``<split>/landmarks/<method>/<video>.<tag>.json`` (written
-atomically), so a killed run resumes; frames are handled one at a time, so memory stays flat.
+atomically), so a killed run resumes; frames are handled one at a time, so memory stays flat. The tag
+names the settings (model, alignment, size, calibration); a cache whose crops changed is redone. Aligned
+images go to ``<split>/aligned/<tag without _saved>/<method>/<video>/``.
 The metadata file follows package_utils.metadata (schema version 1).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -32,7 +36,8 @@ from package_utils import align, metadata
 from package_utils.config import build_config, set_if_given
 from package_utils.crop import CROP_INDEX_NAME, format_summary
 from package_utils.detectors import DlibHogDetector, LandmarkPredictor, choose_faces
-from package_utils.io_utils import PROJECT_ROOT, atomic_write_image, atomic_write_json, read_image, relative_to_root
+from package_utils.io_utils import (PROJECT_ROOT, atomic_write_image, atomic_write_json, read_image, relative_to_root,
+                                    remove_leftovers)
 from package_utils.parallel import run_jobs
 
 log = logging.getLogger("package_utils.landmarks")
@@ -69,8 +74,15 @@ class LandmarkJob:
     pretrained_dir: str | None
 
     @property
+    def geometry_tag(self) -> str:
+        """Names what decides landmarks and aligned pixels: model, alignment, its size, box calibration."""
+        size = f"{self.aligned_size}" if self.align == "similarity" and self.aligned_size else ""
+        return f"dlib{self.num_points}_{self.align}{size}{'' if self.calibrate_box else '_nocal'}"
+
+    @property
     def tag(self) -> str:
-        return f"dlib{self.num_points}_{self.align}{'_saved' if self.save_aligned else ''}"
+        """Cache name: runs with different settings keep separate caches (and aligned folders)."""
+        return f"{self.geometry_tag}{'_saved' if self.save_aligned else ''}"
 
 
 _MODELS: dict[tuple, Any] = {}
@@ -104,14 +116,40 @@ def cache_path(job: LandmarkJob, record: dict) -> Path:
     return job.split_dir / "landmarks" / record["method"] / f"{record['name']}.{job.tag}.json"
 
 
+def aligned_dir(job: LandmarkJob, record: dict) -> Path:
+    return job.split_dir / "aligned" / job.geometry_tag / record["method"] / record["name"]
+
+
+def _crop_fingerprint(record: dict, job: LandmarkJob) -> str:
+    """Changes when the crop stage redid the video (other crops) or the paths moved to another data root."""
+    text = json.dumps([record["frames"], relative_to_root(job.split_dir, job.data_root)], sort_keys=True)
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+def _cached_result(path: Path, fingerprint: str) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            result = json.load(handle)
+    except (OSError, json.JSONDecodeError) as error:
+        log.warning("%s: unreadable cache, video redone (%s)", path, error)
+        return None
+    if result.get("crop_fingerprint") != fingerprint:
+        log.info("%s: the crops changed since, video redone", path)
+        return None
+    result["cached"] = True
+    return result
+
+
 def landmark_video(record: dict, job: LandmarkJob) -> dict:
     """Landmarks (and alignment) for every crop of one video; cached per video for resume."""
     path = cache_path(job, record)
+    fingerprint = _crop_fingerprint(record, job)
     if path.is_file():
-        with open(path, encoding="utf-8") as handle:
-            result = json.load(handle)
-        result["cached"] = True
-        return result
+        cached = _cached_result(path, fingerprint)
+        if cached is not None:
+            return cached
+    if job.save_aligned:  # aligned images of an earlier, unfinished or outdated run of this video
+        shutil.rmtree(aligned_dir(job, record), ignore_errors=True)
     predictor = _predictor(job.num_points, job.pretrained_dir)
     items, unreadable = [], []
     for frame in record["frames"]:
@@ -128,14 +166,14 @@ def landmark_video(record: dict, job: LandmarkJob) -> dict:
         if matrix is not None and job.save_aligned:
             out_size = job.aligned_size or width if job.align == "similarity" else width
             out_shape = (out_size, out_size) if job.align == "similarity" else (width, height)
-            aligned_file = job.split_dir / "aligned" / record["method"] / record["name"] / frame["file_name"]
+            aligned_file = aligned_dir(job, record) / frame["file_name"]
             atomic_write_image(aligned_file, align.warp(crop, matrix, out_shape))
             image_path = relative_to_root(aligned_file, job.data_root)
             aligned = align.transform_points(landmarks, matrix)
         items.append(_item(record, frame, image_path, landmarks, aligned, job,
                            matrix if job.save_aligned else None))
     result = {"video_id": record["video_id"], "status": "ok" if items else "skipped", "items": items,
-              "unreadable": unreadable}
+              "unreadable": unreadable, "crop_fingerprint": fingerprint}
     if not items:
         result["reason"] = "no crop of this video could be read"
     atomic_write_json(path, result)
@@ -209,6 +247,10 @@ def run(config: dict) -> dict:
                       align=config["align"], save_aligned=config["save_aligned"],
                       aligned_size=config["aligned_size"], calibrate_box=config["calibrate_box"],
                       pretrained_dir=config["pretrained_dir"])
+    leftovers = remove_leftovers(split_dir, ("landmarks/*/.*.tmp", "aligned/*/*/*/.*.tmp"))
+    leftovers += remove_leftovers(output.parent, (f".{output.name}.*.tmp",))
+    for path in leftovers:
+        log.info("removed %s, left by an interrupted run", path)
     started = time.perf_counter()
     results = run_jobs(landmark_video, records, job, workers=config["workers"], backend=config["backend"],
                        scheduler=config["scheduler"], desc=f"landmarks {split}")

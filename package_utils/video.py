@@ -3,7 +3,8 @@
 Frame indices are ``np.linspace(0, N - 1, n)`` truncated to int over the *real* frame count N (counted
 from the container's packets, not the often-wrong header), the same indices as the references. Only
 the frames needed are decoded: decoding stops after the last sampled frame, jumps to the key frame
-before a sampled frame when that skips work, and drops non-reference frames that are not sampled.
+before a sampled frame when that skips work, and drops non-reference frames that are not sampled. Containers
+whose timestamps follow decode order (AVI with B-frames) are decoded from the start and numbered in output order.
 """
 from __future__ import annotations
 
@@ -109,6 +110,10 @@ class MediaReader:
             raise BadInputError(f"{self.path}: cannot be decoded ({type(error).__name__}: {error})") from None
         if not pts:
             raise BadInputError(f"{self.path}: video has no frames")
+        # Packet timestamps identify frames only when they are unique presentation times. Containers such as
+        # AVI stamp packets in decode order, so with B-frames a timestamp names the wrong frame: when the
+        # stamps never go back (no reordering visible) or repeat, frames are counted in decoder output order.
+        self._by_output_order = len(set(pts)) != len(pts) or all(a < b for a, b in zip(pts, pts[1:]))
         self._sorted_pts = sorted(pts)
         self._pts_to_index = {p: i for i, p in enumerate(self._sorted_pts)}
         self._keyframe_indices = sorted(self._pts_to_index[p] for p in keyframe_pts)
@@ -142,6 +147,9 @@ class MediaReader:
             yield from self._read_video(wanted)
 
     def _read_video(self, wanted: list[int]) -> Iterator[tuple[int, np.ndarray]]:
+        if self._by_output_order:
+            yield from self._read_video_in_order(wanted)
+            return
         import av
 
         wanted_set = set(wanted)
@@ -180,6 +188,26 @@ class MediaReader:
                                                         wanted[target_pos] not in wanted_set):
                         target_pos += 1
                     if not reached:  # end of stream before the target: nothing more to find
+                        break
+        except Exception as error:
+            log.warning("%s: decoding stopped early (%s: %s)", self.path, type(error).__name__, error)
+        if wanted_set:
+            yield from self._read_with_opencv(sorted(wanted_set))
+
+    def _read_video_in_order(self, wanted: list[int]) -> Iterator[tuple[int, np.ndarray]]:
+        """Decode from the start and number frames as the decoder outputs them (no seeking, no skipping)."""
+        import av
+
+        wanted_set, last_wanted = set(wanted), wanted[-1]
+        try:
+            with av.open(str(self.path)) as container:
+                index = -1
+                for frame in container.decode(container.streams.video[0]):
+                    index += 1
+                    if index in wanted_set:
+                        wanted_set.discard(index)
+                        yield index, to_bgr8(frame.to_ndarray(format="bgr24"), self.path)
+                    if index >= last_wanted:
                         break
         except Exception as error:
             log.warning("%s: decoding stopped early (%s: %s)", self.path, type(error).__name__, error)

@@ -42,3 +42,118 @@ def face_with_landmarks(media_dir):
     shape = predictor(image, rects[0])
     points = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float32)
     return image, points
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Preprocessing-stage fixtures (video/crop/landmark tests)
+# ------------------------------------------------------------------------------------------------------------
+import sys  # noqa: E402
+
+# `pytest` (not only `python -m pytest`) must import the package from this checkout: tests/package_utils has no
+# __init__.py, so without the repository root on sys.path `package_utils` would resolve to that test folder.
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+def index_colour(index: int) -> tuple[int, int, int]:
+    """The BGR background colour of frame ``index`` of encoded test videos (distinct for 0..50)."""
+    return (index * 5) % 256, (index * 37) % 256, 255 - (index * 5) % 256
+
+
+def numbered_frame(index: int, width: int = 128, height: int = 96) -> np.ndarray:
+    """A BGR frame that carries its index twice: as the background colour and as a drawn number."""
+    import cv2
+
+    frame = np.empty((height, width, 3), np.uint8)
+    frame[:] = index_colour(index)
+    cv2.putText(frame, str(index), (8, height - 24), cv2.FONT_HERSHEY_SIMPLEX, 1.6, (255, 255, 255), 3)
+    return frame
+
+
+def frame_index_of(frame: np.ndarray, count: int) -> int:
+    """Which numbered frame this decoded frame is, judged by its background colour (robust to compression)."""
+    corner = frame[:6, :6].reshape(-1, 3).mean(0)
+    distances = [np.abs(corner - np.array(index_colour(i))).sum() for i in range(count)]
+    return int(np.argmin(distances))
+
+
+def encode_video(path: Path, frames, codec: str = "libx264", fps: int = 25, gop: int = 12, bframes: int = 2,
+                 container_options: dict | None = None) -> Path:
+    """Encode BGR frames with PyAV. libx264 gets a fixed GOP and non-reference B-frames (b-pyramid off)."""
+    import av
+
+    frames = list(frames)
+    height, width = frames[0].shape[:2]
+    with av.open(str(path), "w", options=container_options or {}) as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if codec == "libx264":
+            stream.options = {"crf": "12", "preset": "veryfast", "x264-params":
+                              f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes={bframes}:b-pyramid=none"}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="bgr24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def read_sequentially(path: Path, indices=None) -> dict[int, np.ndarray]:
+    """Frames read one after the other with cv2.VideoCapture (only ``indices`` are kept, default all)."""
+    import cv2
+
+    wanted = None if indices is None else set(int(i) for i in indices)
+    capture = cv2.VideoCapture(str(path))
+    frames, index = {}, 0
+    try:
+        while wanted is None or index <= max(wanted, default=-1):
+            ok, frame = capture.read()
+            if not ok:
+                break
+            if wanted is None or index in wanted:
+                frames[index] = frame
+            index += 1
+    finally:
+        capture.release()
+    return frames
+
+
+@pytest.fixture(scope="session")
+def h264_video(tmp_path_factory) -> Path:
+    """48 numbered frames, 128x96, H.264 in MP4 with a key frame every 12 frames and B-frames."""
+    path = tmp_path_factory.mktemp("video") / "numbered.mp4"
+    return encode_video(path, (numbered_frame(i) for i in range(48)))
+
+
+@pytest.fixture(scope="session")
+def manifest(media_dir) -> dict[str, dict[str, str]]:
+    """MANIFEST.tsv of the shared media as {path: row}."""
+    import csv
+
+    with open(media_dir / "MANIFEST.tsv", encoding="utf-8", newline="") as handle:
+        return {row["path"]: row for row in csv.DictReader(handle, delimiter="\t")}
+
+
+@pytest.fixture(scope="session")
+def dlib_annotations(media_dir) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+    """Hand-annotated faces of photos/dlib/faces: {file name: [(box x0 y0 x1 y1, (68, 2) points), ...]}."""
+    import xml.etree.ElementTree as ET
+
+    faces: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for name in ("training_with_face_landmarks.xml", "testing_with_face_landmarks.xml"):
+        for image in ET.parse(media_dir / "photos/dlib/faces" / name).getroot().iter("image"):
+            for box in image.iter("box"):
+                left, top, width, height = (float(box.get(k)) for k in ("left", "top", "width", "height"))
+                parts = sorted(box.iter("part"), key=lambda part: int(part.get("name")))
+                points = np.array([[float(p.get("x")), float(p.get("y"))] for p in parts], dtype=np.float64)
+                faces.setdefault(image.get("file"), []).append(
+                    (np.array([left, top, left + width, top + height]), points))
+    return faces
+
+
+def box_iou(a, b) -> float:
+    x0, y0 = max(a[0], b[0]), max(a[1], b[1])
+    x1, y1 = min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0

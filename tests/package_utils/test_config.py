@@ -1,0 +1,143 @@
+"""YAML configs: _base_ inheritance, typed key=value overrides, and errors naming the key and the file."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from package_utils import crop
+from package_utils.config import ConfigError, build_config, parse_override, read_yaml, set_if_given
+
+DEFAULTS = {
+    "num_frames": 32,
+    "input": None,
+    "faces": "largest",
+    "save_mask": False,
+    "methods": None,
+    "detector": {"name": "retinaface", "score_threshold": 0.7, "upsample": 1},
+    "crop": {"scale": 1.5, "size": 320},
+}
+
+
+def write(folder: Path, name: str, text: str) -> Path:
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_copied() -> None:
+    config = build_config(DEFAULTS)
+    config["crop"]["size"] = 1
+    assert config == {**DEFAULTS, "crop": {"scale": 1.5, "size": 1}} and DEFAULTS["crop"]["size"] == 320
+
+
+def test_base_inheritance(tmp_path: Path) -> None:
+    """The child says only what differs; nested keys merge; _base_ is relative to the child's folder."""
+    write(tmp_path, "base/root.yaml", "num_frames: 8\ncrop:\n  size: 256\ndetector:\n  name: dlib\n")
+    write(tmp_path, "base/mid.yaml", "_base_: root.yaml\ncrop:\n  scale: 1.3\n")
+    child = write(tmp_path, "exp/child.yaml", "_base_: ../base/mid.yaml\nnum_frames: 4\n")
+    config = build_config(DEFAULTS, child)
+    assert config["num_frames"] == 4
+    assert config["crop"] == {"scale": 1.3, "size": 256}
+    assert config["detector"] == {"name": "dlib", "score_threshold": 0.7, "upsample": 1}
+    assert "_base_" not in read_yaml(child)
+
+
+def test_overrides_keep_their_types(tmp_path: Path) -> None:
+    config = build_config(DEFAULTS, write(tmp_path, "c.yaml", "num_frames: 8\n"),
+                          ["num_frames=16", "crop.scale=2", "save_mask=true", "methods=[Deepfakes, FaceSwap]",
+                           "detector.name=dlib", "input=/data/ff", "detector.score_threshold=0.5"])
+    assert config["num_frames"] == 16 and isinstance(config["num_frames"], int)
+    assert config["crop"]["scale"] == 2.0 and isinstance(config["crop"]["scale"], float)
+    assert config["save_mask"] is True
+    assert config["methods"] == ["Deepfakes", "FaceSwap"]
+    assert config["detector"] == {"name": "dlib", "score_threshold": 0.5, "upsample": 1}
+    assert config["input"] == "/data/ff"
+
+
+def test_overrides_win_over_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "c.yaml", "crop:\n  size: 128\n")
+    assert build_config(DEFAULTS, path, ["crop.size=64"])["crop"]["size"] == 64
+
+
+@pytest.mark.parametrize("override, key", [("num_frame=4", "num_frame"), ("crop.sizes=4", "crop.sizes"),
+                                           ("detector.nms=0.3", "detector.nms")])
+def test_unknown_override_key_is_named(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=f"unknown key '{key}'"):
+        build_config(DEFAULTS, None, [override])
+
+
+def test_unknown_key_in_file_names_file_and_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "c.yaml", "crop:\n  size: 128\n  zoom: 2\n")
+    with pytest.raises(ConfigError, match=f"{path}: unknown key 'crop.zoom'"):
+        build_config(DEFAULTS, path)
+
+
+def test_bad_key_in_base_names_the_base_file(tmp_path: Path) -> None:
+    """The error points at the file the key is written in, not at the child inheriting it."""
+    base = write(tmp_path, "base.yaml", "num_frames: 8\nnum_frame: 4\n")
+    child = write(tmp_path, "child.yaml", "_base_: base.yaml\nfaces: all\n")
+    with pytest.raises(ConfigError, match=f"{base}: unknown key 'num_frame'"):
+        build_config(DEFAULTS, child)
+    write(tmp_path, "base.yaml", "crop:\n  size: big\n")
+    with pytest.raises(ConfigError, match=f"{base}: key 'crop.size' must be int"):
+        build_config(DEFAULTS, child)
+
+
+@pytest.mark.parametrize("override, key, wanted", [("num_frames=abc", "num_frames", "int"),
+                                                   ("num_frames=2.5", "num_frames", "int"),
+                                                   ("save_mask=1", "save_mask", "bool"),
+                                                   ("crop.scale=wide", "crop.scale", "float"),
+                                                   ("faces=3", "faces", "str"),
+                                                   ("crop=5", "crop", "dict")])
+def test_wrong_type_is_named(override: str, key: str, wanted: str) -> None:
+    with pytest.raises(ConfigError, match=f"key '{key}' must be {wanted}"):
+        build_config(DEFAULTS, None, [override])
+
+
+def test_wrong_type_in_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "c.yaml", "num_frames: [1, 2]\n")
+    with pytest.raises(ConfigError, match=f"{path}: key 'num_frames' must be int"):
+        build_config(DEFAULTS, path)
+
+
+def test_base_loop_is_detected(tmp_path: Path) -> None:
+    write(tmp_path, "a.yaml", "_base_: b.yaml\nnum_frames: 1\n")
+    write(tmp_path, "b.yaml", "_base_: a.yaml\nnum_frames: 2\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        build_config(DEFAULTS, tmp_path / "a.yaml")
+    with pytest.raises(ConfigError, match="loops back"):
+        build_config(DEFAULTS, write(tmp_path, "self.yaml", "_base_: self.yaml\n"))
+
+
+@pytest.mark.parametrize("text, message", [("_base_: absent.yaml\n", "absent.yaml: config file not found"),
+                                           ("- a\n- b\n", "top level must be a mapping"),
+                                           ("a: [\n", "not valid YAML"),
+                                           ("_base_: [a.yaml]\n", "_base_ must be a file name")])
+def test_bad_files(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_config(DEFAULTS, write(tmp_path, "c.yaml", text))
+
+
+def test_malformed_overrides() -> None:
+    with pytest.raises(ConfigError, match="must look like key.sub=value"):
+        parse_override("num_frames")
+    with pytest.raises(ConfigError, match="empty key"):
+        parse_override("=3")
+    assert parse_override("crop.size=") == (["crop", "size"], "")
+
+
+def test_set_if_given() -> None:
+    config = build_config(DEFAULTS)
+    set_if_given(config, "crop.size", 96)
+    set_if_given(config, "num_frames", None)
+    assert config["crop"]["size"] == 96 and config["num_frames"] == 32
+
+
+def test_stage_defaults_accept_their_own_config_file(tmp_path: Path) -> None:
+    """A YAML file naming every crop-stage key round-trips through the stage's defaults."""
+    import yaml
+
+    path = write(tmp_path, "crop.yaml", yaml.safe_dump(crop.DEFAULTS))
+    assert build_config(crop.DEFAULTS, path) == crop.DEFAULTS

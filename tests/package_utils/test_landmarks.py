@@ -1,0 +1,205 @@
+"""Landmark stage on real crops: point placement, agreement with annotations, image/landmark pairs, resume."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import box_iou
+from package_utils import align, crop, landmarks, metadata
+
+SIZE = 128
+GROUP = "2009_004587.jpg"  # two frontal faces with annotated landmarks
+
+
+def link(target: Path, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.symlink_to(target)
+
+
+def run_landmarks(split: Path, output: Path, *extra: str) -> dict:
+    assert landmarks.main(["--input", str(split), "--output", str(output), "--backend", "sequential", *extra]) == 0
+    return metadata.load(output)
+
+
+def strip_volatile(document: dict) -> dict:
+    return {k: v for k, v in document.items() if k not in ("created", "stats")}
+
+
+@pytest.fixture(scope="module")
+def cropped(tmp_path_factory, media_dir: Path) -> Path:
+    """Crops (all faces) of an annotated group photo, a portrait and 2 frames of a video; returns the data root."""
+    root = tmp_path_factory.mktemp("landmarks")
+    link(media_dir / "photos/dlib/faces" / GROUP, root / "data/real/group.jpg")
+    link(media_dir / "photos/face_recognition/obama.jpg", root / "data/real/obama.jpg")
+    link(media_dir / "fakes/sber-swap/dance.mp4", root / "data/fake/dance.mp4")
+    assert crop.main(["--input", str(root / "data"), "--output", str(root / "out"), "--data-root", str(root),
+                      "--num-frames", "2", "--crop-size", str(SIZE), "--faces", "all", "--backend", "sequential",
+                      "min_relative_area=0.5"]) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def saved(cropped: Path) -> dict:
+    """Landmarks with rotate alignment and aligned images written."""
+    return run_landmarks(cropped / "out/test", cropped / "meta_saved.json", "--align", "rotate", "--save-aligned")
+
+
+@pytest.fixture(scope="module")
+def unsaved(cropped: Path) -> dict:
+    """Landmarks with rotate alignment but no aligned images."""
+    return run_landmarks(cropped / "out/test", cropped / "meta_unsaved.json", "--align", "rotate")
+
+
+def test_one_item_per_crop(saved: dict, cropped: Path) -> None:
+    index = json.loads((cropped / "out/test" / crop.CROP_INDEX_NAME).read_text())
+    assert len(saved["data"]) == sum(len(r["frames"]) for r in index["records"]) == 5
+    assert [item["id"] for item in saved["data"]] == list(range(5))
+    group = [item for item in saved["data"] if item["video_id"] == "folder/real/group"]
+    assert sorted(item["face_index"] for item in group) == [0, 1]
+
+
+def test_labels_and_fake_type(saved: dict) -> None:
+    for item in saved["data"]:
+        real = item["method"] == "real"
+        assert item["label"] == (0 if real else 1)
+        assert item["fake_type"] == ("original" if real else "dance")
+        assert item["landmark_model"] == "dlib68"
+
+
+def test_landmarks_lie_on_the_face(unsaved: dict) -> None:
+    """68 float points, all inside the crop, their mean inside the detector's face box."""
+    for item in unsaved["data"]:
+        points = np.array(item["orig_lms"])
+        assert points.shape == (68, 2)
+        assert (points >= 0).all() and (points <= SIZE).all(), item["image_path"]
+        x0, y0, x1, y1 = item["face_box"]
+        mx, my = points.mean(0)
+        assert x0 < mx < x1 and y0 < my < y1
+
+
+def test_landmarks_match_annotations(unsaved: dict, dlib_annotations) -> None:
+    """Both faces of an annotated photo: mean point error / inter-ocular distance < 0.1 (in crop pixels)."""
+    errors = []
+    for item in (i for i in unsaved["data"] if i["video_id"] == "folder/real/group"):
+        box = np.array(item["box"], dtype=np.float64)
+        scale = SIZE / (box[2] - box[0])
+        face_in_frame = np.array(item["face_box"]) / scale + np.tile(box[:2], 2)
+        truth_box, truth = max(dlib_annotations[GROUP], key=lambda t: box_iou(t[0], face_in_frame))
+        assert box_iou(truth_box, face_in_frame) > 0.4
+        truth = (truth - box[:2]) * scale
+        inter_ocular = np.linalg.norm(truth[36:42].mean(0) - truth[42:48].mean(0))
+        errors.append(np.linalg.norm(np.array(item["orig_lms"]) - truth, axis=1).mean() / inter_ocular)
+    print(f"landmark error / inter-ocular distance on {GROUP}: {np.round(errors, 4).tolist()}")
+    assert len(errors) == 2 and max(errors) < 0.1, errors
+
+
+def test_saved_alignment_pairs_image_and_points(saved: dict, cropped: Path) -> None:
+    for item in saved["data"]:
+        assert item["alignment"] == "rotate" and item["image_path"] != item["crop_path"]
+        assert "/aligned/" in item["image_path"] and item["file_name"] == Path(item["image_path"]).name
+        image = cv2.imread(str(cropped / item["image_path"]))
+        assert image.shape == (SIZE, SIZE, 3)
+        matrix = np.array(item["align_matrix"])
+        expected = align.transform_points(np.array(item["orig_lms"]), matrix)
+        assert np.abs(np.array(item["aligned_lms"]) - expected).max() < 2e-3
+        assert abs(align.eye_line_angle(item["aligned_lms"])) < 1.0
+
+
+def test_unsaved_alignment_keeps_crop_and_points(unsaved: dict) -> None:
+    """Without aligned images the landmarks must describe the crop (no LAA-Net style mismatch)."""
+    for item in unsaved["data"]:
+        assert item["image_path"] == item["crop_path"]
+        assert item["aligned_lms"] == item["orig_lms"]
+        assert item["alignment"] == "none" and item["align_matrix"] is None
+
+
+def test_per_video_cache_files(saved: dict, unsaved: dict, cropped: Path) -> None:
+    folder = cropped / "out/test/landmarks"
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.json"))
+    assert names == sorted(f"{video}.{tag}.json" for video in ("real/group", "real/obama", "fake/dance")
+                           for tag in ("dlib68_rotate", "dlib68_rotate_saved"))
+
+
+def test_rerun_resumes_from_cache(saved: dict, cropped: Path) -> None:
+    output = cropped / "meta_rerun.json"
+    again = run_landmarks(cropped / "out/test", output, "--align", "rotate", "--save-aligned")
+    assert again["stats"]["landmarks"]["videos_resumed"] == 3
+    assert again["data"] == saved["data"]
+
+
+def test_other_settings_do_not_overwrite_aligned_images(saved: dict, cropped: Path) -> None:
+    """A similarity run after the rotate run leaves the rotate run's aligned images as they were."""
+    similarity = run_landmarks(cropped / "out/test", cropped / "meta_sim.json", "--align", "similarity",
+                               "--save-aligned", "--aligned-size", "96")
+    assert similarity["stats"]["landmarks"]["videos_resumed"] == 0
+    for item in similarity["data"]:
+        assert cv2.imread(str(cropped / item["image_path"])).shape == (96, 96, 3)
+    for item in saved["data"]:
+        crop_image = cv2.imread(str(cropped / item["crop_path"]))
+        rewarped = align.warp(crop_image, np.array(item["align_matrix"]), (SIZE, SIZE))
+        assert np.abs(cv2.imread(str(cropped / item["image_path"])).astype(int) - rewarped).max() <= 1
+
+
+def test_changed_crops_invalidate_the_cache(tmp_path: Path, media_dir: Path) -> None:
+    """Crops redone with another size must not be described by landmarks cached for the old crops."""
+    link(media_dir / "photos/face_recognition/obama.jpg", tmp_path / "data/real/obama.jpg")
+    base = ["--input", str(tmp_path / "data"), "--output", str(tmp_path / "out"), "--data-root", str(tmp_path),
+            "--backend", "sequential"]
+    assert crop.main(base + ["--crop-size", "128"]) == 0
+    first = run_landmarks(tmp_path / "out/test", tmp_path / "meta.json")
+    assert crop.main(base + ["--crop-size", "256"]) == 0
+    second = run_landmarks(tmp_path / "out/test", tmp_path / "meta.json")
+    assert second["stats"]["landmarks"]["videos_resumed"] == 0
+    ratio = np.array(second["data"][0]["orig_lms"]) / np.array(first["data"][0]["orig_lms"])
+    assert abs(float(np.median(ratio)) - 2.0) < 0.1
+
+
+def test_leftover_temp_files_are_removed(tmp_path: Path, media_dir: Path) -> None:
+    link(media_dir / "photos/face_recognition/obama.jpg", tmp_path / "data/real/obama.jpg")
+    assert crop.main(["--input", str(tmp_path / "data"), "--output", str(tmp_path / "out"), "--data-root",
+                      str(tmp_path), "--crop-size", "128", "--backend", "sequential"]) == 0
+    stale = [tmp_path / "out/test/landmarks/real/.obama.dlib68_none.json.a1b2.tmp", tmp_path / ".meta.json.c3d4.tmp"]
+    for path in stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{")
+    run_landmarks(tmp_path / "out/test", tmp_path / "meta.json")
+    assert not any(path.exists() for path in stale)
+
+
+def test_unreadable_crop_is_reported_not_fatal(tmp_path: Path, media_dir: Path, caplog) -> None:
+    link(media_dir / "photos/face_recognition/obama.jpg", tmp_path / "data/real/obama.jpg")
+    link(media_dir / "photos/face_recognition/two_people.jpg", tmp_path / "data/fake/two.jpg")
+    assert crop.main(["--input", str(tmp_path / "data"), "--output", str(tmp_path / "out"), "--data-root",
+                      str(tmp_path), "--crop-size", "128", "--backend", "sequential"]) == 0
+    (tmp_path / "out/test/frames/fake/two/000.png").write_bytes(b"")
+    with caplog.at_level(logging.WARNING):
+        document = run_landmarks(tmp_path / "out/test", tmp_path / "meta.json")
+    assert [item["video_id"] for item in document["data"]] == ["folder/real/obama"]
+    assert "two/000.png: zero-byte file" in caplog.text
+
+
+def test_missing_crop_index_is_a_clear_error(tmp_path: Path, caplog) -> None:
+    assert landmarks.main(["--input", str(tmp_path), "--output", str(tmp_path / "m.json")]) == 2
+    assert "no crop index; run the crop stage first" in caplog.text
+
+
+def test_face_crops_without_detector(tmp_path: Path, media_dir: Path) -> None:
+    """Inputs that are already face crops (detector none, as DFW): the whole image is the crop, and the
+    landmark stage finds the face inside it instead of using the image border as the face box."""
+    for name in ("source1.png", "target2.png"):
+        link(media_dir / "photos/sber-swap/training" / name, tmp_path / "data/real" / name)
+    assert crop.main(["--input", str(tmp_path / "data"), "--output", str(tmp_path / "out"), "--data-root",
+                      str(tmp_path), "--crop-size", str(SIZE), "--detector", "none", "--backend", "sequential"]) == 0
+    document = run_landmarks(tmp_path / "out/test", tmp_path / "meta.json")
+    assert len(document["data"]) == 2
+    for item in document["data"]:
+        assert item["box"] == [0, 0, 224, 224] and item["face_box"] == [0.0, 0.0, SIZE, SIZE]
+        points = np.array(item["orig_lms"])
+        eyes = np.stack([points[36:42].mean(0), points[42:48].mean(0)])
+        assert 0.25 * SIZE < np.linalg.norm(eyes[1] - eyes[0]) < 0.6 * SIZE  # a face filling the crop
+        assert 0.2 * SIZE < points[:, 0].mean() < 0.8 * SIZE and 0.3 * SIZE < points[:, 1].mean() < 0.8 * SIZE
