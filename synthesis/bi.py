@@ -18,9 +18,10 @@ Differences from the references, on purpose:
   (``linspace(0, a, 4)`` on both axes) by ``N(0, s)·a`` with one ``s ~ U(0.01, 0.15)`` per image, clips the
   displaced points into the image and warps with skimage's piecewise-affine map, i.e. the output at ``p`` samples
   the input at ``p + δ(p)`` with ``δ`` linear on each triangle of the lattice. Here the same control displacements
-  are interpolated **bilinearly** over each lattice cell (one batched ``grid_sample`` upsamples the 4 × 4 field,
-  a second one warps the masks). Both maps agree at the control points and along every cell edge; they differ only
-  inside cells, by a fraction of the displacement difference between a cell's diagonals.
+  are interpolated **bilinearly** over each lattice cell (a separable product of hat-function weights gives the
+  dense field for the whole batch, one ``grid_sample`` warps the masks). Both maps agree at the control points and
+  along every cell edge; inside a cell they differ by a fraction of the displacement difference between its two
+  diagonals (skimage splits each cell along whichever diagonal qhull picks for the degenerate square lattice).
 * **Blend resolution.** The references resize both faces to ``a``, blend, and resize the whole image back, which
   also resamples every background pixel. Here only the mask geometry (hull, warp, erosion, feathering) is computed
   at ``a``; ``M`` is upsampled to ``S`` and the blend is done at ``S``, so pixels with ``M = 0`` keep the exact
@@ -598,7 +599,7 @@ class BlendedImages:
         valid = torch.ones(batch, dtype=torch.bool, device=device)
         fake_index = is_fake.nonzero().flatten()
         if fake_index.numel():
-            blended_ok = self._blend_into(image, mask, fake_index, bg_landmarks[fake_index].to(device), foregrounds,
+            blended_ok = self._blend_into(image, mask, fake_index, bg_landmarks.to(device)[fake_index], foregrounds,
                                           draws.select(fake_index))
             valid[fake_index[~blended_ok]] = False
         label = is_fake & valid

@@ -248,3 +248,15 @@ def test_batched_blend_agrees_with_per_sample_reference(faces):
         inside = (ours > 0.99) & (theirs > 0.99)
         image_difference = np.abs(out["image"][b].permute(1, 2, 0).numpy() * 255 - reference["image"])[inside]
         assert image_difference.mean() < 4.0
+
+
+def test_config_reproduces_the_317_pixel_constants_and_scales_with_size():
+    config = BIConfig()
+    assert config.working_size_range(317) == (128, 317)
+    assert config.post_process_size_range(317) == (64, 317)
+    assert config.kernel_maxima(317) == (21, 5)
+    assert config.working_size_range(384) == (155, 384) and config.kernel_maxima(384) == (25, 6)
+    draws = BlendedImages(config).draw(64, 384, torch.Generator().manual_seed(0))
+    assert draws.working_size.min() >= 155 and draws.working_size.max() <= 384
+    assert (draws.kernel % 2 == 1).all()
+    assert draws.kernel[draws.erode].max() <= 25 and draws.kernel[~draws.erode].max() <= 7
