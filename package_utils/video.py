@@ -104,6 +104,7 @@ class MediaReader:
                         keyframe_pts.append(packet.pts)
                 fps = float(stream.average_rate) if stream.average_rate else None
                 width, height = stream.codec_context.width, stream.codec_context.height
+                may_reorder = bool(stream.codec_context.has_b_frames) or "avi" in format_names
         except BadInputError:
             raise
         except Exception as error:  # PyAV raises many error types for corrupt data
@@ -112,8 +113,10 @@ class MediaReader:
             raise BadInputError(f"{self.path}: video has no frames")
         # Packet timestamps identify frames only when they are unique presentation times. Containers such as
         # AVI stamp packets in decode order, so with B-frames a timestamp names the wrong frame: when the
-        # stamps never go back (no reordering visible) or repeat, frames are counted in decoder output order.
-        self._by_output_order = len(set(pts)) != len(pts) or all(a < b for a, b in zip(pts, pts[1:]))
+        # stamps repeat, or never go back although frames may be reordered, frames are counted in decoder
+        # output order. Streams without reordering (no B-frames) keep exact seeking.
+        monotonic = all(a < b for a, b in zip(pts, pts[1:]))
+        self._by_output_order = len(set(pts)) != len(pts) or (monotonic and may_reorder)
         self._sorted_pts = sorted(pts)
         self._pts_to_index = {p: i for i, p in enumerate(self._sorted_pts)}
         self._keyframe_indices = sorted(self._pts_to_index[p] for p in keyframe_pts)
