@@ -157,3 +157,47 @@ def box_iou(a, b) -> float:
     inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return float(inter / union) if union > 0 else 0.0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A small metadata file of real faces (training loader, synthesis batches, preview)
+# ------------------------------------------------------------------------------------------------------------
+FACE_VIDEO_PHOTOS = ("photos/face_recognition/obama.jpg", "photos/face_recognition/biden.jpg",
+                     "photos/sber-swap/tgt1.png")
+
+
+@pytest.fixture(scope="session")
+def face_metadata(media_dir, tmp_path_factory) -> Path:
+    """3 "videos" x 5 frames of real faces: 160 px square crops shifted 3 px per frame, dlib-68 landmarks,
+    and as blend partners of every frame the 5 frames of the next video. Returns the metadata JSON path."""
+    import cv2
+
+    from package_utils import metadata
+    from package_utils.detectors import LandmarkPredictor, RetinaFaceDetector, choose_faces
+
+    root = tmp_path_factory.mktemp("face_metadata")
+    detector, predictor = RetinaFaceDetector(), LandmarkPredictor(68)
+    items = []
+    for video, photo in enumerate(FACE_VIDEO_PHOTOS):
+        image = cv2.imread(str(media_dir / photo))
+        face = choose_faces(detector.detect(image))[0]
+        x0, y0, x1, y1 = face.box
+        side = int(max(x1 - x0, y1 - y0) * 1.5)
+        for frame in range(5):
+            left, top = int((x0 + x1 - side) / 2) + 3 * frame, int((y0 + y1 - side) / 2)
+            crop = cv2.resize(image[top:top + side, left:left + side], (160, 160))
+            path = root / f"v{video}" / f"{frame:03d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(path), crop)
+            box = (face.box - [left, top, left, top]) * (160 / side)
+            points = predictor.predict(crop, box).tolist()
+            items.append({"image_path": f"v{video}/{frame:03d}.png", "file_name": path.name, "id": 0,
+                          "fake_type": "original", "orig_lms": points, "aligned_lms": points,
+                          "video_id": f"t/real/v{video}", "frame_index": frame, "label": 0, "split": "train",
+                          "dataset": "t", "method": "real", "box": [0, 0, 160, 160], "landmark_model": "dlib68"})
+    for i, item in enumerate(items):
+        other = (i // 5 + 1) % 3
+        item["partners"] = list(range(other * 5, other * 5 + 5))
+    path = root / "meta.json"
+    metadata.save(path, metadata.new_document(items, root))
+    return path

@@ -1,49 +1,17 @@
 """The training loader: per-epoch frame choice, reproducibility, flips, sharding, partners."""
 from __future__ import annotations
 
-import cv2
 import numpy as np
 import pytest
 import torch
 
 from package_utils import metadata
-from package_utils.detectors import LandmarkPredictor, RetinaFaceDetector, choose_faces
 from training.data import FaceFrames, VideoFrameSampler, build_loader, load_frame_table
 
-PHOTOS = ["photos/face_recognition/obama.jpg", "photos/face_recognition/biden.jpg",
-          "photos/sber-swap/tgt1.png"]
 
-
-@pytest.fixture(scope="module")
-def document(media_dir, tmp_path_factory):
-    """3 "videos" x 5 frames of real faces (square crops, shifted a little per frame) with dlib landmarks."""
-    root = tmp_path_factory.mktemp("data_root")
-    detector, predictor = RetinaFaceDetector(), LandmarkPredictor(68)
-    items = []
-    for video, photo in enumerate(PHOTOS):
-        image = cv2.imread(str(media_dir / photo))
-        face = choose_faces(detector.detect(image))[0]
-        x0, y0, x1, y1 = face.box
-        side = int(max(x1 - x0, y1 - y0) * 1.5)
-        for frame in range(5):
-            left, top = int((x0 + x1 - side) / 2) + 3 * frame, int((y0 + y1 - side) / 2)
-            crop = cv2.resize(image[top:top + side, left:left + side], (160, 160))
-            path = root / f"v{video}" / f"{frame:03d}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            cv2.imwrite(str(path), crop)
-            box = (face.box - [left, top, left, top]) * (160 / side)
-            points = predictor.predict(crop, box).tolist()
-            items.append({"image_path": f"v{video}/{frame:03d}.png", "file_name": path.name, "id": 0,
-                          "fake_type": "original", "orig_lms": points, "aligned_lms": points,
-                          "video_id": f"t/real/v{video}", "frame_index": frame, "label": 0, "split": "train",
-                          "dataset": "t", "method": "real", "box": [0, 0, 160, 160], "landmark_model": "dlib68"})
-    # partners: every frame gets the frames of the next video
-    for i, item in enumerate(items):
-        other = (i // 5 + 1) % 3
-        item["partners"] = list(range(other * 5, other * 5 + 5))
-    path = root / "meta.json"
-    metadata.save(path, metadata.new_document(items, root))
-    return path
+@pytest.fixture
+def document(face_metadata):
+    return face_metadata
 
 
 def test_each_epoch_draws_a_new_subset_of_frames_per_video(document):

@@ -1,0 +1,90 @@
+"""Training batches from loader batches: pairing, labels, targets, reproducibility; and the preview picture."""
+from __future__ import annotations
+
+import cv2
+import pytest
+import torch
+
+from synthesis.batch import BatcherConfig, PseudoFakeBatcher, make_targets
+from synthesis.preview import preview
+from training.data import build_loader, load_frame_table
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def loader_batch(face_metadata, size=128, with_partner=False, seed=0):
+    table = load_frame_table(face_metadata, labels=(0,))
+    loader = build_loader(table, image_size=size, batch_size=4, frames_per_video=2, train=True, seed=seed,
+                          workers=0, with_partner=with_partner)
+    return next(iter(loader))
+
+
+def test_paired_sbi_batch_holds_each_real_and_its_fake(face_metadata):
+    batch = loader_batch(face_metadata)
+    out = PseudoFakeBatcher(BatcherConfig(method="sbi", heatmap_size=32))(batch, "cpu", torch.Generator().manual_seed(1))
+    assert out["image"].shape == (4 + out["valid_fake"], 3, 128, 128)
+    assert int(out["label"].sum()) == out["valid_fake"] >= 3
+    # every source item appears once as a real, and again for each of its valid fakes
+    assert sorted(out["item"][out["label"] == 0].tolist()) == sorted(batch["item"].tolist())
+    reals = out["label"] == 0
+    for key in ("mask", "boundary", "heatmap", "consistency"):
+        assert out[key][reals].abs().sum() == 0, f"{key} must be zero for reals"
+        assert out[key][~reals].amax() > 0, f"{key} must be non-empty for fakes"
+    assert torch.allclose(out["heatmap"][~reals].amax(dim=(1, 2, 3)), torch.ones(int((~reals).sum())))
+    assert (out["anchor"][reals] == 0).all()
+    # symmetric normalisation: [-1, 1]
+    assert out["image"].min() >= -1 and out["image"].max() <= 1 and out["image"].min() < -0.5
+
+
+def test_same_seed_same_batch(face_metadata):
+    batch = loader_batch(face_metadata)
+    batcher = PseudoFakeBatcher(BatcherConfig(method="sbi", heatmap_size=32))
+    first = batcher(batch, "cpu", torch.Generator().manual_seed(5))
+    second = batcher(batch, "cpu", torch.Generator().manual_seed(5))
+    third = batcher(batch, "cpu", torch.Generator().manual_seed(6))
+    for key in ("image", "label", "heatmap"):
+        assert torch.equal(first[key], second[key]), key
+    assert not torch.equal(first["image"], third["image"])
+
+
+def test_mixed_bi_batch_blends_partners_only_for_fakes(face_metadata):
+    batch = loader_batch(face_metadata, with_partner=True)
+    config = BatcherConfig(method="bi", pairing="mixed", fake_probability=1.0, heatmap_size=32,
+                           normalization="unit")
+    out = PseudoFakeBatcher(config)(batch, "cpu", torch.Generator().manual_seed(2))
+    assert out["image"].shape == (4, 3, 128, 128)
+    assert out["label"].sum() == out["valid_fake"] >= 3
+    changed = (out["image"] - batch["image"].float() / 255).abs().amax(dim=(1, 2, 3)) > 0.05
+    assert torch.equal(changed, out["label"].bool())
+
+
+def test_bi_without_partner_images_is_a_clear_error(face_metadata):
+    batch = loader_batch(face_metadata)
+    with pytest.raises(ValueError, match="partner"):
+        PseudoFakeBatcher(BatcherConfig(method="bi"))(batch, "cpu", torch.Generator().manual_seed(0))
+
+
+def test_targets_of_a_ring_mask():
+    """A filled disc blended softly: boundary ring, heatmap peaks of exactly 1, consistency = boundary / 255."""
+    yy, xx = torch.meshgrid(torch.arange(128.0), torch.arange(128.0), indexing="ij")
+    radius = ((xx - 63.5) ** 2 + (yy - 63.5) ** 2).sqrt()
+    mask = (1 - ((radius - 30) / 8).clamp(0, 1))[None, None]
+    targets = make_targets(mask, torch.tensor([True]), size=32)
+    assert targets["heatmap"].amax() == 1.0
+    assert targets["boundary"][0, 0, 16, 16] == 0  # the centre of the disc is not boundary
+    assert targets["boundary"].amax() > 0.9
+    peak = int(targets["anchor"][0])
+    assert targets["consistency"].flatten()[peak] == targets["consistency"].amax()
+
+
+def test_preview_writes_a_picture(face_metadata, tmp_path):
+    out = preview(str(face_metadata), str(tmp_path / "grid.png"), method="bi", samples=3, size=64)
+    picture = cv2.imread(str(out))
+    assert picture.shape == (28 + 3 * 64, 5 * 64, 3)
+    assert picture[28:, 64:128].std() > 10  # the fake column holds a face, not a blank panel
