@@ -5,7 +5,8 @@ The photos ship inside pip packages the project already depends on: scikit-image
 Each becomes several short H.264 videos with simulated camera motion (pan, zoom, roll, mirror and
 exposure changes), split into train and test videos. Then::
 
-    crop (train, test) -> landmarks (train, test) -> blend partners (train)
+    crop (train, test) -> landmarks (train, test) -> blend partners (train) -> preview pictures of the
+    SBI and BI pseudo-fakes training will see
 
 Usage: ``python -m package_utils.demo [--data-root datasets_df] [--workers 2]`` (scripts/demo.sh).
 """
@@ -121,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from package_utils import crop, landmarks
+    from package_utils import crop, landmarks, partners
+    from synthesis.preview import preview
 
     started = time.perf_counter()
     data_root = Path(args.data_root).resolve()
@@ -141,7 +143,13 @@ def main(argv: list[str] | None = None) -> int:
                          "--landmarks", "68", "--align", "rotate", "--save-aligned", "--workers", str(args.workers)]
         if landmarks.main(landmark_args) != 0:
             return 1
+    if partners.main(["--input", str(outputs["train"]), "--output", str(outputs["train"]), "--k", "30"]) != 0:
+        return 1
+    pictures = [preview(str(outputs["train"]), str(processed / f"preview_{method}.png"), method=method, samples=6,
+                        size=192) for method in ("sbi", "bi")]
     print(f"[demo] metadata: {', '.join(str(p) for p in outputs.values())}")
+    print(f"[demo] what training sees (real / fake / mask / heatmap / consistency): "
+          f"{', '.join(str(p) for p in pictures)}")
     print(f"[demo] finished in {time.perf_counter() - started:.1f} s")
     return 0
 
