@@ -17,7 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from package_utils import crop, landmarks  # noqa: E402
@@ -39,14 +38,20 @@ def timed(function, repeats: int = 3):
 
 
 def end_to_end(video: Path, copies: int, frames: int, workers: int, workdir: Path) -> tuple[float, int]:
-    """Crop + landmarks stages on ``copies`` links of the video; returns (seconds, sampled frames)."""
-    root = workdir / f"run_w{workers}"
+    """Crop + landmarks stages on ``copies`` links of the video; returns (seconds, sampled frames).
+
+    Steady state: a first run on ``workers`` copies starts the worker processes and loads their models
+    (once per worker, as in a real run over thousands of videos); the second run is timed.
+    """
+    _stages(video, workers, frames, workers, workdir / f"warm_w{workers}")
+    return _stages(video, copies, frames, workers, workdir / f"run_w{workers}")
+
+
+def _stages(video: Path, copies: int, frames: int, workers: int, root: Path) -> tuple[float, int]:
     shutil.rmtree(root, ignore_errors=True)
     (root / "raw" / "real").mkdir(parents=True)
     for i in range(copies):
         os.symlink(video, root / "raw" / "real" / f"copy{i}{video.suffix}")
-    crop._DETECTOR_CACHE.clear()
-    landmarks._MODELS.clear()
     backend = "sequential" if workers == 1 else "loky"
     started = time.perf_counter()
     summary = crop.run({**crop.DEFAULTS, "input": str(root / "raw"), "dataset": "folder", "split": "test",
@@ -61,7 +66,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--video", type=Path, default=DEFAULT_VIDEO)
     parser.add_argument("--frames", type=int, default=32)
-    parser.add_argument("--copies", type=int, default=4)
+    parser.add_argument("--copies", type=int, default=8)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     video = args.video.resolve()
@@ -69,9 +74,10 @@ def main() -> int:
     reader = MediaReader(video)
     indices = sample_indices(reader.info.frame_count, args.frames)
     n = len(indices)
-    decode_s, decoded = timed(lambda: dict(MediaReader(video).read(indices)))
-    detector = RetinaFaceDetector(**{k: crop.DEFAULTS["detector"][k]
-                                     for k in ("score_threshold", "nms_threshold", "max_size", "threads")})
+    threads = os.cpu_count() or 1  # what one worker gets in the end-to-end run
+    decode_s, decoded = timed(lambda: dict(MediaReader(video, threads=threads).read(indices)))
+    detector = RetinaFaceDetector(threads=threads, **{k: crop.DEFAULTS["detector"][k]
+                                                      for k in ("score_threshold", "nms_threshold", "max_size")})
     frames = [decoded[i] for i in sorted(decoded)]
     detector.detect(frames[0])  # session start-up is not per-frame work
     detect_s, faces = timed(lambda: [choose_faces(detector.detect(f))[0] for f in frames])
@@ -91,7 +97,8 @@ def main() -> int:
            "landmarks only (dlib 68)": landmark_s / n, "end-to-end, 1 worker": e2e1_s / frames1,
            "end-to-end, 2 workers": e2e2_s / frames2}
     print(f"video: {video.name} {reader.info.width}x{reader.info.height}, {reader.info.frame_count} frames, "
-          f"{n} sampled; end-to-end on {args.copies} copies; {os.cpu_count()} cores")
+          f"{n} sampled; end-to-end on {args.copies} copies; {os.cpu_count()} cores; "
+          f"single-stage figures with {threads} threads (one worker's share)")
     for name, seconds in per.items():
         print(f"  {name:45s} {seconds * 1000:8.1f} ms / sampled frame")
     ratio = per["end-to-end, 1 worker"] / (per["detector only (RetinaFace, max side 640)"] +

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -63,13 +64,14 @@ DEFAULTS: dict[str, Any] = {
         "nms_threshold": 0.4,
         "max_size": 640,           # retinaface: longest side the frame is shrunk to before detection
         "upsample": 1,             # dlib: upsampling passes
-        "threads": 1,              # retinaface: onnxruntime threads per worker
+        "threads": None,           # onnxruntime threads per worker (None: the worker's share of the cores)
     },
     "faces": "largest",            # largest | all
     "min_relative_area": 0.5,      # with faces=all: keep faces at least this fraction of the largest
     "crop": {"scale": 1.5, "size": 320},
     "save_mask": False,
     "workers": 1,
+    "threads_per_worker": None,    # decoder/OpenCV/onnxruntime threads per worker (None: cores // workers)
     "backend": "loky",             # loky | sequential | dask
     "scheduler": None,             # dask scheduler address
     "device": "cpu",
@@ -143,11 +145,13 @@ class CropJob:
     scale: float
     size: int
     save_mask: bool
+    threads: int = 1  # per worker; does not change the output
 
     @property
     def settings(self) -> dict:
         """Everything that shapes a video's crops: a record made with other settings is redone, not reused."""
-        return {"num_frames": self.num_frames, "detector": dict(self.detector), "faces": self.faces,
+        detector = {key: value for key, value in self.detector.items() if key != "threads"}
+        return {"num_frames": self.num_frames, "detector": detector, "faces": self.faces,
                 "min_relative_area": self.min_relative_area, "crop_scale": self.scale, "crop_size": self.size,
                 "save_mask": self.save_mask, "output": relative_to_root(self.output, self.data_root)}
 
@@ -192,7 +196,7 @@ def crop_video(entry: datasets.VideoEntry, job: CropJob) -> dict:
     started = time.perf_counter()
     allow_image = entry.dataset in ("folder", "dfw") or entry.path.suffix.lower() in IMAGE_EXTENSIONS
     try:
-        reader = MediaReader(entry.path, allow_image=allow_image)
+        reader = MediaReader(entry.path, allow_image=allow_image, threads=job.threads)
     except BadInputError as error:
         record.update(status="skipped", reason=str(error), frames=[], frames_without_face=[])
         atomic_write_json(record_path, record)  # deterministic problem: do not retry on resume
@@ -210,6 +214,7 @@ def crop_video(entry: datasets.VideoEntry, job: CropJob) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)  # left over from a killed run
     tmp_frames.mkdir(parents=True)
 
+    cv2.setNumThreads(job.threads)  # per worker process: workers x threads stays within the cores
     detector = _get_detector(job.detector) if job.detector["name"] != "none" else None
     frames, without_face, decoded = [], [], 0
     for index, frame in reader.read(indices, prefetch=2):
@@ -319,9 +324,13 @@ def run(config: dict) -> dict:
     if config["dataset"] == "dfw" and detector["name"] != "none":
         log.info("DFW is already face-cropped: using the whole image as the face box (detector none)")
         detector["name"] = "none"
+    workers = 1 if config["backend"] == "sequential" else max(1, config["workers"])
+    threads = config["threads_per_worker"] or max(1, (os.cpu_count() or 1) // workers)
+    detector["threads"] = detector["threads"] or threads
     job = CropJob(output=output, data_root=data_root, num_frames=config["num_frames"], detector=detector,
                   faces=config["faces"], min_relative_area=config["min_relative_area"],
-                  scale=config["crop"]["scale"], size=config["crop"]["size"], save_mask=config["save_mask"])
+                  scale=config["crop"]["scale"], size=config["crop"]["size"], save_mask=config["save_mask"],
+                  threads=threads)
     log.info("cropping %d videos of %s/%s into %s", len(entries), config["dataset"], config["split"], output)
     for path in remove_leftovers(output / config["split"], LEFTOVER_PATTERNS):
         log.info("removed %s, left by an interrupted run", path)

@@ -115,7 +115,8 @@ class _Searcher:
         if key not in self._buffers:
             if len(self._buffers) >= 4:
                 self._buffers.clear()
-            self._buffers[key] = tuple(torch.empty(rows, cols, device=self.device) for _ in range(count))
+            self._buffers[key] = tuple(torch.empty(rows, cols, dtype=torch.float32, device=self.device)
+                                       for _ in range(count))
         return self._buffers[key]
 
     def tile(self, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
@@ -279,8 +280,9 @@ def _landmark_items(document: dict, source: str) -> tuple[list[int], np.ndarray]
         raise metadata.MetadataError(
             f"{source}: items mix landmark counts {dict(sorted(counts.items()))} ({examples}); partner search "
             "compares landmarks point by point, so all items need the same landmark model")
-    points = np.array([document["data"][i]["aligned_lms"] for i in positions], dtype=np.float64)
-    return positions, points.reshape(len(positions), -1, 2)
+    if not positions:
+        return positions, np.zeros((0, 0, 2))
+    return positions, np.array([document["data"][i]["aligned_lms"] for i in positions], dtype=np.float64)
 
 
 def add_partners(document: dict, candidates: dict | None = None, *, k: int = 30, metric: str = "l2",

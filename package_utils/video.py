@@ -55,9 +55,16 @@ class MediaReader:
     #: Seek only when it skips at least this many frames: a seek costs about as much as decoding a few.
     min_seek_gap = 16
 
-    def __init__(self, path: str | os.PathLike, allow_image: bool = True):
+    def __init__(self, path: str | os.PathLike, allow_image: bool = True, threads: int = 1):
+        """
+        Args:
+            path: video file, image file, or folder of images (sorted by name).
+            allow_image: accept still images (else they are a BadInputError "not a video").
+            threads: decoder threads (frame threading when > 1); keep threads x workers <= cores.
+        """
         self.path = Path(path)
         self.allow_image = allow_image
+        self.threads = max(1, int(threads))
         if self.path.is_dir():
             self._files = sorted(p for p in self.path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
             if not self._files:
@@ -162,6 +169,9 @@ class MediaReader:
             with av.open(str(self.path)) as container:
                 stream = container.streams.video[0]
                 codec = stream.codec_context
+                # Frame threads copy skip_frame from this context per packet, so the NONREF toggling below holds.
+                codec.thread_count = self.threads
+                codec.thread_type = "AUTO" if self.threads > 1 else "SLICE"
                 target_pos = 0
                 while target_pos < len(wanted):
                     target = wanted[target_pos]
