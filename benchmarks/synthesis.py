@@ -10,11 +10,17 @@ batch cycles through them. Both paths run in the same process with ``torch.set_n
 ``cv2.setNumThreads`` set to ``--threads`` (1 gives the per-core figure):
 
 * batched: ``SelfBlender`` on a (B, 3, S, S) float tensor on ``--device``;
-* per-sample: ``ReferenceSelfBlender`` on each uint8 image, plus the conversion of real and fake to float CHW
-  tensors that the training step needs.
+* per-sample lean: ``ReferenceSelfBlender`` on each uint8 image (the same algorithm written the references' way,
+  elastic warp of the mask only), plus the conversion of real and fake to float CHW tensors that the training
+  step needs. The batched / lean ratio is the figure of the goal (>= 5x per core);
+* per-sample as shipped: ``ShippedStyleSelfBlender``, the lean path plus what SBI's code as shipped also does
+  (albumentations-1.1.0-style elastic warp of the image as well as the mask, the image result thrown away;
+  float64 blend), same conversion.
 
-Times are medians over ``--repeats`` batches after one warm-up batch. Prints samples/s of each path, the ratio,
-and SBI's own figure from shared/specs/anchors.md for scale (measured elsewhere, not in this run).
+The paths are timed in interleaved rounds (one batch of each per round, after one warm-up batch each), so load
+changes on a shared machine hit them alike; times are medians over ``--repeats`` rounds. Prints samples/s of
+each path, the ratios, the load average, and SBI's own figure from shared/specs/anchors.md for scale (measured
+elsewhere, not in this run).
 
 Other methods plug in as a function ``run(args, faces) -> list[Row]``: ``--method bi`` imports it from
 benchmarks/synthesis_bi.py.
@@ -40,7 +46,7 @@ import torch  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
-from synthesis.reference_sbi import ReferenceSelfBlender  # noqa: E402
+from synthesis.reference_sbi import ReferenceSelfBlender, ShippedStyleSelfBlender  # noqa: E402
 from synthesis.sbi import SBIConfig, SelfBlender  # noqa: E402
 
 MEDIA_DIR = Path(os.environ.get("FF_SHARED_MEDIA", REPO_ROOT.parent / "shared" / "media"))
@@ -114,6 +120,19 @@ def median_seconds(function: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+def interleaved_median_seconds(functions: list[Callable[[], object]], repeats: int) -> list[float]:
+    """Median time of each function over ``repeats`` rounds that run each once, after one warm-up each."""
+    for function in functions:
+        function()
+    times: list[list[float]] = [[] for _ in functions]
+    for _ in range(repeats):
+        for function, record in zip(functions, times):
+            start = time.perf_counter()
+            function()
+            record.append(time.perf_counter() - start)
+    return [statistics.median(record) for record in times]
+
+
 def run_sbi(args: argparse.Namespace, faces: Faces) -> list[Row]:
     images, landmarks = faces.batch(args.batch)
     device = torch.device(args.device)
@@ -129,18 +148,21 @@ def run_sbi(args: argparse.Namespace, faces: Faces) -> list[Row]:
             torch.cuda.synchronize(device)
         assert bool(out["valid"].all())
 
-    reference = ReferenceSelfBlender(config)
-    rng = np.random.default_rng(args.seed)
+    def per_sample(reference: ReferenceSelfBlender, rng: np.random.Generator) -> Callable[[], None]:
+        def run() -> None:
+            for image, points in zip(images, landmarks):
+                out = reference(image, points, rng)
+                for key in ("real", "fake"):
+                    torch.from_numpy(out[key]).permute(2, 0, 1).float().div(255.0)
+        return run
 
-    def per_sample() -> None:
-        for image, points in zip(images, landmarks):
-            out = reference(image, points, rng)
-            for key in ("real", "fake"):
-                torch.from_numpy(out[key]).permute(2, 0, 1).float().div(255.0)
-
+    lean = per_sample(ReferenceSelfBlender(config), np.random.default_rng(args.seed))
+    shipped = per_sample(ShippedStyleSelfBlender(config), np.random.default_rng(args.seed))
+    times = interleaved_median_seconds([batched, lean, shipped], args.repeats)
     return [
-        Row("sbi", f"batched ({args.device}, B={args.batch})", median_seconds(batched, args.repeats) / args.batch),
-        Row("sbi", "per-sample (OpenCV)", median_seconds(per_sample, args.repeats) / args.batch),
+        Row("sbi", f"batched ({args.device}, B={args.batch})", times[0] / args.batch),
+        Row("sbi", "per-sample lean (OpenCV)", times[1] / args.batch),
+        Row("sbi", "per-sample as shipped (style)", times[2] / args.batch),
     ]
 
 
@@ -159,15 +181,16 @@ METHODS: dict[str, Callable[[argparse.Namespace, Faces], list[Row]]] = {"sbi": r
 
 
 def print_rows(rows: list[Row]) -> None:
-    print(f"{'method':<6} {'path':<30} {'samples/s':>10} {'ms/sample':>10}")
+    print(f"{'method':<8} {'path':<32} {'samples/s':>10} {'ms/sample':>10}")
     for row in rows:
-        print(f"{row.method:<6} {row.path:<30} {row.samples_per_second:>10.1f} {row.seconds_per_sample * 1e3:>10.2f}")
+        print(f"{row.method:<8} {row.path:<32} {row.samples_per_second:>10.1f} {row.seconds_per_sample * 1e3:>10.2f}")
     for method in dict.fromkeys(row.method for row in rows):
         batched = [r for r in rows if r.method == method and r.path.startswith("batched")]
         per_sample = [r for r in rows if r.method == method and r.path.startswith("per-sample")]
-        if batched and per_sample:
-            ratio = per_sample[0].seconds_per_sample / batched[0].seconds_per_sample
-            print(f"{method}: batched / per-sample speed ratio {ratio:.2f}x")
+        for index, baseline in enumerate(per_sample if batched else []):
+            ratio = baseline.seconds_per_sample / batched[0].seconds_per_sample
+            goal = " (goal >= 5x)" if method == "sbi" and index == 0 else ""
+            print(f"{method}: batched / {baseline.path} speed ratio {ratio:.2f}x{goal}")
         if method == "sbi" and batched:
             ratio = SBI_REFERENCE_MS_PER_SAMPLE / (batched[0].seconds_per_sample * 1e3)
             print(f"sbi: SBI as shipped, {SBI_REFERENCE_MS_PER_SAMPLE} ms/sample at 384 px on one core (anchors.md, "
@@ -191,8 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, opencv {cv2.__version__}, {args.threads} thread(s), device {args.device}, "
           f"{args.size} px, batch {args.batch}, {len(faces.images)} distinct faces")
     methods = list(METHODS) if args.method == "all" else [args.method]
+    load_before = os.getloadavg()
     rows = [row for method in methods for row in METHODS[method](args, faces)]
     print_rows(rows)
+    print(f"load average (1 min) {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after, "
+          f"{os.cpu_count()} cores")
     return 0
 
 

@@ -42,6 +42,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -209,24 +211,23 @@ class SelfBlender:
 
         landmarks = self._drop_forehead(landmarks, generator)
         params = self._draw_image_params(batch, generator)
-        grid, scale = _affine_grid(params["translate"], params["scale"], height, width, device, dtype)
+        mask_shape = (batch, height, width, device, dtype)
 
-        masks, valid = self._blend_masks(landmarks, grid, scale, generator)
+        masks, valid = self._blend_masks(landmarks, params, mask_shape, generator)
         for _ in range(config.max_retries):
             if bool(valid.all()):
                 break
             # A retry re-draws the mask chain for the whole batch (so the random stream does not depend on which
             # samples failed) and keeps it for the failed samples only.
-            retry, retry_valid = self._blend_masks(landmarks, grid, scale, generator)
+            retry, retry_valid = self._blend_masks(landmarks, params, mask_shape, generator)
             failed = ~valid
             masks = torch.where(failed[:, None, None, None], retry, masks)
             valid = valid | retry_valid
-        del grid
 
         ratio = params["ratio"].to(device, dtype)
-        blend_mask = masks * ratio[:, None, None, None]
+        blend_mask = torch.mul(masks, ratio[:, None, None, None], out=_empty_like(masks))
         chunk = self.chunk_size or (batch if device.type != "cpu" else 1)
-        real, fake = torch.empty_like(images), torch.empty_like(images)
+        real, fake = _empty_like(images), _empty_like(images)
         boxes = _support_boxes(blend_mask)
         params = {key: value.cpu() for key, value in params.items()}
         for start in range(0, batch, chunk):
@@ -307,16 +308,16 @@ class SelfBlender:
         config = self.config
         # Step 4: each image gets the source transforms once, as the source or as the target. The target is the
         # real, so when it gets them they are computed straight into ``real``.
+        # Otherwise ``fake`` is the scratch buffer of the transformed source (it is written last).
         source_first = params["source_first"]
         if bool(source_first.all()):
-            transformed = self._source_transforms(images, params, torch.empty_like(images))
-            source = transformed
+            source = self._source_transforms(images, params, fake)
             real.copy_(images)
         elif not bool(source_first.any()):
             self._source_transforms(images, params, real)
             source = images
         else:
-            transformed = self._source_transforms(images, params, torch.empty_like(images))
+            transformed = self._source_transforms(images, params, fake)
             where = source_first.to(images.device)[:, None, None, None]
             source = torch.where(where, transformed, images)
             torch.where(where, images, transformed, out=real)
@@ -335,11 +336,19 @@ class SelfBlender:
         # Step 7 on the box; outside it M = 0 and the fake is the target.
         fake_box = torch.lerp(real[:, :, y0:y1, x0:x1], warped, blend_mask[:, :, y0:y1, x0:x1])
         del warped
-        # Step 8: the same parameters for real and fake.
-        self._post_transforms(real, params)
-        self._post_transforms(fake_box, params)
-        fake.copy_(real)
-        fake[:, :, y0:y1, x0:x1] = fake_box
+        # Step 8: the same parameters for real and fake. OpenCV's HSV conversion may round a pixel differently
+        # (1 ulp) depending on where it falls in its SIMD blocks, so with an HSV shift the fake is transformed
+        # whole, which keeps it bit-identical to the real outside the mask.
+        if self.config.post_transforms and bool((params["post_hsv"] != 0).any()):
+            fake.copy_(real)
+            fake[:, :, y0:y1, x0:x1] = fake_box
+            self._post_transforms(real, params)
+            self._post_transforms(fake, params)
+        else:
+            self._post_transforms(real, params)
+            self._post_transforms(fake_box, params)
+            fake.copy_(real)
+            fake[:, :, y0:y1, x0:x1] = fake_box
         self._jpeg(real, fake, params, box)
 
     def _source_transforms(self, images: torch.Tensor, params: dict[str, torch.Tensor],
@@ -373,14 +382,24 @@ class SelfBlender:
     def _elastic_offsets(self, scale: torch.Tensor, height: int, width: int,
                          generator: torch.Generator) -> torch.Tensor:
         """Step 5, elastic: (B, H, W, 2) displacement in normalised grid units (already through the inverse
-        affine's scale).
+        affine's scale): the field of :meth:`_coarse_elastic_field` upsampled bilinearly (align_corners=True)."""
+        device, dtype = scale.device, scale.dtype
+        field = self._coarse_elastic_field(scale.shape[0], height, width, device, dtype, generator)
+        field = F.interpolate(field, size=(height, width), mode="bilinear", align_corners=True)
+        # Pixels -> normalised units (2 / size), then through the inverse affine's linear part (1 / scale).
+        to_grid = torch.tensor([2.0 / width, 2.0 / height], device=device, dtype=dtype) / scale
+        return field.permute(0, 2, 3, 1) * to_grid[:, None, None, :]
+
+    def _coarse_elastic_field(self, batch: int, height: int, width: int, device: torch.device, dtype: torch.dtype,
+                              generator: torch.Generator) -> torch.Tensor:
+        """Step 5, elastic: (B, 2, h, w) displacement (x, y) in pixels on a grid whose corners are the image's
+        corner pixels, about ``elastic_grid_step`` px apart.
 
         Uniform noise in [-1, 1] on a grid of spacing s ~ ``elastic_grid_step`` px, divided by s and smoothed by
         a Gaussian of sigma / s (replicate border, truncated at 4 sigma), has the variance and correlation length
         of the full-resolution field smoothed by sigma; times alpha it is the displacement in pixels.
         """
         config = self.config
-        batch, device, dtype = scale.shape[0], scale.device, scale.dtype
         step = config.elastic_grid_step
         coarse_h, coarse_w = -(-(height - 1) // step) + 1, -(-(width - 1) // step) + 1
         spacing_y, spacing_x = (height - 1) / max(coarse_h - 1, 1), (width - 1) / max(coarse_w - 1, 1)
@@ -396,24 +415,29 @@ class SelfBlender:
                           kernel_y.view(1, 1, -1, 1).expand(batch * 2, 1, -1, 1), groups=batch * 2)
         planes = F.conv2d(F.pad(planes, (rx, rx, 0, 0), mode="replicate"),
                           kernel_x.view(1, 1, 1, -1).expand(batch * 2, 1, 1, -1), groups=batch * 2)
-        field = planes.view(batch, 2, coarse_h, coarse_w) * config.elastic_alpha
-        field = F.interpolate(field, size=(height, width), mode="bilinear", align_corners=True)
-        # Pixels -> normalised units (2 / size), then through the inverse affine's linear part (1 / scale).
-        to_grid = torch.tensor([2.0 / width, 2.0 / height], device=device, dtype=dtype) / scale
-        return field.permute(0, 2, 3, 1) * to_grid[:, None, None, :]
+        return planes.view(batch, 2, coarse_h, coarse_w) * config.elastic_alpha
 
     # ------------------------------------------------------------------------------------------------------
-    def _blend_masks(self, landmarks: torch.Tensor, grid: torch.Tensor, scale: torch.Tensor,
+    def _blend_masks(self, landmarks: torch.Tensor, params: dict[str, torch.Tensor],
+                     shape: tuple[int, int, int, torch.device, torch.dtype],
                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Steps 3, 5 (mask part) and 6 for the whole batch: (B, 1, H, W) blend masks M and (B,) non-empty."""
+        """Steps 3, 5 (mask part) and 6 for the whole batch: (B, 1, H, W) blend masks M and (B,) non-empty.
+
+        The random draws are the same on every path: mask types, elastic noise, then the step-6 parameters.
+        """
         config = self.config
-        batch, height, width, _ = grid.shape
-        device, dtype = grid.device, grid.dtype
+        batch, height, width, device, dtype = shape
         type_choice = _randint(batch, 0, len(config.mask_types) - 1, generator).cpu()
         mask_types = [config.mask_types[i] for i in type_choice.tolist()]
         hulls = hull_masks(landmarks, height, width, mask_types).to(device, dtype)
-        mask_grid = grid + self._elastic_offsets(scale, height, width, generator)
-        warped = F.grid_sample(hulls, mask_grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        if _uses_opencv(hulls):
+            field = self._coarse_elastic_field(batch, height, width, device, dtype, generator)
+            warped = _warp_masks_opencv(hulls, field, params["translate"], params["scale"])
+        else:
+            grid, scale = _affine_grid(params["translate"], params["scale"], height, width, device, dtype)
+            mask_grid = grid + self._elastic_offsets(scale, height, width, generator)
+            del grid
+            warped = F.grid_sample(hulls, mask_grid, mode="nearest", padding_mode="zeros", align_corners=False)
         return self._smooth_blend_masks(warped, generator)
 
     def _smooth_blend_masks(self, masks: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor,
@@ -441,7 +465,9 @@ def smooth_blend_masks(masks: torch.Tensor, sizes_h: torch.Tensor, sizes_w: torc
 
     Per sample: resize to (h', w') bilinearly, erode by a k1 x k1 square (the float "blur k1, divide by the max,
     zero what is below 1"), Gaussian blur k2 / sigma2, divide by the max, resize back bilinearly. Borders are
-    reflect-101 as in OpenCV.
+    reflect-101 as in OpenCV. CPU float32 masks go through OpenCV one sample at a time
+    (:func:`_smooth_blend_masks_opencv`), other devices and dtypes through one batched torch canvas; the two agree
+    to float rounding (tested).
 
     Args:
         masks: (B, 1, H, W) float in [0, 1].
@@ -453,6 +479,8 @@ def smooth_blend_masks(masks: torch.Tensor, sizes_h: torch.Tensor, sizes_w: torc
         (B, 1, H, W) blend masks in [0, 1] with maximum 1, and (B,) bool, False where the mask came out empty
         (its blend mask is then all zeros).
     """
+    if _uses_opencv(masks):
+        return _smooth_blend_masks_opencv(masks, sizes_h, sizes_w, kernel_1, kernel_2, sigma_2)
     batch, _, height, width = masks.shape
     device, dtype = masks.device, masks.dtype
     sizes_h, sizes_w = sizes_h.to(device), sizes_w.to(device)
@@ -499,6 +527,94 @@ def smooth_blend_masks(masks: torch.Tensor, sizes_h: torch.Tensor, sizes_w: torc
 # ----------------------------------------------------------------------------------------------------------
 # Helpers of the blend-mask canvas
 # ----------------------------------------------------------------------------------------------------------
+def _empty_like(tensor: torch.Tensor) -> torch.Tensor:
+    """``torch.empty_like``, except that large CPU float32 buffers are allocated by numpy, which asks the kernel
+    for transparent huge pages (``madvise``): first-touch page faults on fresh 4 kB pages cost about 0.5 ms
+    per 384 px RGB image on this machine, more than most of the work done on it. The result is an ordinary
+    tensor sharing the numpy array's memory."""
+    if tensor.device.type == "cpu" and tensor.dtype == torch.float32 and tensor.numel() * 4 >= 4 << 20:
+        return torch.from_numpy(np.empty(tuple(tensor.shape), dtype=np.float32))
+    return torch.empty_like(tensor, memory_format=torch.contiguous_format)
+
+
+def _uses_opencv(tensor: torch.Tensor) -> bool:
+    """CPU float32 work goes through OpenCV one sample at a time (see ``augment._uses_opencv``): on one core its
+    resize, remap, morphology and blur kernels are several times faster than torch's CPU ``grid_sample``,
+    ``interpolate`` and grouped convolutions. Other devices and dtypes take the batched torch code."""
+    return tensor.device.type == "cpu" and tensor.dtype == torch.float32
+
+
+def _warp_masks_opencv(hulls: torch.Tensor, field: torch.Tensor, translate: torch.Tensor,
+                       scale: torch.Tensor) -> torch.Tensor:
+    """Step 5 for the masks on CPU: the affine of :func:`_affine_grid` composed with the elastic field, one
+    ``cv2.remap`` (nearest, zero border) per sample.
+
+    The map of output pixel (x, y) is the source pixel ((x + 0.5 - W/2 - t_x W) + d_x(x, y)) / s_x + W/2 - 0.5
+    (likewise in y), which is ``grid_sample``'s grid (align_corners=False) plus :meth:`SelfBlender._elastic_offsets`
+    in pixel units. d is the coarse field upsampled bilinearly with corners aligned, done by ``cv2.warpAffine``
+    with the scaling (h - 1) / (H - 1), which places the sample points at 1/32 px of the exact ones
+    (OpenCV's interpolation table), a displacement error below 0.02 px.
+    """
+    batch, _, height, width = hulls.shape
+    coarse_h, coarse_w = field.shape[-2:]
+    to_coarse = np.array([[(coarse_w - 1) / max(width - 1, 1), 0.0, 0.0],
+                          [0.0, (coarse_h - 1) / max(height - 1, 1), 0.0]], dtype=np.float64)
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    xs = np.arange(width, dtype=np.float32) + np.float32(0.5 - width / 2)
+    ys = (np.arange(height, dtype=np.float32) + np.float32(0.5 - height / 2))[:, None]
+    warped = _empty_like(hulls)
+    field = field.contiguous()
+    for sample, ((t_x, t_y), (s_x, s_y)) in enumerate(zip(translate.tolist(), scale.tolist())):
+        maps = []
+        for axis, (positions, shift, factor, size) in enumerate(((xs, t_x * width, s_x, width),
+                                                                 (ys, t_y * height, s_y, height))):
+            plane = cv2.warpAffine(field[sample, axis].numpy(), to_coarse, (width, height), flags=flags,
+                                   borderMode=cv2.BORDER_REPLICATE)
+            plane += positions - np.float32(shift)
+            plane *= np.float32(1.0 / factor)
+            plane += np.float32(size / 2 - 0.5)
+            maps.append(plane)
+        destination = warped[sample, 0].numpy()
+        result = cv2.remap(hulls[sample, 0].numpy(), maps[0], maps[1], cv2.INTER_NEAREST, dst=destination,
+                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        if result is not destination and not np.shares_memory(result, destination):
+            np.copyto(destination, result)
+    return warped
+
+
+def _smooth_blend_masks_opencv(masks: torch.Tensor, sizes_h: torch.Tensor, sizes_w: torch.Tensor,
+                               kernel_1: torch.Tensor, kernel_2: torch.Tensor,
+                               sigma_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`smooth_blend_masks` on CPU float32, one sample at a time with OpenCV: ``cv2.resize``
+    (INTER_LINEAR) to (h', w'), the pixels within the tolerance of the maximum, ``cv2.erode`` by a k1 x k1
+    square, ``cv2.GaussianBlur`` k2 / sigma2, divide by the max, ``cv2.resize`` back; reflect-101 borders."""
+    batch, _, height, width = masks.shape
+    result = _empty_like(masks)
+    non_empty = torch.zeros(batch, dtype=torch.bool)
+    parameters = zip(sizes_h.tolist(), sizes_w.tolist(), kernel_1.tolist(), kernel_2.tolist(), sigma_2.tolist())
+    for sample, (size_h, size_w, k1, k2, sigma) in enumerate(parameters):
+        small = cv2.resize(masks[sample, 0].numpy(), (int(size_w), int(size_h)), interpolation=cv2.INTER_LINEAR)
+        level = float(small.max())
+        if level <= 0:
+            result[sample].zero_()
+            continue
+        at_level = (small >= np.float32(level - _EROSION_TOLERANCE)).view(np.uint8)
+        eroded = cv2.erode(at_level, np.ones((int(k1), int(k1)), np.uint8), borderType=cv2.BORDER_REFLECT_101)
+        blurred = cv2.GaussianBlur(eroded.astype(np.float32), (int(k2), int(k2)), float(sigma),
+                                   borderType=cv2.BORDER_REFLECT_101)
+        peak = float(blurred.max())
+        if peak <= 0:
+            result[sample].zero_()
+            continue
+        blurred *= np.float32(1.0 / peak)
+        destination = result[sample, 0].numpy()
+        resized = cv2.resize(blurred, (width, height), dst=destination, interpolation=cv2.INTER_LINEAR)
+        if resized is not destination and not np.shares_memory(resized, destination):
+            np.copyto(destination, resized)
+        non_empty[sample] = True
+    return result.clamp_(0.0, 1.0), non_empty.to(masks.device)
+
+
 def _affine_grid(translate: torch.Tensor, scale: torch.Tensor, height: int, width: int, device: torch.device,
                  dtype: torch.dtype, box: tuple[int, int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 5, affine: the (B, H, W, 2) ``grid_sample`` grid of albumentations' Affine (translate by a fraction

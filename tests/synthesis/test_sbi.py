@@ -312,3 +312,123 @@ def test_batched_and_reference_blend_masks_cover_similar_areas(face):
     reference_area = np.mean([reference(image, landmarks, rng)["mask"].sum() for _ in range(12)])
     batched_area = float(batched["mask"].sum()) / 12
     assert abs(batched_area / reference_area - 1) < 0.1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Equivalences the fast paths rely on
+# ----------------------------------------------------------------------------------------------------------
+def test_hsv_draws_act_as_albumentations_applies_them_to_uint8():
+    """albumentations 2.0.8 HueSaturationValue on uint8 keeps only the integer parts of its shifts: floor for hue
+    (half-degrees), trunc for saturation and value."""
+    from synthesis.sbi import _albumentations_uint8_hsv
+
+    drawn = torch.tensor([[-0.2, 0.2, -0.2], [0.29, -0.29, 0.1], [1.7, -1.7, 2.2], [-20.5, 3.9, -3.9]])
+    expected = torch.tensor([[-2.0, 0.0, 0.0], [0.0, 0.0, 0.0], [2.0, -1 / 255, 2 / 255],
+                             [-42.0, 3 / 255, -3 / 255]])
+    torch.testing.assert_close(_albumentations_uint8_hsv(drawn), expected)
+
+
+@pytest.mark.parametrize("shift", [(-0.25, 0.2, -0.2), (-0.05, -0.29, 0.29), (0.05, 0.1, -0.1), (0.25, -0.2, 0.2),
+                                   (-1.5, -1.7, 2.2)])
+def test_hsv_shift_matches_albumentations_on_a_real_face(face, shift):
+    """Against albumentations on the uint8 face, ours differs only by the uint8 HSV round trip's quantisation
+    noise (albumentations with a shift whose integer parts are 0 against the unchanged input)."""
+    from albumentations.augmentations.pixel import functional as albumentations_pixel
+
+    from synthesis.sbi import _albumentations_uint8_hsv
+
+    image, _ = face
+    reference = albumentations_pixel.shift_hsv(image.copy(), *shift).astype(np.float64)
+    ours = augment.hsv_shift(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255,
+                             _albumentations_uint8_hsv(torch.tensor([shift])))
+    ours = ours[0].permute(1, 2, 0).numpy().astype(np.float64) * 255
+    round_trip = np.abs(albumentations_pixel.shift_hsv(image.copy(), 0.1, 0.1, 0.1) - image.astype(np.float64))
+    error = np.abs(ours - reference)
+    assert error.mean() < round_trip.mean() + 0.1
+    assert error.max() <= round_trip.max() + 2
+    if shift[0] < 0:  # the -1 hue unit is real: ignoring it (the identity) is much further off
+        assert np.abs(image - reference).mean() > error.mean() + 0.2
+
+
+def test_opencv_and_torch_colour_paths_agree():
+    """CPU float32 takes OpenCV kernels, other dtypes/devices torch: same results to float rounding."""
+    generator = _generator(12)
+    images = torch.rand(3, 3, 40, 48, generator=generator)
+    cases = [
+        (augment.sharpen, torch.tensor([[0.4, 0.7], [0.0, 0.5], [0.25, 0.9]]), 1e-5),
+        (augment.downscale, torch.tensor([2, 1, 4]), 1e-5),
+        (augment.hsv_shift, torch.tensor([[40.0, 0.2, -0.1], [-2.0, 0.0, 0.0], [-400.0, -0.3, 0.3]]), 1e-5),
+        (augment.jpeg, torch.tensor([50, 0, 90]), 1e-6),
+    ]
+    for function, params, tolerance in cases:
+        fast = function(images, params)
+        torch_path = function(images.double(), params).float()
+        torch.testing.assert_close(fast, torch_path, atol=tolerance, rtol=0, msg=function.__name__)
+
+
+def test_opencv_and_torch_mask_paths_agree(face):
+    """The per-sample OpenCV mask chain (CPU float32) against the batched torch one (float64): the warped masks
+    are identical and the blend masks agree to float rounding."""
+    import torch.nn.functional as F
+
+    from synthesis import sbi
+    from synthesis.masks import hull_masks
+
+    _, landmarks = _batch(face, 8)
+    hulls = hull_masks(landmarks, SIZE, SIZE, [MASK_TYPES[i % 4] for i in range(8)])
+    blender = SelfBlender()
+    params = blender._draw_image_params(8, _generator(13))
+    field = blender._coarse_elastic_field(8, SIZE, SIZE, torch.device("cpu"), torch.float32, _generator(14))
+    warped = sbi._warp_masks_opencv(hulls, field, params["translate"], params["scale"])
+    grid, scale = sbi._affine_grid(params["translate"], params["scale"], SIZE, SIZE, torch.device("cpu"),
+                                   torch.float64)
+    offsets = blender._elastic_offsets(scale, SIZE, SIZE, _generator(14))
+    expected = F.grid_sample(hulls.double(), grid + offsets, mode="nearest", padding_mode="zeros",
+                             align_corners=False)
+    differing = (warped.double() != expected).flatten(1).sum(1)
+    assert int(differing.max()) <= 2  # rounding ties of the nearest neighbour at most
+    generator = _generator(15)
+    sizes = [_randint_tensor(8, 192, 256, generator), _randint_tensor(8, 192, 256, generator)]
+    kernels = [5 + 2 * _randint_tensor(8, 0, 10, generator), 5 + 2 * _randint_tensor(8, 0, 10, generator)]
+    sigma = _randint_tensor(8, 5, 45, generator)
+    fast, fast_valid = smooth_blend_masks(expected.float(), *sizes, *kernels, sigma)
+    reference, valid = smooth_blend_masks(expected, *sizes, *kernels, sigma)
+    assert fast_valid.tolist() == valid.tolist()
+    torch.testing.assert_close(fast.double(), reference, atol=1e-4, rtol=0)
+
+
+def _randint_tensor(size: int, low: int, high: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(low, high + 1, (size,), generator=generator)
+
+
+def test_float32_and_float64_batches_agree(face):
+    """The same draws through the OpenCV (float32) and torch (float64) paths give the same masks and images up to
+    float rounding (and the odd JPEG rounding flip)."""
+    images, landmarks = _batch(face, 4)
+    fast = SelfBlender()(images, landmarks, _generator(16))
+    reference = SelfBlender()(images.double(), landmarks, _generator(16))
+    assert fast["valid"].tolist() == reference["valid"].tolist()
+    torch.testing.assert_close(fast["mask"].double(), reference["mask"], atol=1e-3, rtol=0)
+    for key in ("real", "fake"):
+        assert float((fast[key].double() - reference[key]).abs().mean()) < 2e-3, key
+
+
+def test_fake_equals_real_outside_the_mask_with_post_transforms(face):
+    """The fake's post transforms run on the mask's support box only; outside the mask it is bit-identical to
+    the real (JPEG off: JPEG mixes neighbouring pixels)."""
+    images, landmarks = _batch(face, 6)
+    config = SBIConfig(jpeg_p=0.0, post_rgb_shift_p=1.0, post_hsv_p=1.0, post_brightness_contrast_p=1.0,
+                       post_hsv_shift=(20.0, 20.0, 20.0))
+    out = SelfBlender(config)(images, landmarks, _generator(17))
+    outside = (out["blend_mask"] == 0).expand_as(out["real"])
+    assert torch.equal(out["fake"][outside], out["real"][outside])
+    assert not torch.equal(out["real"], SelfBlender(SBIConfig(post_transforms=False))(
+        images, landmarks, _generator(17))["real"])
+
+
+def test_results_do_not_depend_on_the_chunk_size(face):
+    images, landmarks = _batch(face, 5)
+    one = SelfBlender(chunk_size=1)(images, landmarks, _generator(18))
+    several = SelfBlender(chunk_size=3)(images, landmarks, _generator(18))
+    for key in one:
+        torch.testing.assert_close(one[key], several[key], atol=1e-6, rtol=0, msg=key)
