@@ -2,16 +2,20 @@
 
 Usage::
 
-    python benchmarks/partners.py [--sizes 10000 46080 92160] [--metrics l2 laa] [--k 30] [--device cpu]
+    python benchmarks/partners.py [--sizes 10000 46080 92160] [--metrics l2 laa] [--k 30] [--device cpu] \\
+        [--laa-kernel auto|fused|eager]
 
 Each size N is a set of N 68-point faces, 128 frames per video (FF++ train layout), searched against
 itself: a fixed mean face moved by a per-video similarity transform (head pose / framing) plus per-frame
-jitter. Prints N, metric, seconds, queries/s and the speed-up over LAA-Net's partner search (122.6 ms per
-query on one core, 10,000 random candidates instead of all frames; shared/specs/anchors.md).
+jitter. A few random rows are checked against a float64 brute force. Prints N, metric, seconds, queries/s,
+the speed-up over LAA-Net's partner search (122.6 ms per query on one core, with 10,000 random candidates
+instead of all frames; shared/specs/anchors.md) and the peak RSS.
 """
 from __future__ import annotations
 
 import argparse
+import logging
+import resource
 import sys
 import time
 from pathlib import Path
@@ -20,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from package_utils.partners import METRICS, find_partners  # noqa: E402
+from package_utils.partners import LAA_KERNELS, LAA_TILE, METRICS, find_partners  # noqa: E402
 
 FRAMES_PER_VIDEO = 128
 LAA_NET_SECONDS_PER_QUERY = 0.1226
@@ -43,6 +47,23 @@ def synthetic_faces(n: int, points: int = 68, seed: int = 0) -> tuple[np.ndarray
     return faces.astype(np.float32), videos
 
 
+def check_rows(faces: np.ndarray, videos: np.ndarray, indices: np.ndarray, distances: np.ndarray, metric: str,
+               rows: int) -> None:
+    """Compare ``rows`` random queries with a float64 brute force over all candidates (raises on mismatch)."""
+    rng = np.random.default_rng(1)
+    points = faces.astype(np.float64)
+    for row in rng.choice(len(faces), size=min(rows, len(faces)), replace=False):
+        diff = points - points[row]
+        if metric == "l2":
+            exact = np.sqrt((diff ** 2).sum(axis=(1, 2)))
+        else:
+            exact = np.sqrt((diff ** 2).sum(axis=2)).sum(axis=1)
+        exact[videos == videos[row]] = np.inf
+        want = np.lexsort((np.arange(len(exact)), exact))[:indices.shape[1]]
+        if not (np.array_equal(indices[row], want) and np.allclose(distances[row], exact[want], rtol=1e-6)):
+            raise AssertionError(f"{metric}: row {row} differs from the brute force")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 46_080, 92_160])
@@ -50,21 +71,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=30)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--block-size", type=int)
+    parser.add_argument("--laa-kernel", choices=LAA_KERNELS, default="auto")
+    parser.add_argument("--check-rows", type=int, default=16, help="rows compared with a float64 brute force")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, k={args.k}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, k={args.k}, "
+          f"laa kernel {args.laa_kernel}")
+    if "laa" in args.metrics and args.laa_kernel != "eager":
+        # the fused kernel is compiled once per tile shape (cached on disk afterwards): keep it out of the table
+        faces, videos = synthetic_faces(args.block_size or LAA_TILE)
+        start = time.perf_counter()
+        find_partners(faces, videos, faces, videos, k=args.k, metric="laa", device=args.device,
+                      block_size=args.block_size, laa_kernel=args.laa_kernel)
+        print(f"laa kernel build + warm-up: {time.perf_counter() - start:.1f} s")
     print(f"{'N':>8} {'metric':>6} {'seconds':>9} {'queries/s':>10} {'vs LAA-Net':>10}")
     for n in args.sizes:
         faces, videos = synthetic_faces(n)
         for metric in args.metrics:
             start = time.perf_counter()
-            indices, _ = find_partners(faces, videos, faces, videos, k=args.k, metric=metric, device=args.device,
-                                       block_size=args.block_size)
+            indices, distances = find_partners(faces, videos, faces, videos, k=args.k, metric=metric,
+                                               device=args.device, block_size=args.block_size,
+                                               laa_kernel=args.laa_kernel)
             seconds = time.perf_counter() - start
-            valid = indices >= 0
-            assert not (videos[np.where(valid, indices, 0)] == videos[:, None])[valid].any()
+            check_rows(faces, videos, indices, distances, metric, args.check_rows)
             speedup = n * LAA_NET_SECONDS_PER_QUERY / seconds
             print(f"{n:>8} {metric:>6} {seconds:>9.1f} {n / seconds:>10.0f} {speedup:>9.0f}x", flush=True)
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     return 0
 
 

@@ -3,7 +3,8 @@
 Usage::
 
     python -m package_utils.partners --input processed_data/train.json --output processed_data/train_bi.json \\
-        --k 30 [--metric l2|laa] [--device cpu|cuda] [--block-size N] [--laa-paths] [--candidates other.json]
+        --k 30 [--metric l2|laa] [--device cpu|cuda] [--block-size N] [--laa-paths] [--candidates other.json] \\
+        [--max-tile-mb 128] [--laa-kernel auto|fused|eager]
 
 For every item with landmarks (``aligned_lms``, the points on ``image_path``'s pixels) the ``k`` nearest faces
 of **other videos** are found by brute force over every candidate frame (no sampling, unlike LAA-Net's 10,000
@@ -26,6 +27,11 @@ The search runs in tiles of ``block_size`` queries x a candidate block (float32 
 ``max_tile_mb``), keeping a running top-(k + margin) per query; same-video pairs are set to +inf before each
 top-k. The survivors are then re-scored in float64 and sorted by (distance, candidate id), so ties break
 deterministically and the result does not depend on the tile sizes.
+
+laa costs L square roots per pair, so it computes each pair once when a file is searched against itself
+(symmetric tiles) and, on CPU, uses a torch.compile'd kernel (one pass per tile instead of six per landmark;
+needs a C++ compiler, built once in ~15 s and cached by torch). ``--laa-kernel auto`` checks that kernel against
+the eager one on the first tile and falls back to eager, with a warning, when it is unavailable or differs.
 """
 from __future__ import annotations
 
@@ -50,9 +56,13 @@ METRICS = ("l2", "laa")
 DEFAULT_BLOCK_SIZE = 1024
 #: Bound on the float32 distance tile(s) held at once, in MiB.
 DEFAULT_TILE_MB = 128.0
-#: Largest laa tile side: its three per-landmark temporaries should stay in cache (measured: 1024 is ~2x
-#: faster per pair than 2048 on a 2-core EPYC).
-LAA_TILE = 1024
+#: laa tile side. torch.topk costs ~3.5 us per row plus ~1.2 ns per value on this CPU, so the two top-k passes of
+#: a symmetric tile cost as much as the fused distance kernel at 1024 and about 40% of it at 2048.
+LAA_TILE = 2048
+#: The eager kernel works in sub-tiles of at most this side, so its per-landmark temporaries stay in cache
+#: (1024 is ~1.6x faster per pair than 2048 on a 2-core EPYC).
+EAGER_SUBTILE = 1024
+LAA_KERNELS = ("auto", "fused", "eager")
 #: Extra candidates kept per query in the float32 pass, so float32 rounding cannot push a true top-k
 #: neighbour out before the float64 re-scoring, and ties at the k-th place can be broken by id.
 TIE_MARGIN = 8
@@ -89,51 +99,106 @@ def _exact(query: np.ndarray, candidates: np.ndarray, metric: str) -> np.ndarray
     return np.sqrt(np.einsum("nmlc,nmlc->nml", diff, diff)).sum(axis=-1)
 
 
+def _laa_eager(qx: torch.Tensor, qy: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, out: torch.Tensor,
+               t1: torch.Tensor, t2: torch.Tensor) -> torch.Tensor:
+    """laa tile with in-place ops: qx, qy (L, B, 1), cx, cy (L, 1, C) -> out (B, C); six passes per landmark.
+
+    Works in sub-tiles of ``t1``'s shape (cache-sized temporaries).
+    """
+    out.zero_()
+    rows, cols = t1.shape
+    for r0 in range(0, out.shape[0], rows):
+        for c0 in range(0, out.shape[1], cols):
+            part = out[r0:r0 + rows, c0:c0 + cols]
+            a, b = t1[:part.shape[0], :part.shape[1]], t2[:part.shape[0], :part.shape[1]]
+            for k in range(qx.shape[0]):
+                torch.sub(qx[k, r0:r0 + rows], cx[k, :, c0:c0 + cols], out=a).square_()
+                torch.sub(qy[k, r0:r0 + rows], cy[k, :, c0:c0 + cols], out=b)
+                a.addcmul_(b, b)
+                part.add_(a.sqrt_())
+    return out
+
+
+def _laa_fused(qx: torch.Tensor, qy: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor) -> torch.Tensor:
+    """The same tile as one expression, for torch.compile to fuse into a single sqrt-bound loop."""
+    return torch.sqrt((qx - cx) ** 2 + (qy - cy) ** 2).sum(dim=0)
+
+
+_compiled_laa: Any = None
+
+
+def _fused_kernel() -> Any:
+    global _compiled_laa
+    if _compiled_laa is None:
+        _compiled_laa = torch.compile(_laa_fused, dynamic=False)
+    return _compiled_laa
+
+
 class _Searcher:
-    """Float32 tiled top-(k + margin) search over queries and candidates sorted by video code."""
+    """Float32 tiled top-(k + margin) search over queries and candidates sorted by video code.
+
+    laa tiles always have the full (rows, cols) shape (edge blocks are zero-padded and cropped), so the
+    compiled kernel is built once and the eager buffers are allocated once.
+    """
 
     def __init__(self, query: np.ndarray, candidates: np.ndarray, query_codes: np.ndarray,
-                 candidate_codes: np.ndarray, keep: int, metric: str, device: torch.device):
-        self.metric, self.device, self.keep = metric, device, keep
+                 candidate_codes: np.ndarray, keep: int, metric: str, device: torch.device, tile_shape: tuple[int, int],
+                 laa_kernel: str):
+        self.metric, self.device, self.keep, self.tile_shape = metric, device, keep, tile_shape
         self.query_codes, self.candidate_codes = query_codes, candidate_codes
-        self._buffers: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
+        self.kernel = "matmul" if metric == "l2" else laa_kernel
         if metric == "l2":
             self.q = torch.from_numpy(query.reshape(len(query), -1).astype(np.float32)).to(device)
             self.c = torch.from_numpy(candidates.reshape(len(candidates), -1).astype(np.float32)).to(device)
             self.c_norm = (self.c * self.c).sum(dim=1)
+            self.out = torch.empty(tile_shape, dtype=torch.float32, device=device)
         else:
-            # (L, 2, N): each landmark's x or y over a block is a contiguous row for the broadcast ops
-            self.q = torch.from_numpy(np.ascontiguousarray(query.transpose(1, 2, 0), np.float32)).to(device)
-            self.c = torch.from_numpy(np.ascontiguousarray(candidates.transpose(1, 2, 0), np.float32)).to(device)
+            # (2, L, N): a block of one coordinate is a contiguous (L, B) slice; padded to whole tiles
+            self.q = self._padded(query, tile_shape[0])
+            self.c = self._padded(candidates, tile_shape[1])
+            sub_tile = (min(tile_shape[0], EAGER_SUBTILE), min(tile_shape[1], EAGER_SUBTILE))
+            self.buffers = [torch.empty(shape, dtype=torch.float32, device=device)
+                            for shape in (tile_shape, sub_tile, sub_tile)]
         n = len(query)
         self.best_d = torch.full((n, keep), math.inf, dtype=torch.float32, device=device)
         self.best_i = torch.full((n, keep), -1, dtype=torch.int64, device=device)
 
-    def _buffer(self, rows: int, cols: int, count: int) -> tuple[torch.Tensor, ...]:
-        # a handful of shapes occur (full tiles, last row / column); reuse them instead of reallocating
-        key = (rows, cols)
-        if key not in self._buffers:
-            if len(self._buffers) >= 4:
-                self._buffers.clear()
-            self._buffers[key] = tuple(torch.empty(rows, cols, dtype=torch.float32, device=self.device)
-                                       for _ in range(count))
-        return self._buffers[key]
+    def _padded(self, points: np.ndarray, block: int) -> torch.Tensor:
+        total = -(-len(points) // block) * block
+        padded = np.zeros((2, points.shape[1], total), dtype=np.float32)
+        padded[:, :, :len(points)] = points.transpose(2, 1, 0)
+        return torch.from_numpy(padded).to(self.device)
+
+    def _laa(self, r0: int, c0: int) -> torch.Tensor:
+        rows, cols = self.tile_shape
+        qx, qy = (self.q[i, :, r0:r0 + rows, None].contiguous() for i in (0, 1))
+        cx, cy = (self.c[i, :, None, c0:c0 + cols].contiguous() for i in (0, 1))
+        if self.kernel == "eager":
+            return _laa_eager(qx, qy, cx, cy, *self.buffers)
+        if self.kernel == "fused":
+            return _fused_kernel()(qx, qy, cx, cy)
+        # auto: the first tile compiles the fused kernel and checks it against the eager one
+        eager = _laa_eager(qx, qy, cx, cy, *self.buffers)
+        try:
+            fused = _fused_kernel()(qx, qy, cx, cy)
+            if not torch.allclose(fused, eager, rtol=1e-4, atol=1e-2):
+                raise RuntimeError(f"fused kernel differs from eager by {float((fused - eager).abs().max()):.3g}")
+        except Exception as error:  # noqa: BLE001 - no compiler, unsupported platform, ...: eager still works
+            log.warning("torch.compile laa kernel unavailable, using the eager kernel (about 3-4x slower on CPU): "
+                        "%s", str(error).splitlines()[0] if str(error) else type(error).__name__)
+            self.kernel = "eager"
+            return eager
+        self.kernel = "fused"
+        return fused
 
     def tile(self, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
         """Ranking distances of queries [r0, r1) x candidates [c0, c1), same-video pairs = +inf."""
         if self.metric == "l2":
-            (out,) = self._buffer(r1 - r0, c1 - c0, 1)
+            out = self.out[:r1 - r0, :c1 - c0]
             # ||a||^2 is constant per row, so ||b||^2 - 2 a.b ranks like the squared distance
             torch.addmm(self.c_norm[c0:c1], self.q[r0:r1], self.c[c0:c1].T, alpha=-2.0, out=out)
         else:
-            out, t1, t2 = self._buffer(r1 - r0, c1 - c0, 3)
-            out.zero_()
-            for k in range(self.q.shape[0]):
-                torch.sub(self.q[k, 0, r0:r1, None], self.c[k, 0, None, c0:c1], out=t1)
-                t1.square_()
-                torch.sub(self.q[k, 1, r0:r1, None], self.c[k, 1, None, c0:c1], out=t2)
-                t1.addcmul_(t2, t2)
-                out.add_(t1.sqrt_())
+            out = self._laa(r0, c0)[:r1 - r0, :c1 - c0]
         # both sides are sorted by video, so each shared video is one rectangle of the tile
         for code in np.unique(self.query_codes[r0:r1]):
             q0, q1 = np.searchsorted(self.query_codes, [code, code + 1])
@@ -156,10 +221,12 @@ class _Searcher:
 
 def _search(query: np.ndarray, query_video: Any, candidates: np.ndarray, candidate_video: Any, k: int,
             metric: str, device: str | torch.device, block_size: int | None, candidate_block_size: int | None,
-            max_tile_mb: float, progress: bool) -> tuple[np.ndarray, np.ndarray]:
-    """find_partners with float64 distances (the CLI rounds them to 4 decimals)."""
+            max_tile_mb: float, laa_kernel: str, progress: bool) -> tuple[np.ndarray, np.ndarray, dict]:
+    """find_partners with float64 distances (the CLI rounds them to 4 decimals) and a dict of what ran."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if laa_kernel not in LAA_KERNELS:
+        raise ValueError(f"laa_kernel must be one of {LAA_KERNELS}, got {laa_kernel!r}")
     if not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     query = _as_landmarks(query, "query_landmarks")
@@ -172,23 +239,26 @@ def _search(query: np.ndarray, query_video: Any, candidates: np.ndarray, candida
     indices = np.full((n, k), -1, dtype=np.int64)
     distances = np.full((n, k), np.inf, dtype=np.float64)
     if n == 0 or m == 0:
-        return indices, distances
+        return indices, distances, {}
 
     # one search over the input itself: the laa tiles are symmetric, so each pair is computed once
     self_search = metric == "laa" and n == m and np.array_equal(query, candidates) and np.array_equal(qv, cv)
-    bq = int(block_size or DEFAULT_BLOCK_SIZE)
+    bq = int(block_size or (DEFAULT_BLOCK_SIZE if metric == "l2" else LAA_TILE))
     if bq < 1 or (candidate_block_size is not None and candidate_block_size < 1):
         raise ValueError("block sizes must be >= 1")
-    tile_floats = int(max_tile_mb * 2**20 / 4 / (1 if metric == "l2" else 3))  # laa keeps 3 tiles
+    bq = min(bq, n)
+    tile_floats = int(max_tile_mb * 2**20 / 4 / (1 if metric == "l2" else 2))  # laa: eager output + fused output
     if candidate_block_size:
-        bc = int(candidate_block_size)
+        bc = min(int(candidate_block_size), m)
     elif metric == "l2":
         bc = max(1, min(m, tile_floats // bq))
     else:
-        bc = max(1, min(LAA_TILE, tile_floats // bq))
+        bc = max(1, min(LAA_TILE, m, tile_floats // bq))
         if self_search:
             bq = bc = min(bq, bc)
     self_search = self_search and bq == bc
+    if torch.device(device).type != "cpu" and laa_kernel == "auto":
+        laa_kernel = "eager"  # the fused kernel targets CPU; GPU eager ops are bandwidth-cheap
 
     q_order = np.argsort(qv, kind="stable")
     c_order = np.argsort(cv, kind="stable")
@@ -196,7 +266,7 @@ def _search(query: np.ndarray, query_video: Any, candidates: np.ndarray, candida
     centre = candidates.mean(axis=0)
     keep = min(k + TIE_MARGIN, m)
     searcher = _Searcher(query[q_order] - centre, candidates[c_order] - centre, qv[q_order], cv[c_order], keep,
-                         metric, torch.device(device))
+                         metric, torch.device(device), (bq, bc), laa_kernel)
     row_blocks = [(r, min(r + bq, n)) for r in range(0, n, bq)]
     col_blocks = [(c, min(c + bc, m)) for c in range(0, m, bc)]
     with torch.inference_mode():
@@ -230,14 +300,15 @@ def _search(query: np.ndarray, query_video: Any, candidates: np.ndarray, candida
         rows = q_order[start:stop]
         indices[rows, :width] = np.where(best_ids < m, best_ids, -1)
         distances[rows, :width] = best_d
-    return indices, distances
+    info = {"kernel": searcher.kernel, "block_size": bq, "candidate_block_size": bc, "symmetric": self_search}
+    return indices, distances, info
 
 
 def find_partners(query_landmarks: np.ndarray, query_video: Sequence[str] | np.ndarray,
                   candidate_landmarks: np.ndarray, candidate_video: Sequence[str] | np.ndarray, k: int = 30,
                   metric: str = "l2", device: str | torch.device = "cpu", block_size: int | None = None,
                   candidate_block_size: int | None = None, max_tile_mb: float = DEFAULT_TILE_MB,
-                  progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                  laa_kernel: str = "auto", progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest landmark sets from other videos.
 
     Args:
@@ -250,10 +321,13 @@ def find_partners(query_landmarks: np.ndarray, query_video: Sequence[str] | np.n
         metric: ``l2`` (Euclidean distance of the flattened vectors) or ``laa`` (sum of per-landmark
             Euclidean distances, as LAA-Net).
         device: torch device for the distance tiles (``cpu``, ``cuda``...).
-        block_size: queries per tile (default 1024).
+        block_size: queries per tile (default 1024 for l2, 2048 for laa).
         candidate_block_size: candidates per tile; default: as many as fit ``max_tile_mb`` for l2, and square
             cache-sized tiles of at most 1024 for laa.
         max_tile_mb: bound on the float32 tile memory in MiB.
+        laa_kernel: ``fused`` (torch.compile, one pass per tile; needs a C++ compiler; built on first use,
+            about 15 s, then cached), ``eager`` (plain torch ops, 3-4x slower on CPU) or ``auto`` (fused on CPU,
+            checked against eager on the first tile, with a warning and eager whenever it fails).
         progress: show a tqdm bar over query blocks.
 
     Returns:
@@ -264,8 +338,8 @@ def find_partners(query_landmarks: np.ndarray, query_video: Sequence[str] | np.n
     Raises:
         ValueError: malformed shapes, non-finite coordinates, differing landmark counts or a bad metric / k.
     """
-    indices, distances = _search(query_landmarks, query_video, candidate_landmarks, candidate_video, k, metric,
-                                 device, block_size, candidate_block_size, max_tile_mb, progress)
+    indices, distances, _ = _search(query_landmarks, query_video, candidate_landmarks, candidate_video, k, metric,
+                                    device, block_size, candidate_block_size, max_tile_mb, laa_kernel, progress)
     return indices, distances.astype(np.float32)
 
 
@@ -287,14 +361,14 @@ def _landmark_items(document: dict, source: str) -> tuple[list[int], np.ndarray]
 
 def add_partners(document: dict, candidates: dict | None = None, *, k: int = 30, metric: str = "l2",
                  device: str = "cpu", block_size: int | None = None, max_tile_mb: float = DEFAULT_TILE_MB,
-                 laa_paths: bool = False, source: str = "<input>", candidate_source: str | None = None,
-                 progress: bool = False) -> dict:
+                 laa_kernel: str = "auto", laa_paths: bool = False, source: str = "<input>",
+                 candidate_source: str | None = None, progress: bool = False) -> dict:
     """Fill ``partners``, ``partner_distances``, ``partner_status`` (and ``best_match``) in place.
 
     Args:
         document: metadata document whose items get partners.
         candidates: metadata document to search (default ``document``); ids refer to its items.
-        k, metric, device, block_size, max_tile_mb: as find_partners.
+        k, metric, device, block_size, max_tile_mb, laa_kernel: as find_partners.
         laa_paths: also write ``best_match``, the partners' ``image_path`` strings.
         source: name of ``document`` in messages.
         candidate_source: name of ``candidates`` in messages and in ``stats.partners.partner_source``.
@@ -323,8 +397,8 @@ def add_partners(document: dict, candidates: dict | None = None, *, k: int = 30,
     c_video = [candidates["data"][i]["video_id"] for i in c_pos]
 
     start = time.perf_counter()
-    indices, distances = _search(q_points, q_video, c_points, c_video, k, metric, device, block_size, None,
-                                 max_tile_mb, progress)
+    indices, distances, info = _search(q_points, q_video, c_points, c_video, k, metric, device, block_size, None,
+                                       max_tile_mb, laa_kernel, progress)
     seconds = time.perf_counter() - start
 
     c_items = candidates["data"]
@@ -354,7 +428,7 @@ def add_partners(document: dict, candidates: dict | None = None, *, k: int = 30,
         "items_no_landmarks": status["no_landmarks"],
         "queries": len(q_pos), "candidates": len(c_pos), "candidate_splits": dict(sorted(splits.items())),
         "landmarks": int(q_points.shape[1]) if len(q_pos) else None,
-        "partner_source": candidate_source,
+        "partner_source": candidate_source, **info,
     }
     document.setdefault("stats", {})["partners"] = stats
     return stats
@@ -371,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--block-size", type=int, help=f"queries per tile (default {DEFAULT_BLOCK_SIZE})")
     parser.add_argument("--max-tile-mb", type=float, default=DEFAULT_TILE_MB,
                         help="bound on the float32 distance tiles held at once, MiB")
+    parser.add_argument("--laa-kernel", choices=LAA_KERNELS, default="auto",
+                        help="laa tile kernel: fused (torch.compile), eager, or auto (fused, else eager)")
     parser.add_argument("--laa-paths", action="store_true", help="also write best_match (partner image paths)")
     parser.add_argument("--candidates", help="metadata JSON to search (train frames; default: --input)")
     parser.add_argument("--data-root", help="override the input's data_root header")
@@ -380,18 +456,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # torch.compile's C++ toolchain probe warns "No CUDA runtime is found" on CPU machines: not our concern
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     try:
         if str(args.device).startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: torch sees no CUDA device")
         document = metadata.load(args.input, args.data_root)
         candidates = metadata.load(args.candidates) if args.candidates else None
         stats = add_partners(document, candidates, k=args.k, metric=args.metric, device=args.device,
-                             block_size=args.block_size, max_tile_mb=args.max_tile_mb, laa_paths=args.laa_paths,
+                             block_size=args.block_size, max_tile_mb=args.max_tile_mb, laa_kernel=args.laa_kernel,
+                             laa_paths=args.laa_paths,
                              source=args.input, candidate_source=args.candidates, progress=True)
         document.setdefault("config", {})["partners"] = {
             "input": args.input, "output": args.output, "candidates": args.candidates, "k": args.k,
             "metric": args.metric, "device": args.device, "block_size": args.block_size,
-            "max_tile_mb": args.max_tile_mb, "laa_paths": args.laa_paths, "tie_margin": TIE_MARGIN,
+            "max_tile_mb": args.max_tile_mb, "laa_kernel": args.laa_kernel, "laa_paths": args.laa_paths,
+            "tie_margin": TIE_MARGIN,
         }
         metadata.save(args.output, document)
     except (ValueError, FileNotFoundError) as error:

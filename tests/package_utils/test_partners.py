@@ -5,11 +5,15 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 
-from package_utils import metadata
+from package_utils import metadata, partners
 from package_utils.partners import find_partners, main
 
 N_ITEMS, N_VIDEOS, N_POINTS = 60, 7, 68
+# The compiled laa kernel costs ~15 s to build, too slow here; "auto" checks it against eager on every run and
+# benchmarks/partners.py checks its results against brute force.
+EAGER = {"laa_kernel": "eager"}
 
 
 def brute_force(query: np.ndarray, query_video, candidates: np.ndarray, candidate_video, k: int, metric: str):
@@ -44,7 +48,7 @@ def random_faces(n: int = N_ITEMS, videos: int = N_VIDEOS, points: int = N_POINT
 def test_matches_brute_force_loop(metric):
     faces, video = random_faces()
     names = [f"ff/original/{v:03d}" for v in video]
-    indices, distances = find_partners(faces, names, faces, names, k=12, metric=metric)
+    indices, distances = find_partners(faces, names, faces, names, k=12, metric=metric, **EAGER)
     want_i, want_d = brute_force(faces, video, faces, video, 12, metric)
     assert indices.dtype == np.int64 and distances.dtype == np.float32
     np.testing.assert_array_equal(indices, want_i)
@@ -56,7 +60,8 @@ def test_separate_candidate_set_matches_brute_force(metric):
     faces, video = random_faces(seed=1)
     query, query_video = faces[:25], video[:25]
     candidates, candidate_video = faces[25:], video[25:]
-    indices, distances = find_partners(query, query_video, candidates, candidate_video, k=6, metric=metric)
+    indices, distances = find_partners(query, query_video, candidates, candidate_video, k=6, metric=metric,
+                                       **EAGER)
     want_i, want_d = brute_force(query, query_video, candidates, candidate_video, 6, metric)
     np.testing.assert_array_equal(indices, want_i)
     np.testing.assert_allclose(distances, want_d, rtol=1e-6)
@@ -68,7 +73,7 @@ def test_partners_never_from_the_same_video(metric):
     rng = np.random.default_rng(2)
     video = np.repeat(np.arange(5), 12)
     faces = rng.uniform(0, 256, (5, N_POINTS, 2))[video] + rng.normal(0, 0.1, (60, N_POINTS, 2))
-    indices, distances = find_partners(faces, video, faces, video, k=30, metric=metric, block_size=16)
+    indices, distances = find_partners(faces, video, faces, video, k=30, metric=metric, block_size=16, **EAGER)
     assert (indices >= 0).all() and np.isfinite(distances).all()
     assert (video[indices] != video[:, None]).all()
     assert (np.diff(distances, axis=1) >= 0).all()
@@ -78,7 +83,7 @@ def test_partners_never_from_the_same_video(metric):
 def test_fewer_than_k_candidates_are_padded(metric):
     faces, _ = random_faces(n=6)
     video = np.array(["a", "a", "b", "b", "b", "c"])
-    indices, distances = find_partners(faces, video, faces, video, k=5, metric=metric)
+    indices, distances = find_partners(faces, video, faces, video, k=5, metric=metric, **EAGER)
     for row, own in enumerate(video):
         eligible = int((video != own).sum())  # 4 for a, 3 for b, 5 for c
         assert (indices[row, :eligible] >= 0).all() and (indices[row, eligible:] == -1).all()
@@ -87,12 +92,14 @@ def test_fewer_than_k_candidates_are_padded(metric):
 
 
 @pytest.mark.parametrize("metric", ["l2", "laa"])
-def test_results_do_not_depend_on_block_sizes(metric):
+def test_results_do_not_depend_on_block_sizes(metric, monkeypatch):
     faces, video = random_faces(n=53, seed=3)
-    reference = find_partners(faces, video, faces, video, k=9, metric=metric)
-    for block_size, candidate_block_size in [(7, None), (7, 5), (1, 1), (53, 4), (4, 53)]:
+    reference = find_partners(faces, video, faces, video, k=9, metric=metric, **EAGER)
+    for block_size, candidate_block_size, sub_tile in [(7, None, 1024), (7, 5, 1024), (1, 1, 1024), (53, 4, 1024),
+                                                       (4, 53, 1024), (None, None, 3), (20, 11, 6)]:
+        monkeypatch.setattr(partners, "EAGER_SUBTILE", sub_tile)  # the laa kernel's cache-sized sub-tiles
         indices, distances = find_partners(faces, video, faces, video, k=9, metric=metric, block_size=block_size,
-                                           candidate_block_size=candidate_block_size)
+                                           candidate_block_size=candidate_block_size, **EAGER)
         np.testing.assert_array_equal(indices, reference[0])
         np.testing.assert_array_equal(distances, reference[1])
 
@@ -105,7 +112,7 @@ def test_ties_break_by_lower_candidate_id(metric):
     faces[twins] = faces[5]
     video[twins] = [0, 1, 2, 3]
     indices, _ = find_partners(faces[:1], [99], faces, video, k=30, metric=metric, block_size=1,
-                               candidate_block_size=4)
+                               candidate_block_size=4, **EAGER)
     positions = [list(indices[0]).index(t) for t in twins]
     assert positions == sorted(positions) and np.ptp(positions) == 3
 
@@ -114,6 +121,25 @@ def test_mismatched_landmark_counts_raise():
     faces, video = random_faces(n=10)
     with pytest.raises(ValueError, match="68 points but candidate landmarks have 81"):
         find_partners(faces, video, np.zeros((4, 81, 2)), np.arange(4), k=2)
+
+
+@pytest.mark.parametrize("broken", ["raises", "wrong"])
+def test_auto_kernel_falls_back_to_eager(monkeypatch, caplog, broken):
+    def build():
+        def kernel(qx, qy, cx, cy):
+            if broken == "raises":
+                raise RuntimeError("no C++ compiler")
+            return torch.zeros(qx.shape[1], cx.shape[2])
+        return kernel
+
+    monkeypatch.setattr(partners, "_fused_kernel", build)
+    faces, video = random_faces(n=40, seed=8)
+    with caplog.at_level(logging.WARNING, logger="package_utils.partners"):
+        indices, distances = find_partners(faces, video, faces, video, k=7, metric="laa", block_size=16)
+    assert "using the eager kernel" in caplog.text
+    want_i, want_d = brute_force(faces, video, faces, video, 7, "laa")
+    np.testing.assert_array_equal(indices, want_i)
+    np.testing.assert_allclose(distances, want_d, rtol=1e-6)
 
 
 def make_item(video_id: str, frame: int, landmarks: np.ndarray | None, split: str = "train") -> dict:
@@ -140,7 +166,7 @@ def test_cli_end_to_end(tmp_path):
     output = tmp_path / "out" / "train_partners.json"
 
     assert main(["--input", str(source), "--output", str(output), "--k", "6", "--metric", "laa", "--laa-paths",
-                 "--block-size", "3"]) == 0
+                 "--block-size", "3", "--laa-kernel", "eager"]) == 0
     document = metadata.load(output)
     data = document["data"]
     assert len(data) == 11 and data[3]["partner_status"] == "no_landmarks" and data[3]["partners"] == []
@@ -161,6 +187,14 @@ def test_cli_end_to_end(tmp_path):
     assert (stats["k"], stats["metric"], stats["items_with_partners"], stats["items_no_landmarks"]) == (6, "laa", 10, 1)
     assert (stats["items_ok"], stats["items_fewer_than_k"], stats["partner_source"]) == (5, 5, str(source))
     assert document["config"]["partners"]["laa_paths"] is True and document["config"]["stage"] == "test"
+
+
+def test_cli_document_without_landmarks(tmp_path):
+    source = write_document(tmp_path / "train.json", [make_item("a", 0, None), make_item("b", 1, None)], tmp_path)
+    assert main(["--input", str(source), "--output", str(source), "--laa-paths"]) == 0
+    document = metadata.load(source)
+    assert [item["partner_status"] for item in document["data"]] == ["no_landmarks"] * 2
+    assert document["stats"]["partners"]["items_with_partners"] == 0
 
 
 def test_cli_with_candidate_file_warns_on_non_train(tmp_path, caplog):
