@@ -56,13 +56,15 @@ METRICS = ("l2", "laa")
 DEFAULT_BLOCK_SIZE = 1024
 #: Bound on the float32 distance tile(s) held at once, in MiB.
 DEFAULT_TILE_MB = 128.0
-#: laa tile side. torch.topk costs ~3.5 us per row plus ~1.2 ns per value on this CPU, so the two top-k passes of
-#: a symmetric tile cost as much as the fused distance kernel at 1024 and about 40% of it at 2048.
-LAA_TILE = 2048
+#: laa tile side (1024-4096 measured within 10% of each other with the fused kernel; 1024 was fastest).
+LAA_TILE = 1024
 #: The eager kernel works in sub-tiles of at most this side, so its per-landmark temporaries stay in cache
 #: (1024 is ~1.6x faster per pair than 2048 on a 2-core EPYC).
 EAGER_SUBTILE = 1024
 LAA_KERNELS = ("auto", "fused", "eager")
+#: "auto" compiles the fused kernel only for searches with more pair-landmark terms than this (~10 s of eager
+#: work on a 2-core CPU, N ~ 17k searched against itself), because a cold build takes ~15 s.
+FUSED_MIN_WORK = 1e10
 #: Extra candidates kept per query in the float32 pass, so float32 rounding cannot push a true top-k
 #: neighbour out before the float64 re-scoring, and ties at the k-th place can be broken by id.
 TIE_MARGIN = 8
@@ -253,12 +255,13 @@ def _search(query: np.ndarray, query_video: Any, candidates: np.ndarray, candida
     elif metric == "l2":
         bc = max(1, min(m, tile_floats // bq))
     else:
-        bc = max(1, min(LAA_TILE, m, tile_floats // bq))
+        bc = max(1, min(bq, m, tile_floats // bq))
         if self_search:
             bq = bc = min(bq, bc)
     self_search = self_search and bq == bc
-    if torch.device(device).type != "cpu" and laa_kernel == "auto":
-        laa_kernel = "eager"  # the fused kernel targets CPU; GPU eager ops are bandwidth-cheap
+    pair_terms = n * m * query.shape[1] / (2 if self_search else 1)
+    if laa_kernel == "auto" and (torch.device(device).type != "cpu" or pair_terms < FUSED_MIN_WORK):
+        laa_kernel = "eager"  # GPU eager ops are bandwidth-cheap; small CPU searches do not repay the build
 
     q_order = np.argsort(qv, kind="stable")
     c_order = np.argsort(cv, kind="stable")
@@ -323,11 +326,12 @@ def find_partners(query_landmarks: np.ndarray, query_video: Sequence[str] | np.n
         device: torch device for the distance tiles (``cpu``, ``cuda``...).
         block_size: queries per tile (default 1024 for l2, 2048 for laa).
         candidate_block_size: candidates per tile; default: as many as fit ``max_tile_mb`` for l2, and square
-            cache-sized tiles of at most 1024 for laa.
+            tiles (``block_size`` again) for laa.
         max_tile_mb: bound on the float32 tile memory in MiB.
         laa_kernel: ``fused`` (torch.compile, one pass per tile; needs a C++ compiler; built on first use,
-            about 15 s, then cached), ``eager`` (plain torch ops, 3-4x slower on CPU) or ``auto`` (fused on CPU,
-            checked against eager on the first tile, with a warning and eager whenever it fails).
+            about 15 s, then cached), ``eager`` (plain torch ops, 2-4x slower on CPU) or ``auto`` (fused for
+            large CPU searches, checked against eager on the first tile, with a warning and eager whenever it
+            fails; eager otherwise).
         progress: show a tqdm bar over query blocks.
 
     Returns:

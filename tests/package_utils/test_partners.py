@@ -133,6 +133,7 @@ def test_auto_kernel_falls_back_to_eager(monkeypatch, caplog, broken):
         return kernel
 
     monkeypatch.setattr(partners, "_fused_kernel", build)
+    monkeypatch.setattr(partners, "FUSED_MIN_WORK", 0)  # auto would choose eager for so small a search
     faces, video = random_faces(n=40, seed=8)
     with caplog.at_level(logging.WARNING, logger="package_utils.partners"):
         indices, distances = find_partners(faces, video, faces, video, k=7, metric="laa", block_size=16)
