@@ -74,7 +74,7 @@ def main() -> int:
     reader = MediaReader(video)
     indices = sample_indices(reader.info.frame_count, args.frames)
     n = len(indices)
-    threads = os.cpu_count() or 1  # what one worker gets in the end-to-end run
+    threads = crop.DEFAULTS["threads_per_worker"] or os.cpu_count() or 1  # one worker's threads per component
     decode_s, decoded = timed(lambda: dict(MediaReader(video, threads=threads).read(indices)))
     detector = RetinaFaceDetector(threads=threads, **{k: crop.DEFAULTS["detector"][k]
                                                       for k in ("score_threshold", "nms_threshold", "max_size")})
@@ -98,7 +98,7 @@ def main() -> int:
            "end-to-end, 2 workers": e2e2_s / frames2}
     print(f"video: {video.name} {reader.info.width}x{reader.info.height}, {reader.info.frame_count} frames, "
           f"{n} sampled; end-to-end on {args.copies} copies; {os.cpu_count()} cores; "
-          f"single-stage figures with {threads} threads (one worker's share)")
+          f"single-stage figures with {threads} thread(s), as one worker uses")
     for name, seconds in per.items():
         print(f"  {name:45s} {seconds * 1000:8.1f} ms / sampled frame")
     ratio = per["end-to-end, 1 worker"] / (per["detector only (RetinaFace, max side 640)"] +
