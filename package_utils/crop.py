@@ -37,7 +37,7 @@ from package_utils import datasets
 from package_utils.config import build_config, set_if_given
 from package_utils.detectors import Face, build_detector, choose_faces
 from package_utils.io_utils import (DEFAULT_DATA_ROOT, IMAGE_EXTENSIONS, BadInputError, atomic_write_json,
-                                    relative_to_root, remove_leftovers, replace_dir)
+                                    read_finished_json, relative_to_root, remove_leftovers, replace_dir)
 from package_utils.parallel import run_jobs
 from package_utils.video import MediaReader, sample_indices
 
@@ -159,17 +159,7 @@ class CropJob:
 
 def _cached_record(record_path: Path, settings: dict) -> dict | None:
     """The finished record of a previous run, if it was made with the same settings."""
-    try:
-        with open(record_path, encoding="utf-8") as handle:
-            record = json.load(handle)
-    except (OSError, json.JSONDecodeError) as error:
-        log.warning("%s: unreadable record, video redone (%s)", record_path, error)
-        return None
-    if record.get("settings") != settings:
-        log.info("%s: made with other settings, video redone", record_path)
-        return None
-    record["cached"] = True
-    return record
+    return read_finished_json(record_path, "settings", settings, log, "record")
 
 
 def record_path_for(output: Path, entry: datasets.VideoEntry) -> Path:

@@ -154,3 +154,22 @@ def relative_to_root(path: str | os.PathLike, root: str | os.PathLike) -> str:
         raise ValueError(
             f"{path} is not inside the data root {root}; pass --data-root with a folder that contains it"
         ) from None
+
+
+def read_finished_json(path: str | os.PathLike, key: str, expected: Any, log, what: str) -> dict | None:
+    """A stage's cached per-video result, or None when it must be redone.
+
+    It is redone when the file is unreadable or its ``key`` differs from ``expected`` (made with other
+    settings / from other inputs); the reason is logged. A reused result is marked ``cached``.
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            result = json.load(handle)
+    except (OSError, json.JSONDecodeError) as error:
+        log.warning("%s: unreadable %s, video redone (%s)", path, what, error)
+        return None
+    if result.get(key) != expected:
+        log.info("%s: %s made from other settings or inputs, video redone", path, what)
+        return None
+    result["cached"] = True
+    return result

@@ -36,8 +36,8 @@ from package_utils import align, metadata
 from package_utils.config import build_config, set_if_given
 from package_utils.crop import CROP_INDEX_NAME, format_summary
 from package_utils.detectors import DlibHogDetector, LandmarkPredictor, choose_faces
-from package_utils.io_utils import (PROJECT_ROOT, atomic_write_image, atomic_write_json, read_image, relative_to_root,
-                                    remove_leftovers)
+from package_utils.io_utils import (PROJECT_ROOT, atomic_write_image, atomic_write_json, read_finished_json,
+                                    read_image, relative_to_root, remove_leftovers)
 from package_utils.parallel import run_jobs
 
 log = logging.getLogger("package_utils.landmarks")
@@ -127,17 +127,7 @@ def _crop_fingerprint(record: dict, job: LandmarkJob) -> str:
 
 
 def _cached_result(path: Path, fingerprint: str) -> dict | None:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            result = json.load(handle)
-    except (OSError, json.JSONDecodeError) as error:
-        log.warning("%s: unreadable cache, video redone (%s)", path, error)
-        return None
-    if result.get("crop_fingerprint") != fingerprint:
-        log.info("%s: the crops changed since, video redone", path)
-        return None
-    result["cached"] = True
-    return result
+    return read_finished_json(path, "crop_fingerprint", fingerprint, log, "landmark cache")
 
 
 def landmark_video(record: dict, job: LandmarkJob) -> dict:

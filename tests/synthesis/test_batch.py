@@ -10,14 +10,6 @@ from synthesis.preview import preview
 from training.data import build_loader, load_frame_table
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def loader_batch(face_metadata, size=128, with_partner=False, seed=0):
     table = load_frame_table(face_metadata, labels=(0,))
     loader = build_loader(table, image_size=size, batch_size=4, frames_per_video=2, train=True, seed=seed,

@@ -26,15 +26,6 @@ SIZE = 256
 RAW = BIConfig(post_process=False)  # blends exactly as synthesised, without the down-and-up scaling
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One intra-op thread: the tensors here are small, and on a busy shared machine extra threads only wait."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def crop_face(image: np.ndarray, landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Square crop of 1.6x the landmark extent around the face (zero padded), resized to SIZE, with landmarks."""
     low, high = landmarks.min(0), landmarks.max(0)

@@ -23,15 +23,6 @@ from synthesis.targets import (
 SIZE = 96
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One intra-op thread: the tensors here are small, and on a busy shared machine extra threads only wait."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def soft_disc_boundaries(count: int) -> torch.Tensor:
     """(count, 1, 96, 96) uint8 boundary maps of soft discs of varying centre, radius and softness."""
     rows, cols = torch.meshgrid(torch.arange(SIZE, dtype=torch.float32), torch.arange(SIZE, dtype=torch.float32),
