@@ -51,7 +51,11 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=384)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--batches", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the main process (the loader workers use the other cores; "
+                             "more threads than free cores make every op wait on busy ones)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if not args.json.is_file():
         print(f"{args.json} not found: run ./scripts/demo.sh first (or pass --json)")
         return 2
