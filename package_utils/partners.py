@@ -186,7 +186,7 @@ class _Searcher:
             if not torch.allclose(fused, eager, rtol=1e-4, atol=1e-2):
                 raise RuntimeError(f"fused kernel differs from eager by {float((fused - eager).abs().max()):.3g}")
         except Exception as error:  # noqa: BLE001 - no compiler, unsupported platform, ...: eager still works
-            log.warning("torch.compile laa kernel unavailable, using the eager kernel (about 3-4x slower on CPU): "
+            log.warning("torch.compile laa kernel unavailable, using the eager kernel (2-4x slower on CPU): "
                         "%s", str(error).splitlines()[0] if str(error) else type(error).__name__)
             self.kernel = "eager"
             return eager
@@ -413,6 +413,8 @@ def add_partners(document: dict, candidates: dict | None = None, *, k: int = 30,
         item.update(partners=[], partner_distances=[], partner_status="no_landmarks")
         if laa_paths:
             item["best_match"] = []
+        else:
+            item.pop("best_match", None)  # a previous run's paths would no longer match the partners
     status = Counter({"no_landmarks": len(document["data"]) - len(q_pos)})
     for row, position in enumerate(q_pos):
         width = int((indices[row] >= 0).sum())

@@ -189,6 +189,12 @@ def test_cli_end_to_end(tmp_path):
     assert (stats["items_ok"], stats["items_fewer_than_k"], stats["partner_source"]) == (5, 5, str(source))
     assert document["config"]["partners"]["laa_paths"] is True and document["config"]["stage"] == "test"
 
+    # a re-run without --laa-paths must not leave the old best_match lists behind
+    assert main(["--input", str(output), "--output", str(output), "--k", "2"]) == 0
+    rerun = metadata.load(output)["data"]
+    assert all("best_match" not in item and len(item["partners"]) == (2 if item["aligned_lms"] else 0)
+               for item in rerun)
+
 
 def test_cli_document_without_landmarks(tmp_path):
     source = write_document(tmp_path / "train.json", [make_item("a", 0, None), make_item("b", 1, None)], tmp_path)
