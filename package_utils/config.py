@@ -126,3 +126,30 @@ def set_if_given(config: dict, dotted: str, value: Any) -> None:
     for key in keys[:-1]:
         node = node[key]
     node[keys[-1]] = value
+
+
+def format_summary(stage: str, summary: dict) -> str:
+    """Two readable lines: the stage's counts, and the file it wrote."""
+    parts = ", ".join(f"{key} {value}" for key, value in summary.items() if key != "index")
+    return f"[{stage}] {parts}\n[{stage}] index: {summary.get('index')}"
+
+
+def run_stage(stage: str, parser, defaults: Mapping, flag_to_key: Mapping[str, str], run, argv=None) -> int:
+    """The shared ``main`` of a stage: defaults <- --config <- overrides <- flags, run, print the summary.
+
+    Returns 0 on success, 1 when some videos failed, 2 for a usage or input error (logged, no traceback).
+    """
+    import logging
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = build_config(defaults, args.config, args.overrides)
+        for flag, key in flag_to_key.items():
+            set_if_given(config, key, getattr(args, flag))
+        summary = run(config)
+    except (ValueError, FileNotFoundError) as error:
+        logging.getLogger(f"package_utils.{stage}").error("%s", error)
+        return 2
+    print(format_summary(stage, summary))
+    return 0 if summary.get("failed", 0) == 0 else 1

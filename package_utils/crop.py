@@ -34,7 +34,7 @@ import cv2
 import numpy as np
 
 from package_utils import datasets
-from package_utils.config import build_config, set_if_given
+from package_utils.config import run_stage
 from package_utils.detectors import Face, build_detector, choose_faces
 from package_utils.io_utils import (DEFAULT_DATA_ROOT, IMAGE_EXTENSIONS, BadInputError, atomic_write_json,
                                     read_finished_json, relative_to_root, remove_leftovers, replace_dir)
@@ -383,23 +383,7 @@ _FLAG_TO_KEY = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = build_config(DEFAULTS, args.config, args.overrides)
-    for flag, key in _FLAG_TO_KEY.items():
-        set_if_given(config, key, getattr(args, flag))
-    try:
-        summary = run(config)
-    except (ValueError, FileNotFoundError) as error:
-        log.error("%s", error)
-        return 2
-    print(format_summary("crop", summary))
-    return 0 if summary["failed"] == 0 else 1
-
-
-def format_summary(stage: str, summary: dict) -> str:
-    parts = ", ".join(f"{key} {value}" for key, value in summary.items() if key != "index")
-    return f"[{stage}] {parts}\n[{stage}] index: {summary.get('index')}"
+    return run_stage("crop", build_parser(), DEFAULTS, _FLAG_TO_KEY, run, argv)
 
 
 if __name__ == "__main__":

@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 
 from package_utils import align, metadata
-from package_utils.config import build_config, set_if_given
-from package_utils.crop import CROP_INDEX_NAME, format_summary
+from package_utils.config import run_stage
+from package_utils.crop import CROP_INDEX_NAME
 from package_utils.detectors import DlibHogDetector, LandmarkPredictor, choose_faces
 from package_utils.io_utils import (PROJECT_ROOT, atomic_write_image, atomic_write_json, read_finished_json,
                                     read_image, relative_to_root, remove_leftovers)
@@ -292,18 +292,7 @@ _FLAG_TO_KEY = {"input": "input", "output": "output", "data_root": "data_root", 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = build_config(DEFAULTS, args.config, args.overrides)
-    for flag, key in _FLAG_TO_KEY.items():
-        set_if_given(config, key, getattr(args, flag))
-    try:
-        summary = run(config)
-    except (ValueError, FileNotFoundError) as error:
-        log.error("%s", error)
-        return 2
-    print(format_summary("landmarks", summary))
-    return 0 if summary["failed"] == 0 else 1
+    return run_stage("landmarks", build_parser(), DEFAULTS, _FLAG_TO_KEY, run, argv)
 
 
 if __name__ == "__main__":

@@ -322,7 +322,6 @@ class SelfBlender:
         transforms before JPEG are per pixel, so the fake's pixels outside the box are the real's). ``params`` are
         on CPU.
         """
-        config = self.config
         # Step 4: each image gets the source transforms once, as the source or as the target. The target is the
         # real, so when it gets them they are computed straight into ``real``.
         # Otherwise ``fake`` is the scratch buffer of the transformed source (it is written last).

@@ -54,20 +54,7 @@ def gaussian_radius(det_size: tuple[float, float], min_overlap: float = 0.7) -> 
         ``min(r1, r2, r3)``; e.g. ``gaussian_radius((10, 10)) == 2.7332005306815113``.
     """
     height, width = det_size
-    b1 = height + width
-    c1 = width * height * (1 - min_overlap) / (1 + min_overlap)
-    r1 = (b1 + math.sqrt(b1**2 - 4 * 1 * c1)) / 2
-
-    a2 = 4
-    b2 = 2 * (height + width)
-    c2 = (1 - min_overlap) * width * height
-    r2 = (b2 + math.sqrt(b2**2 - 4 * a2 * c2)) / 2
-
-    a3 = 4 * min_overlap
-    b3 = -2 * min_overlap * (height + width)
-    c3 = (min_overlap - 1) * width * height
-    r3 = (b3 + math.sqrt(b3**2 - 4 * a3 * c3)) / 2
-    return min(r1, r2, r3)
+    return float(gaussian_radius_tensor(torch.tensor(float(height)), torch.tensor(float(width)), min_overlap))
 
 
 def gaussian_radius_tensor(height: Tensor, width: Tensor, min_overlap: float = 0.7) -> Tensor:
