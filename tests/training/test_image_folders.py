@@ -1,0 +1,312 @@
+"""AIGC image folders: listing layouts, NPR transforms against torchvision, seeded loader, per-generator table."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms as T
+from PIL import Image
+from torch import nn
+
+import models
+from package_utils.io_utils import BadInputError
+from training.image_folders import (SUITE_RULES, EvalRule, TrainImageSampler, build_image_loader, collate_images,
+                                    evaluate_folders, format_table, generator_metrics, list_generators, list_images,
+                                    mean_row, suite_rule)
+
+FACES = ("photos/face_recognition/obama.jpg", "photos/face_recognition/biden.jpg", "photos/sber-swap/tgt1.png")
+NORMALISE = T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Small tensors on a shared CPU: one intra-op thread."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def write_faces(folder: Path, count: int, size: tuple[int, int], media_dir: Path, seed: int, noise: float) -> None:
+    """``count`` PNGs of real faces resized to ``size`` (w, h) plus Gaussian noise."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        face = cv2.imread(str(media_dir / FACES[(seed + i) % len(FACES)]))
+        image = cv2.resize(face, size, interpolation=cv2.INTER_AREA).astype(np.float32)
+        image = np.clip(image + rng.normal(0, noise, image.shape), 0, 255).astype(np.uint8)
+        cv2.imwrite(str(folder / f"{i:03d}.png"), image)
+
+
+@pytest.fixture(scope="module")
+def forensynths(media_dir, tmp_path_factory) -> Path:
+    """A tiny ForenSynths tree.
+
+    train/{car,cat}/{0_real,1_fake}: 2 + 2 each, 72x72.
+    test/progan/{car,cat}/{0_real,1_fake}: class folders, 2 + 2 each, 64x64.
+    test/biggan/{0_real,1_fake}: direct, 3 real + 1 fake, 67x65 (odd).
+    test/stylegan/{0_real,1_fake}: direct, 1 real + 4 fake, 64x64 and one 80x48 fake in a subfolder.
+    """
+    root = tmp_path_factory.mktemp("forensynths")
+    for c, name in enumerate(("car", "cat")):
+        write_faces(root / "train" / name / "0_real", 2, (72, 72), media_dir, 10 + c, 2)
+        write_faces(root / "train" / name / "1_fake", 2, (72, 72), media_dir, 20 + c, 12)
+        write_faces(root / "test" / "progan" / name / "0_real", 2, (64, 64), media_dir, 30 + c, 2)
+        write_faces(root / "test" / "progan" / name / "1_fake", 2, (64, 64), media_dir, 40 + c, 12)
+    write_faces(root / "test" / "biggan" / "0_real", 3, (67, 65), media_dir, 50, 2)
+    write_faces(root / "test" / "biggan" / "1_fake", 1, (67, 65), media_dir, 51, 12)
+    write_faces(root / "test" / "stylegan" / "0_real", 1, (64, 64), media_dir, 60, 2)
+    write_faces(root / "test" / "stylegan" / "1_fake", 3, (64, 64), media_dir, 61, 12)
+    write_faces(root / "test" / "stylegan" / "1_fake" / "wide", 1, (80, 48), media_dir, 62, 12)
+    return root
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Listing
+# ------------------------------------------------------------------------------------------------------------
+def test_training_root_pools_classes_with_labels_from_folder_names(forensynths):
+    entries = list_images(forensynths / "train")
+    assert len(entries) == 8
+    for path, label in entries:
+        assert label == (1 if Path(path).parent.name == "1_fake" else 0)
+    only_car = list_images(forensynths / "train", classes=["car"])
+    assert len(only_car) == 4 and all("/car/" in p for p, _ in only_car)
+    with pytest.raises(ValueError, match="no class folder"):
+        list_images(forensynths / "train", classes=["horse"])
+
+
+def test_test_suite_lists_generators_sorted_with_or_without_class_folders(forensynths):
+    generators = list_generators(forensynths / "test")
+    assert list(generators) == ["biggan", "progan", "stylegan"]
+    counts = {g: (sum(1 for _, lab in e if lab == 0), sum(1 for _, lab in e if lab == 1))
+              for g, e in generators.items()}
+    assert counts == {"biggan": (3, 1), "progan": (4, 4), "stylegan": (1, 4)}  # nested fake subfolder included
+
+
+def test_generic_real_fake_layouts(tmp_path, media_dir):
+    write_faces(tmp_path / "plain" / "real", 2, (32, 32), media_dir, 1, 2)
+    write_faces(tmp_path / "plain" / "fake", 1, (32, 32), media_dir, 2, 2)
+    (tmp_path / "plain" / "real" / "notes.txt").write_text("not an image")
+    (tmp_path / "plain" / "real" / ".hidden.png").write_bytes(b"junk")
+    assert sorted(label for _, label in list_images(tmp_path / "plain")) == [0, 0, 1]
+    write_faces(tmp_path / "numbered" / "0_real", 1, (32, 32), media_dir, 3, 2)
+    assert [label for _, label in list_images(tmp_path / "numbered")] == [0]  # fake-only / real-only is allowed
+    write_faces(tmp_path / "both" / "real", 1, (32, 32), media_dir, 4, 2)
+    write_faces(tmp_path / "both" / "0_real", 1, (32, 32), media_dir, 5, 2)
+    with pytest.raises(ValueError, match="both"):
+        list_images(tmp_path / "both")
+    (tmp_path / "unlabelled" / "images").mkdir(parents=True)
+    with pytest.raises(ValueError, match="none in images"):
+        list_images(tmp_path / "unlabelled")
+    (tmp_path / "empty" / "real").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no images"):
+        list_images(tmp_path / "empty")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Rules and transforms
+# ------------------------------------------------------------------------------------------------------------
+def test_suite_rules_cover_the_spec_suites_and_name_their_source():
+    for suite in ("ForenSynths", "GANGen-Detection", "DiffusionForensics", "UniversalFakeDetect", "Diffusion1kStep",
+                  "AIGCDetectBenchmark", "GenImage"):
+        assert suite_rule(suite) is SUITE_RULES[suite.lower()]
+    assert suite_rule("gangen_detection") is SUITE_RULES["gangen-detection"]
+    assert all(rule.source.startswith(("verified: ", "ours: ")) for rule in SUITE_RULES.values())
+    assert SUITE_RULES["aigcdetectbenchmark"].source.startswith("ours: ")
+    with pytest.raises(ValueError, match="unknown suite"):
+        suite_rule("imagenet")
+
+
+def torchvision_reference(path: str, *transforms) -> torch.Tensor:
+    """The references' pipeline: PIL RGB -> torchvision transforms -> ToTensor -> ImageNet Normalize."""
+    return T.Compose([*transforms, T.ToTensor(), NORMALISE])(Image.open(path).convert("RGB"))
+
+
+@pytest.mark.parametrize("suite, transforms", [
+    ("forensynths", [T.Resize((256, 256))]),
+    ("forensynths-val", [T.Resize((256, 256)), T.CenterCrop(224)]),
+    ("gangen-detection", []),
+])
+def test_eval_rules_equal_torchvision_on_pil(forensynths, suite, transforms):
+    entries = list_generators(forensynths / "test")["biggan"]  # 67x65: odd, non-square
+    batch = next(iter(build_image_loader(entries, False, batch_size=4, suite=suite)))
+    for image, path in zip(batch["image"], batch["path"]):
+        expected = torchvision_reference(path, *transforms)
+        assert image.shape == expected.shape
+        assert (image - expected).abs().max() < 1e-5
+
+
+def test_genimage_rule_tiles_small_images_then_center_crops(tmp_path, media_dir):
+    write_faces(tmp_path / "g" / "1_fake", 1, (100, 150), media_dir, 7, 2)  # w 100, h 150
+    entries = list_images(tmp_path / "g")
+    image = next(iter(build_image_loader(entries, False, 1, suite="genimage")))["image"][0]
+    source = Image.open(entries[0][0]).convert("RGB")
+    tiled = Image.new("RGB", (100 * 3, 150 * 2))  # ceil(224/100) x ceil(224/150) copies
+    for x in range(0, 300, 100):
+        for y in range(0, 300, 150):
+            tiled.paste(source, (x, y))
+    expected = T.Compose([T.CenterCrop(224), T.ToTensor(), NORMALISE])(tiled)
+    assert image.shape == (3, 224, 224) and (image - expected).abs().max() < 1e-5
+
+
+def test_native_rule_groups_batches_by_size_and_keeps_odd_sizes(forensynths):
+    entries = [e for g in list_generators(forensynths / "test").values() for e in g]
+    loader = build_image_loader(entries, False, batch_size=3, suite="native")
+    seen = []
+    for batch in loader:
+        assert len({tuple(image.shape) for image in batch["image"]}) == 1
+        assert batch["image"].shape[0] <= 3 and batch["label"].dtype == torch.float32
+        seen += batch["path"]
+        for image, path in zip(batch["image"], batch["path"]):
+            height, width = cv2.imread(path).shape[:2]
+            assert image.shape == (3, height, width)
+    assert sorted(seen) == sorted(p for p, _ in entries)
+    assert any(tuple(b["image"].shape[-2:]) == (65, 67) for b in loader)
+
+
+def test_mixed_sizes_in_one_batch_are_a_clear_error():
+    samples = [{"image": torch.zeros(3, 4, 4), "label": torch.tensor(0.0), "path": "a.png"},
+               {"image": torch.zeros(3, 5, 4), "label": torch.tensor(1.0), "path": "b.png"}]
+    with pytest.raises(ValueError, match="a.png .* b.png"):
+        collate_images(samples)
+
+
+def test_unreadable_image_names_the_file(tmp_path, media_dir):
+    write_faces(tmp_path / "bad" / "real", 1, (32, 32), media_dir, 8, 2)
+    broken = tmp_path / "bad" / "fake" / "broken.png"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"\x89PNG not really")
+    entries = list_images(tmp_path / "bad")
+    with pytest.raises(BadInputError, match="broken.png"):
+        list(build_image_loader(entries, False, 2, suite="forensynths"))
+    with pytest.raises(BadInputError, match="broken.png"):
+        list(build_image_loader(entries, False, 2, suite="native"))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Training loader
+# ------------------------------------------------------------------------------------------------------------
+def collect(loader) -> list[dict]:
+    return [batch for batch in loader]
+
+
+def test_train_loader_batches_follow_the_npr_recipe_exactly(forensynths):
+    entries = list_images(forensynths / "train")
+    loader = build_image_loader(entries, True, batch_size=4, workers=0, seed=11)
+    loader.sampler.set_epoch(2)
+    order, top, left, flip = loader.sampler.draws()
+    batches = collect(loader)
+    assert len(batches) == 2
+    first = batches[0]
+    assert first["image"].shape == (4, 3, 224, 224) and first["image"].dtype == torch.float32
+    assert first["label"].dtype == torch.float32 and len(first["path"]) == 4
+    for position in range(4):
+        index = int(order[position])
+        path, label = entries[index]
+        assert first["path"][position] == path and first["label"][position] == float(label)
+        resized = Image.open(path).convert("RGB").resize((256, 256), Image.BILINEAR)
+        crop = resized.crop((int(left[position]), int(top[position]), int(left[position]) + 224,
+                             int(top[position]) + 224))
+        if flip[position]:
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        expected = NORMALISE(T.ToTensor()(crop))
+        assert (first["image"][position] - expected).abs().max() < 1e-5
+
+
+def test_train_loader_is_a_function_of_seed_and_epoch_not_of_workers(forensynths):
+    entries = list_images(forensynths / "train")
+
+    def epoch_images(seed: int, epoch: int, workers: int) -> torch.Tensor:
+        loader = build_image_loader(entries, True, batch_size=4, workers=workers, seed=seed)
+        loader.sampler.set_epoch(epoch)
+        return torch.cat([b["image"] for b in collect(loader)])
+
+    reference = epoch_images(5, 0, 0)
+    assert torch.equal(reference, epoch_images(5, 0, 0))
+    assert torch.equal(reference, epoch_images(5, 0, 1))
+    assert not torch.equal(reference, epoch_images(5, 1, 0))
+    assert not torch.equal(reference, epoch_images(6, 0, 0))
+
+
+def test_train_sampler_draws_cover_every_crop_offset_and_both_flips():
+    sampler = TrainImageSampler(4000, load_size=256, crop_size=224, seed=0)
+    order, top, left, flip = sampler.draws()
+    assert sorted(order.tolist()) == list(range(4000))
+    assert top.min() == 0 and top.max() == 32 and left.min() == 0 and left.max() == 32
+    assert 0.45 < flip.float().mean() < 0.55
+    with pytest.raises(ValueError, match="larger than load_size"):
+        TrainImageSampler(4, load_size=200, crop_size=224)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Per-generator evaluation
+# ------------------------------------------------------------------------------------------------------------
+class ConstantFake(nn.Module):
+    """Calls every image fake (logit +1): per generator ACC = fake share, real_acc 0, fake_acc 1."""
+
+    input_size, mean, std = 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logit": torch.ones(images.shape[0])}
+
+
+ROW_KEYS = ["generator", "n_real", "n_fake", "acc", "real_acc", "fake_acc", "ap"]
+
+
+def test_table_mean_is_the_unweighted_mean_over_generators(forensynths):
+    rows = evaluate_folders(ConstantFake(), forensynths / "test", "gangen-detection", "cpu", batch_size=4)
+    assert [r["generator"] for r in rows] == ["biggan", "progan", "stylegan", "mean"]
+    assert all(list(r) == ROW_KEYS for r in rows)
+    by_name = {r["generator"]: r for r in rows}
+    assert [by_name[g]["acc"] for g in ("biggan", "progan", "stylegan")] == [0.25, 0.5, 0.8]
+    assert by_name["biggan"]["real_acc"] == 0.0 and by_name["biggan"]["fake_acc"] == 1.0
+    assert by_name["progan"]["ap"] == pytest.approx(0.5)  # constant score: AP = share of fakes
+    mean = rows[-1]
+    assert mean["acc"] == pytest.approx((0.25 + 0.5 + 0.8) / 3)
+    assert mean["ap"] == pytest.approx((0.25 + 0.5 + 0.8) / 3)
+    pooled = (1 + 4 + 4) / (4 + 8 + 5)
+    assert mean["acc"] != pytest.approx(pooled), "the suite mean must not weight generators by size"
+    assert (mean["n_real"], mean["n_fake"]) == (8, 9)
+
+
+def test_random_npr_table_on_resized_suite(forensynths):
+    torch.manual_seed(0)
+    model = models.build("npr").train()
+    rows = evaluate_folders(model, forensynths / "test", "forensynths", "cpu", batch_size=3)
+    assert model.training, "evaluation must restore the model's mode"
+    assert [r["generator"] for r in rows] == ["biggan", "progan", "stylegan", "mean"]
+    for row in rows:
+        for key in ("acc", "real_acc", "fake_acc", "ap"):
+            assert 0.0 <= row[key] <= 1.0, (row["generator"], key)
+    for key in ("acc", "real_acc", "fake_acc", "ap"):
+        assert rows[-1][key] == pytest.approx(np.mean([r[key] for r in rows[:-1]]), abs=1e-12)
+    table = format_table(rows)
+    lines = table.splitlines()
+    assert lines[0].split() == ["generator", "n_real", "n_fake", "acc", "real_acc", "fake_acc", "ap"]
+    assert [line.split()[0] for line in lines[2:]] == ["biggan", "progan", "stylegan", "mean"]
+    assert lines[3].split()[1:3] == ["4", "4"]
+    assert lines[3].split()[3] == f"{100 * rows[1]['acc']:.1f}"
+
+
+def test_mean_row_does_not_depend_on_row_order():
+    rng = np.random.default_rng(0)
+    rows = [generator_metrics(f"g{i}", rng.integers(0, 2, 50), rng.random(50)) for i in range(7)]
+    assert mean_row(rows) == mean_row(rows[::-1]) == mean_row(rows[3:] + rows[:3])
+
+
+def test_single_class_generator_has_undefined_metrics_shown_as_na():
+    row = generator_metrics("fake-only", np.array([1, 1, 1]), np.array([0.9, 0.2, 0.7]))
+    assert row["fake_acc"] == pytest.approx(2 / 3) and math.isnan(row["real_acc"]) and math.isnan(row["ap"])
+    assert math.isnan(mean_row([row])["ap"])
+    assert "n/a" in format_table([row])
+
+
+def test_eval_rule_dataclass_can_be_passed_directly(forensynths):
+    entries = list_generators(forensynths / "test")["progan"]
+    rule = EvalRule(tile_to=None, resize=96, center_crop=80, source="ours: test")
+    batch = next(iter(build_image_loader(entries, False, 8, suite=rule)))
+    assert batch["image"].shape == (8, 3, 80, 80)
