@@ -1,0 +1,512 @@
+"""Train a detector from a YAML config: ``python -m training.train --config configs/laanet_sbi.yaml [a.b=c ...]``.
+
+The loop is explicit: per epoch, draw the frames, build each batch (pseudo-fakes on the device for SBI/BI
+methods), one optimiser step (two passes for SAM), then save ``last.pth``, validate, and keep ``best.pth``
+by validation AUC (never test data). Everything random is a function of (seed, epoch), so resuming from an
+epoch's checkpoint continues exactly as the uninterrupted run would have. Under ``torchrun`` each process
+trains on its shard with DistributedDataParallel; metrics are gathered across ranks.
+
+Outputs go to ``<output_dir>/<experiment>/``: ``config.yaml`` (resolved), ``log.jsonl``, TensorBoard
+events in ``tb/``, and checkpoints that carry the model's name and arguments and the config.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+import yaml
+from tqdm import tqdm
+
+import models
+from package_utils.config import ConfigError, build_config
+from package_utils.io_utils import PROJECT_ROOT, atomic_write_text
+from synthesis.batch import BatcherConfig, PseudoFakeBatcher
+from synthesis.bi import BIConfig
+from synthesis.sbi import SBIConfig
+from training import comm
+from training.metrics import BinaryEvaluator
+from training.optim import SAM, build_optimizer, build_scheduler
+
+log = logging.getLogger("training.train")
+
+DEFAULTS: dict = {
+    "experiment": "run",
+    "output_dir": "pretrained/runs",   # <output_dir>/<experiment>/ holds config, logs and checkpoints
+    "seed": 0,
+    "device": "auto",                  # auto | cpu | cuda
+    "precision": "fp32",               # fp32 | bf16 | fp16 (autocast; fp16 adds a GradScaler)
+    "threads": 0,                      # torch CPU threads; 0 = the cores not used by loader workers
+    "model": {"name": "laanet", "args": {}},
+    "data": {
+        "kind": "pseudo_fake",         # pseudo_fake (reals + SBI/BI) | frames (labelled frames) | image_folder
+        "train": "",                   # metadata JSON (frames kinds) or folder (image_folder)
+        "val": "",
+        "data_root": None,             # root the JSON's relative paths start from (default: the JSON's)
+        "image_size": 0,               # 0 = the model's input size
+        "train_frames_per_video": 8,
+        "val_frames_per_video": 8,
+        "batch_size": 8,               # pseudo_fake + paired: reals per batch (the batch doubles)
+        "val_batch_size": 0,           # 0 = batch_size
+        "workers": 2,
+        "flip_probability": 0.5,
+        "load_size": 256,              # image_folder: resize before the random crop (NPR recipe)
+        "val_suite": "forensynths-val",  # image_folder: the eval resize rule (training/image_folders.py)
+    },
+    "synthesis": {
+        "method": "sbi", "pairing": "paired", "fake_probability": 0.5, "heatmap_size": 96,
+        "adaptive_sigma": True, "sbi": {}, "bi": {},
+    },
+    "loss": {},                        # keyword weights of the model's compute_loss
+    "optimizer": {"name": "sam_adam", "lr": 5.0e-5, "weight_decay": 1.0e-4, "momentum": 0.9,
+                  "betas": [0.9, 0.999], "eps": 1.0e-8, "rho": 0.05},
+    "scheduler": {"name": "linear_decay", "start_decay": 25, "booster": 4.0, "min_lr": 0.0,
+                  "milestones": [], "gamma": 0.1},
+    "train": {
+        "epochs": 100,
+        "freeze_backbone_epochs": 0,   # backbone frozen (BN still in train mode) for the first N epochs
+        "max_steps_per_epoch": 0,      # 0 = the whole epoch
+        "grad_clip": 0.0,              # max gradient norm (not with SAM); 0 = off
+        "log_every": 10,
+        "val_every": 1,
+        "val_flip": False,             # flip test during validation
+        "resume": None,                # a checkpoint path, or "auto" for <run>/last.pth when present
+    },
+    "eval": {                          # python -m training.evaluate
+        "test": [],                    # metadata JSONs of the test sets (labels from the dataset)
+        "frames_per_video": 32,
+        "flip": True,                  # flip test: mean logit of the face and its mirror
+        "batch_size": 16,
+        "methods": [],                 # also report each listed manipulation alone (FF++), e.g. [Deepfakes]
+    },
+}
+
+
+# --- configuration ---------------------------------------------------------------------------------------
+
+def _dataclass_from(kind: type, values: dict, key: str):
+    names = {f.name: f for f in dataclasses.fields(kind)}
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"{key}: unknown key(s) {', '.join(unknown)} (known: {', '.join(names)})")
+    converted = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return kind(**converted)
+
+
+def batcher_config(config: dict) -> BatcherConfig:
+    synthesis = config["synthesis"]
+    return BatcherConfig(method=synthesis["method"], pairing=synthesis["pairing"],
+                         fake_probability=synthesis["fake_probability"], heatmap_size=synthesis["heatmap_size"],
+                         adaptive_sigma=synthesis["adaptive_sigma"], normalization="unit",
+                         sbi=_dataclass_from(SBIConfig, synthesis["sbi"], "synthesis.sbi"),
+                         bi=_dataclass_from(BIConfig, synthesis["bi"], "synthesis.bi"))
+
+
+def check_config(config: dict) -> None:
+    """Errors that name the key, before any data is read."""
+    name = config["model"]["name"]
+    if name not in models.available():
+        raise ConfigError(f"model.name: unknown model {name!r} (known: {', '.join(models.available())})")
+    known = models.builder_arguments(name)
+    unknown = sorted(set(config["model"]["args"]) - set(known))
+    if unknown:
+        raise ConfigError(f"model.args: {name} has no argument(s) {', '.join(unknown)} (known: {', '.join(known)})")
+    if config["data"]["kind"] not in ("pseudo_fake", "frames", "image_folder"):
+        raise ConfigError(f"data.kind must be pseudo_fake, frames or image_folder, got {config['data']['kind']!r}")
+    if config["precision"] not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"precision must be fp32, bf16 or fp16, got {config['precision']!r}")
+    if config["precision"] == "fp16" and config["optimizer"]["name"].startswith("sam"):
+        raise ConfigError("precision: fp16 needs a gradient scaler, which SAM's two passes do not support; use bf16")
+    if not config["data"]["train"]:
+        raise ConfigError("data.train: no training data given")
+    if config["data"]["kind"] == "pseudo_fake":
+        batcher_config(config)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name} requested but CUDA is not available (use device=cpu)")
+    return torch.device(name)
+
+
+def _project_path(path: str | None) -> Path | None:
+    if not path:
+        return None
+    candidate = Path(path)
+    return candidate if candidate.is_absolute() or candidate.exists() else PROJECT_ROOT / candidate
+
+
+# --- data ------------------------------------------------------------------------------------------------
+
+class BatchSource:
+    """Training and validation batches on the device, whatever the data kind.
+
+    ``epoch(e)`` yields ready batches (``image`` normalised for the model, ``label`` float, 1 = fake, plus
+    the model's targets); ``validation()`` yields (batch, video_keys, sample_ids).
+    """
+
+    def __init__(self, config: dict, model: torch.nn.Module, device: torch.device, rank: int, world: int):
+        from training.data import build_loader, load_frame_table
+
+        data = config["data"]
+        self.config, self.device, self.kind = config, device, data["kind"]
+        self.size = data["image_size"] or model.input_size
+        self.mean = torch.tensor(model.mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(model.std, device=device).view(1, -1, 1, 1)
+        self.seed = config["seed"]
+        val_batch = data["val_batch_size"] or data["batch_size"]
+        if self.kind == "image_folder":
+            from training import image_folders
+            if world > 1:
+                log.warning("image_folder data is not sharded across ranks yet: every rank reads all images")
+            self.train_loader = image_folders.build_image_loader(
+                image_folders.list_images(_project_path(data["train"])), train=True, batch_size=data["batch_size"],
+                workers=data["workers"], seed=self.seed, load_size=data["load_size"], crop_size=self.size,
+                flip_probability=data["flip_probability"], mean=model.mean, std=model.std)
+            self.val_loader = None if not data["val"] else image_folders.build_image_loader(
+                image_folders.list_images(_project_path(data["val"])), train=False, batch_size=val_batch,
+                workers=data["workers"], seed=self.seed, suite=data["val_suite"], mean=model.mean, std=model.std)
+            return
+        synthetic = self.kind == "pseudo_fake"
+        labels = (0,) if synthetic else None
+        self.batcher = PseudoFakeBatcher(batcher_config(config)) if synthetic else None
+        with_partner = synthetic and config["synthesis"]["method"] == "bi"
+        root = data["data_root"]
+        self.train_table = load_frame_table(_project_path(data["train"]), root, labels=labels,
+                                            require_landmarks=synthetic)
+        self.train_loader = build_loader(
+            self.train_table, image_size=self.size, batch_size=data["batch_size"],
+            frames_per_video=data["train_frames_per_video"], train=True, seed=self.seed, workers=data["workers"],
+            with_partner=with_partner, flip_probability=data["flip_probability"], num_replicas=world, rank=rank)
+        self.val_loader = None
+        if data["val"]:
+            self.val_table = load_frame_table(_project_path(data["val"]), root, labels=labels,
+                                              require_landmarks=synthetic)
+            self.val_loader = build_loader(
+                self.val_table, image_size=self.size, batch_size=val_batch,
+                frames_per_video=data["val_frames_per_video"], train=False, seed=self.seed,
+                workers=data["workers"], with_partner=with_partner, num_replicas=world, rank=rank, drop_last=False)
+
+    def __len__(self) -> int:
+        return len(self.train_loader)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return (images - self.mean) / self.std
+
+    def _prepare(self, raw: dict, generator: torch.Generator) -> dict:
+        if self.kind == "image_folder":
+            return {"image": raw["image"].to(self.device), "label": raw["label"].to(self.device).float()}
+        if self.batcher is not None:
+            batch = self.batcher(raw, self.device, generator)
+        else:
+            batch = {"image": raw["image"].to(self.device).float().div_(255.0),
+                     "label": raw["label"].to(self.device).float(), "item": raw["item"].to(self.device)}
+        batch["image"] = self.normalize(batch["image"])
+        return batch
+
+    def epoch(self, epoch: int, generator: torch.Generator) -> Iterable[dict]:
+        sampler = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        for raw in self.train_loader:
+            yield self._prepare(raw, generator)
+
+    def validation(self, generator: torch.Generator) -> Iterable[tuple[dict, list[str], torch.Tensor]]:
+        for raw in self.val_loader:
+            batch = self._prepare(raw, generator)
+            if self.kind == "image_folder":
+                keys = list(raw["path"])
+                ids = None
+            else:
+                items = batch["item"].cpu()
+                labels = batch["label"].cpu().long()
+                keys = [self.val_table.items[int(i)]["video_id"] + ("#pseudo_fake" if self.batcher and l else "")
+                        for i, l in zip(items, labels)]
+                ids = items * 2 + labels  # a real and its pseudo-fake are different samples
+            yield batch, keys, ids
+
+
+# --- steps -----------------------------------------------------------------------------------------------
+
+def autocast(device: torch.device, precision: str):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def train_step(model: torch.nn.Module, core: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
+               loss_weights: dict, device: torch.device, precision: str, scaler, grad_clip: float) -> dict:
+    """One optimiser step (two forward/backward passes with SAM); returns the first pass's loss parts."""
+    def forward_backward() -> dict:
+        with autocast(device, precision):
+            outputs = model(batch["image"])
+        parts = core.compute_loss(outputs, batch, **loss_weights)
+        loss = parts["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} ({ {k: float(v) for k, v in parts.items()} })")
+        (scaler.scale(loss) if scaler else loss).backward()
+        return parts
+
+    optimizer.zero_grad(set_to_none=True)
+    parts = forward_backward()
+    if isinstance(optimizer, SAM):
+        optimizer.first_step()
+        optimizer.zero_grad(set_to_none=True)
+        forward_backward()
+        optimizer.second_step()
+    else:
+        if scaler:
+            scaler.unscale_(optimizer)
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(core.parameters(), grad_clip)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+    return {k: float(v.detach()) for k, v in parts.items()}
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, images: torch.Tensor, device: torch.device, precision: str,
+                   flip: bool) -> torch.Tensor:
+    """Fake logits; with ``flip`` the mean of the image's and its mirror's logits (LAA-Net's flip test)."""
+    with autocast(device, precision):
+        logits = model(images)["logit"].float()
+        if flip:
+            logits = (logits + model(images.flip(-1))["logit"].float()) / 2
+    return logits
+
+
+def validate(model: torch.nn.Module, source: BatchSource, device: torch.device, precision: str, flip: bool,
+             seed: int) -> dict:
+    """Frame- and video-level metrics on the validation data (pseudo-fakes drawn the same every time)."""
+    model.eval()
+    evaluator = BinaryEvaluator()
+    generator = torch.Generator(device).manual_seed(seed + 7919)
+    for batch, keys, ids in tqdm(source.validation(generator), desc="val", leave=False,
+                                 disable=not comm.is_main_process()):
+        logits = predict_logits(model, batch["image"], device, precision, flip)
+        evaluator.process(torch.sigmoid(logits).cpu(), batch["label"].cpu(), keys, sample_ids=ids)
+    model.train()
+    return evaluator.evaluate()
+
+
+# --- checkpoints -----------------------------------------------------------------------------------------
+
+def save_checkpoint(path: Path, core: torch.nn.Module, config: dict, **state) -> None:
+    """Atomically write a self-describing checkpoint (model name and arguments, config, training state)."""
+    content = {"format": models.CHECKPOINT_FORMAT, "version": 1,
+               "model": {"name": core.model_name, "args": core.model_args},
+               "state_dict": core.state_dict(), "config": config, "torch": str(torch.__version__), **state}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(content, temporary)
+    os.replace(temporary, path)
+
+
+def _scalar(value):
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+class RunLog:
+    """JSONL + TensorBoard on the main process; nothing elsewhere."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(run_dir / "tb"))
+            self.path = run_dir / "log.jsonl"
+
+    def write(self, record: dict, step: int, prefix: str) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({k: _scalar(v) for k, v in record.items()}) + "\n")
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key not in ("epoch", "step") and _scalar(value) is not None:
+                self.writer.add_scalar(f"{prefix}/{key}", value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+
+
+# --- the loop --------------------------------------------------------------------------------------------
+
+def _set_backbone_frozen(core: torch.nn.Module, frozen: bool) -> bool:
+    parameters = core.backbone_parameters() if hasattr(core, "backbone_parameters") else []
+    for p in parameters:
+        p.requires_grad_(not frozen)
+    return bool(parameters)
+
+
+def _wrap(core: torch.nn.Module, device: torch.device, world: int) -> torch.nn.Module:
+    if world == 1:
+        return core
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(core, device_ids=ids)
+
+
+def _parameter_groups(core: torch.nn.Module, optimizer_config: dict) -> list[dict]:
+    if hasattr(core, "parameter_groups"):  # e.g. EtD's learned loss weights get their own group
+        return core.parameter_groups(optimizer_config["lr"], optimizer_config["weight_decay"])
+    return [{"params": list(core.parameters())}]
+
+
+def train(config: dict, on_step: Callable[[dict], None] | None = None) -> dict:
+    """Run the training the config describes; returns a summary (best metric, checkpoint paths, history)."""
+    check_config(config)
+    rank, world, _, distributed_device = comm.init_distributed()
+    # Under torchrun "auto" means this process's own GPU (or the CPU with gloo).
+    device = distributed_device if world > 1 and config["device"] == "auto" else resolve_device(config["device"])
+    workers = config["data"]["workers"]
+    if device.type == "cpu":
+        cores = max(1, (os.cpu_count() or 1) // world)
+        torch.set_num_threads(config["threads"] or max(1, cores - workers))
+    run_dir = _project_path(config["output_dir"]) / config["experiment"]
+    main_process = comm.is_main_process()
+    if main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+
+    comm.seed_everything(config["seed"])
+    core = models.build(config["model"]["name"], **config["model"]["args"]).to(device)
+    source = BatchSource(config, core, device, rank, world)
+    optimizer = build_optimizer(_parameter_groups(core, config["optimizer"]), **config["optimizer"])
+    epochs = config["train"]["epochs"]
+    scheduler_args = {k: v for k, v in config["scheduler"].items() if k != "name"}
+    scheduler = build_scheduler(optimizer, config["scheduler"]["name"], epochs, **scheduler_args)
+    scaler = torch.amp.GradScaler(device.type) if config["precision"] == "fp16" else None
+
+    start_epoch, best, history = 0, {"auc": None, "epoch": None}, []
+    resume = config["train"]["resume"]
+    if resume == "auto":
+        resume = run_dir / "last.pth" if (run_dir / "last.pth").is_file() else None
+    if resume:
+        checkpoint = models.read_weight_file(resume)
+        if checkpoint.get("model", {}).get("name") != core.model_name:
+            raise ConfigError(f"train.resume: {resume} holds model {checkpoint.get('model')}, not {core.model_name}")
+        core.load_state_dict(checkpoint["state_dict"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        start_epoch, best, history = checkpoint["epoch"] + 1, checkpoint["best"], checkpoint.get("history", [])
+        log.info("resumed from %s at epoch %d", resume, start_epoch)
+
+    run_log = RunLog(run_dir, main_process)
+    frozen_epochs = config["train"]["freeze_backbone_epochs"]
+    max_steps = config["train"]["max_steps_per_epoch"]
+    steps_per_epoch = min(len(source), max_steps) if max_steps else len(source)
+    loss_weights = config["loss"]
+    model, wrapped_frozen = None, None
+    for epoch in range(start_epoch, epochs):
+        frozen = epoch < frozen_epochs
+        if model is None or frozen != wrapped_frozen:  # DDP must be rebuilt when the trainable set changes
+            _set_backbone_frozen(core, frozen)
+            model, wrapped_frozen = _wrap(core, device, world), frozen
+        # Re-seeded per epoch (dropout, synthesis): a resumed run repeats exactly what it would have done.
+        epoch_seed = config["seed"] * 100_003 + epoch * 1_009 + rank
+        torch.manual_seed(epoch_seed)
+        generator = torch.Generator(device).manual_seed(epoch_seed)
+        model.train()
+        lr = optimizer.param_groups[0]["lr"]
+        totals: dict[str, float] = {}
+        started = time.time()
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", disable=not main_process)
+        done = 0
+        for step, batch in enumerate(source.epoch(epoch, generator)):
+            if step >= steps_per_epoch:
+                break
+            done += 1
+            if hasattr(core, "prepare_batch"):
+                batch = core.prepare_batch(batch, generator)
+            parts = train_step(model, core, optimizer, batch, loss_weights, device, config["precision"], scaler,
+                               config["train"]["grad_clip"])
+            for key, value in parts.items():
+                totals[key] = totals.get(key, 0.0) + value
+            global_step = epoch * steps_per_epoch + step
+            if on_step:
+                on_step({"epoch": epoch, "step": step, **parts})
+            if step % config["train"]["log_every"] == 0:
+                run_log.write({"epoch": epoch, "step": global_step, "lr": lr, **parts}, global_step, "train")
+            bar.set_postfix(loss=f"{parts['loss']:.4f}")
+            bar.update()
+        bar.close()
+        if not done:
+            raise ValueError(f"data.train: no training batch in epoch {epoch} (fewer samples than one batch?)")
+        scheduler.step()
+        summary = {"epoch": epoch, "lr": lr, "seconds": round(time.time() - started, 1),
+                   **{f"train_{k}": v / done for k, v in totals.items()}}
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch}
+        if main_process:  # saved before validation: a failing validation still leaves the epoch's weights
+            save_checkpoint(run_dir / "last.pth", core, config, best=best, history=history, **state)
+        if source.val_loader is not None and (epoch + 1) % config["train"]["val_every"] == 0:
+            metrics = validate(model, source, device, config["precision"], config["train"]["val_flip"],
+                               config["seed"])
+            frame = metrics["frame"]
+            summary.update({f"val_{k}": frame[k] for k in ("auc", "ap", "acc", "eer")})
+            improved = not math.isnan(frame["auc"]) and (best["auc"] is None or frame["auc"] > best["auc"])
+            if improved:
+                best = {"auc": frame["auc"], "epoch": epoch}
+            history.append(summary)
+            if main_process:
+                save_checkpoint(run_dir / "last.pth", core, config, best=best, history=history, **state)
+                if improved:
+                    save_checkpoint(run_dir / "best.pth", core, config, best=best, history=history,
+                                    metrics=metrics, **state)
+        else:
+            history.append(summary)
+        run_log.write(summary, epoch, "epoch")
+        if main_process:
+            log.info("epoch %d/%d: %s", epoch + 1, epochs,
+                     ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()
+                               if k != "epoch"))
+    run_log.close()
+    comm.synchronize()
+    return {"run_dir": str(run_dir), "best": best, "history": history,
+            "last": str(run_dir / "last.pth"), "best_checkpoint": str(run_dir / "best.pth")}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config (with _base_ inheritance)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=5 device=cpu")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = build_config(DEFAULTS, args.config, args.overrides)
+        summary = train(config)
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        log.error("%s", error)
+        return 2
+    finally:
+        comm.cleanup()
+    if comm.is_main_process():
+        best = summary["best"]
+        print(f"[train] run: {summary['run_dir']}")
+        if best["auc"] is not None:
+            print(f"[train] best val AUC {best['auc']:.4f} at epoch {best['epoch'] + 1}: {summary['best_checkpoint']}")
+        print(f"[train] last checkpoint: {summary['last']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
