@@ -204,7 +204,7 @@ class BatchSource:
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return (images - self.mean) / self.std
 
-    def _prepare(self, raw: dict, generator: torch.Generator) -> dict:
+    def _prepare(self, raw: dict, generator: torch.Generator, table=None) -> dict:
         if self.kind == "image_folder":
             return {"image": raw["image"].to(self.device), "label": raw["label"].to(self.device).float()}
         if self.batcher is not None:
@@ -213,6 +213,8 @@ class BatchSource:
             batch = {"image": raw["image"].to(self.device).float().div_(255.0),
                      "label": raw["label"].to(self.device).float(), "item": raw["item"].to(self.device)}
         batch["image"] = self.normalize(batch["image"])
+        # Per-sample source frames, for models that look up side information (e.g. FPG's quality scores).
+        batch["image_path"] = [table.items[int(i)]["image_path"] for i in batch["item"].tolist()]
         return batch
 
     def epoch(self, epoch: int, generator: torch.Generator) -> Iterable[dict]:
@@ -220,11 +222,11 @@ class BatchSource:
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         for raw in self.train_loader:
-            yield self._prepare(raw, generator)
+            yield self._prepare(raw, generator, getattr(self, "train_table", None))
 
     def validation(self, generator: torch.Generator) -> Iterable[tuple[dict, list[str], torch.Tensor]]:
         for raw in self.val_loader:
-            batch = self._prepare(raw, generator)
+            batch = self._prepare(raw, generator, getattr(self, "val_table", None))
             if self.kind == "image_folder":
                 keys = list(raw["path"])
                 ids = None
