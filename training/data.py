@@ -137,6 +137,7 @@ class VideoFrameSampler(Sampler):
         self.table, self.frames_per_video, self.sampling = table, frames_per_video, sampling
         self.shuffle, self.flip_probability, self.seed = shuffle, flip_probability, seed
         self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
+        self.frame_numbers = np.array([item["frame_index"] for item in table.items], dtype=np.int64)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -146,15 +147,20 @@ class VideoFrameSampler(Sampler):
         rng = np.random.default_rng([self.seed, self.epoch, 0])
         chosen = []
         for frames in self.table.frames_of_video:
-            count = len(frames) if self.frames_per_video is None else min(self.frames_per_video, len(frames))
-            if count == len(frames):
+            # Frames, not faces, are counted: every face of a chosen frame comes along (videos cropped with
+            # faces=all have several items per frame).
+            numbers = self.frame_numbers[frames]
+            distinct = np.unique(numbers)
+            count = len(distinct) if self.frames_per_video is None else min(self.frames_per_video, len(distinct))
+            if count == len(distinct):
                 chosen.append(frames)
-            elif self.sampling == "even":
+                continue
+            if self.sampling == "even":
                 # round() on floats is banker's rounding, as Python's round in the SBI reference
-                picks = np.round(np.linspace(0, len(frames) - 1, count)).astype(np.int64)
-                chosen.append(frames[picks])
+                picks = distinct[np.round(np.linspace(0, len(distinct) - 1, count)).astype(np.int64)]
             else:
-                chosen.append(np.sort(rng.choice(frames, size=count, replace=False)))
+                picks = np.sort(rng.choice(distinct, size=count, replace=False))
+            chosen.append(frames[np.isin(numbers, picks)])
         positions = np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
         if self.shuffle:
             positions = rng.permutation(positions)

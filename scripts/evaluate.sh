@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Evaluate weights on preprocessed test sets:
+#   ./scripts/evaluate.sh --weights pretrained/runs/laanet_sbi/best.pth --test processed_data/test_cdf2_68.json --flip
+set -euo pipefail
+caller="$(pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
+repo="$(pwd)"
+cd "$caller"
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+exec python -m training.evaluate "$@"
