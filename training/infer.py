@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m training.infer --weights runs/laanet/best.pt photo.jpg clip.mp4 [--out outputs/infer]
+    python -m training.infer --weights pretrained/runs/laanet_sbi/best.pth photo.jpg clip.mp4 [--out processed_data/infer]
     python -m training.infer --weights pretrained/<official LAA-Net file>.pth \\
         --model laanet --model-arg static_padding_size=380 photo.jpg
 
@@ -52,7 +52,7 @@ log = logging.getLogger("training.infer")
 __all__ = ["load_model", "build_face_detector", "crop_faces", "score_crops", "predict_image", "predict_video",
            "render_picture", "write_pictures", "main"]
 
-DEFAULT_OUT = "outputs/infer"
+DEFAULT_OUT = "processed_data/infer"  # the project's fixed top level has no outputs/ folder
 HEATMAP_ALPHA = 0.45  # weight of the colour map over the face in the right-hand panel
 
 
