@@ -11,6 +11,10 @@ BI), and computes LAA-Net's targets at the heatmap resolution:
 Batches either pair each real with its fake (``pairing='paired'``: the reals and their fakes concatenated
 then permuted, as LAA-Net's SBI collate; 2B images) or mix them (``'mixed'``: each sample becomes a fake
 with ``fake_probability``; B images).
+
+With ``return_sources`` (SBI only; FPG's magnitude refinement needs them) the batch also carries, aligned with
+``image``, the ``source`` each fake was blended from (the transformed and warped copy, before the blend and the
+post transforms; zeros for reals) and its ``background`` (the real image). Both stay in [0, 1].
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from synthesis.bi import BIConfig, BlendedImages
-from synthesis.sbi import SBIConfig, SelfBlender
+from synthesis.sbi import SBIConfig, SelfBlender, _affine_grid
 from synthesis.targets import consistency_anchor, consistency_targets, heatmap_targets, quantize_boundary
 
 #: Input normalisations: LAA-Net feeds [-1, 1] (what AdvProp weights expect), SBI [0, 1].
@@ -43,6 +47,7 @@ class BatcherConfig:
         adaptive_sigma: LAA-Net's adaptive Gaussian sigma for the heatmap (``ADAPTIVE_SIGMA: True``).
         normalization: key of :data:`NORMALIZATIONS` applied to the images last.
         sbi, bi: the synthesis recipes.
+        return_sources: also return ``source`` and ``background`` (SBI only; see the module docstring).
     """
 
     method: str = "sbi"
@@ -53,6 +58,7 @@ class BatcherConfig:
     normalization: str = "symmetric"
     sbi: SBIConfig = field(default_factory=SBIConfig)
     bi: BIConfig = field(default_factory=BIConfig)
+    return_sources: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in ("sbi", "bi"):
@@ -61,6 +67,8 @@ class BatcherConfig:
             raise ValueError(f"pairing must be paired or mixed, got {self.pairing!r}")
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {sorted(NORMALIZATIONS)}, got {self.normalization!r}")
+        if self.return_sources and self.method != "sbi":
+            raise ValueError(f"return_sources needs method 'sbi' (BI fakes have no single source), got {self.method!r}")
 
 
 class PseudoFakeBatcher:
@@ -68,7 +76,7 @@ class PseudoFakeBatcher:
 
     def __init__(self, config: BatcherConfig | None = None):
         self.config = config or BatcherConfig()
-        self.sbi = SelfBlender(self.config.sbi)
+        self.sbi = (_SourceKeepingBlender if self.config.return_sources else SelfBlender)(self.config.sbi)
         self.bi = BlendedImages(self.config.bi)
 
     def __call__(self, batch: dict, device: torch.device | str, generator: torch.Generator) -> dict:
@@ -77,7 +85,7 @@ class PseudoFakeBatcher:
         Returns a dict with ``image`` (N, 3, S, S) normalised float, ``label`` (N,) float (1 = fake),
         ``mask`` (N, 1, S, S) blend mask (0 for reals), ``valid_fake`` count, ``item`` (N,) source item of
         each image, and with targets ``boundary``, ``heatmap``, ``consistency`` (N, 1, h, h) and
-        ``anchor`` (N,).
+        ``anchor`` (N,); with ``return_sources`` also ``source`` and ``background`` (N, 3, S, S) in [0, 1].
         """
         config = self.config
         images = batch["image"].to(device, non_blocking=True).float().div_(255.0)
@@ -90,10 +98,12 @@ class PseudoFakeBatcher:
             draw = torch.rand(count, generator=generator, device=generator.device).to(device)
             want_fake = draw < config.fake_probability
 
+        sources = None
         if config.method == "sbi":
             out = self.sbi(images, landmarks, generator)
             reals, fakes, masks = out["real"], out["fake"], out["mask"]
             fake_ok = out["valid"] & want_fake
+            sources = out.get("source")
         else:
             if "partner_image" not in batch:
                 raise ValueError("BI needs loader batches with partner images (build_loader(with_partner=True))")
@@ -112,17 +122,57 @@ class PseudoFakeBatcher:
             source = torch.cat([items, items[keep]])
             order = torch.randperm(image.shape[0], generator=generator, device=generator.device).to(device)
             image, label, mask, source = image[order], label[order], mask[order], source[order]
+            if sources is not None:
+                blend_sources = torch.cat([torch.zeros_like(reals), sources[keep]])[order]
+                backgrounds = torch.cat([reals, reals[keep]])[order]
         else:
             image = torch.where(fake_ok[:, None, None, None], fakes, reals)
             label = fake_ok.float()
             mask = torch.where(fake_ok[:, None, None, None], masks, torch.zeros_like(masks))
             source = items
+            if sources is not None:
+                blend_sources = torch.where(fake_ok[:, None, None, None], sources, torch.zeros_like(sources))
+                backgrounds = reals
 
         result = {"image": normalize(image, config.normalization), "label": label, "mask": mask, "item": source,
                   "valid_fake": int(fake_ok.sum())}
+        if sources is not None:
+            result.update(source=blend_sources, background=backgrounds)
         if config.heatmap_size:
             result.update(make_targets(mask, label.bool(), config.heatmap_size, config.adaptive_sigma))
         return result
+
+
+class _SourceKeepingBlender(SelfBlender):
+    """:class:`SelfBlender` that also returns ``source``: each sample's transformed and warped source, the
+    image the fake blends in before the post transforms.
+
+    It keeps the per-sample parameters SelfBlender draws and recomputes the source from them afterwards (step 4's
+    transforms, then step 5's affine warp on the whole frame instead of the mask's box). Nothing extra is drawn,
+    so reals, fakes and masks are exactly those of a plain SelfBlender with the same generator.
+    """
+
+    def _draw_image_params(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        self._params = super()._draw_image_params(batch, generator)
+        return self._params
+
+    def __call__(self, images: torch.Tensor, landmarks: torch.Tensor,
+                 generator: torch.Generator) -> dict[str, torch.Tensor]:
+        out = super().__call__(images, landmarks, generator)
+        params = {key: value.cpu() for key, value in self._params.items()}
+        del self._params
+        batch, _, height, width = images.shape
+        transformed = torch.empty_like(images)
+        chunk = self.chunk_size or (batch if images.device.type != "cpu" else 1)  # the parent's chunks
+        for start in range(0, batch, chunk):
+            rows = slice(start, start + chunk)
+            self._source_transforms(images[rows], {key: value[rows] for key, value in params.items()},
+                                    transformed[rows])
+        # As step 4: the source got the transforms, or it is the untouched image (the target got them).
+        source = torch.where(params["source_first"].to(images.device)[:, None, None, None], transformed, images)
+        grid, _ = _affine_grid(params["translate"], params["scale"], height, width, images.device, images.dtype)
+        out["source"] = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return out
 
 
 def normalize(images: torch.Tensor, name: str) -> torch.Tensor:

@@ -65,6 +65,7 @@ DEFAULTS: dict = {
     "synthesis": {
         "method": "sbi", "pairing": "paired", "fake_probability": 0.5, "heatmap_size": 96,
         "adaptive_sigma": True, "sbi": {}, "bi": {},
+        "return_sources": False,       # also each fake's SBI source and background (FPG's magnitude refinement)
     },
     "loss": {},                        # keyword weights of the model's compute_loss
     "optimizer": {"name": "sam_adam", "lr": 5.0e-5, "weight_decay": 1.0e-4, "momentum": 0.9,
@@ -108,7 +109,8 @@ def batcher_config(config: dict) -> BatcherConfig:
                          fake_probability=synthesis["fake_probability"], heatmap_size=synthesis["heatmap_size"],
                          adaptive_sigma=synthesis["adaptive_sigma"], normalization="unit",
                          sbi=_dataclass_from(SBIConfig, synthesis["sbi"], "synthesis.sbi"),
-                         bi=_dataclass_from(BIConfig, synthesis["bi"], "synthesis.bi"))
+                         bi=_dataclass_from(BIConfig, synthesis["bi"], "synthesis.bi"),
+                         return_sources=synthesis["return_sources"])
 
 
 def check_config(config: dict) -> None:
