@@ -133,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test", nargs="+", help="test metadata JSONs (default: eval.test of the config)")
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                         help="flip test (default: eval.flip of the config)")
+    parser.add_argument("--suite-root", help="AIGC image-folder test suite (generator folders with 0_real/1_fake); "
+                        "per-generator ACC/AP instead of --test")
+    parser.add_argument("--suite", default="native", help="resize rule of the suite (training/image_folders.py "
+                        "SUITE_RULES: forensynths, gangen-detection, diffusionforensics, universalfakedetect, "
+                        "diffusion1kstep, aigcdetectbenchmark, genimage, native)")
     parser.add_argument("--out", help="output folder (default: eval/ beside the weights)")
     parser.add_argument("--device", help="cpu | cuda | auto")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. eval.frames_per_video=8")
@@ -148,6 +153,8 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
     device_name = args.device or settings["device"]
     device = distributed_device if world > 1 and device_name == "auto" else resolve_device(device_name)
     model = model.to(device).eval()
+    if args.suite_root:
+        return run_suite(model, args, settings, device)
     flip = settings["eval"]["flip"] if args.flip is None else args.flip
     tests = args.test or settings["eval"]["test"]
     if not tests:
@@ -166,6 +173,27 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
         print("\n" + summary_table(results))
         print(f"\n[evaluate] metrics, per-video CSVs and ROC curves in {out_dir}")
     return results
+
+
+def run_suite(model: torch.nn.Module, args: argparse.Namespace, settings: dict, device: torch.device) -> dict:
+    """NPR/LFM protocol: per generator folder ACC (sigmoid > 0.5) and AP, then the unweighted mean."""
+    from package_utils.io_utils import atomic_write_json, atomic_write_text
+    from training.image_folders import evaluate_folders, format_table
+
+    root = _project_path(args.suite_root)
+    if root is None or not root.is_dir():
+        raise FileNotFoundError(f"{args.suite_root}: test suite folder not found")
+    rows = evaluate_folders(model, root, args.suite, device=str(device), batch_size=settings["eval"]["batch_size"],
+                            workers=settings["data"]["workers"])
+    table = format_table(rows)
+    if comm.is_main_process():
+        print(f"\n[{root.name}] rule {args.suite}\n{table}")
+        out_dir = Path(args.out) if args.out else Path(args.weights).resolve().parent / "eval"
+        clean = [{k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()} for row in rows]
+        atomic_write_json(out_dir / root.name / "generators.json", clean, indent=2)
+        atomic_write_text(out_dir / root.name / "generators.txt", table + "\n")
+        print(f"\n[evaluate] per-generator table in {out_dir / root.name}")
+    return {"rows": rows}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,37 +4,15 @@ from __future__ import annotations
 import csv
 import json
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 import models
-from package_utils import metadata
 from training import evaluate
 from training.train import DEFAULTS, save_checkpoint
-
-
-@pytest.fixture(scope="module")
-def test_set(face_metadata, tmp_path_factory):
-    """The real-face fixture relabelled as a small FF++-like test split: 2 real videos, 2 manipulations."""
-    document = metadata.load(face_metadata)
-    items = []
-    for item in document["data"]:
-        item = {k: v for k, v in item.items() if k not in ("partners",)}
-        video = item["video_id"].rsplit("/", 1)[1]
-        if video == "v1":
-            item.update(label=1, method="Deepfakes", video_id="t/Deepfakes/v1", fake_type="Deepfakes")
-        elif video == "v2":
-            item.update(label=1, method="FaceSwap", video_id="t/FaceSwap/v2", fake_type="FaceSwap")
-        items.append(item)
-        if video == "v0":  # the same frames as a second real video
-            items.append(dict(item, video_id="t/real/v3"))
-    # A second face in one frame of v0: the frame counts once, with its most suspicious face.
-    extra = dict(next(i for i in items if i["video_id"] == "t/real/v0"), face_index=1)
-    items.append(extra)
-    path = tmp_path_factory.mktemp("evalset") / "test_t_68.json"
-    metadata.save(path, metadata.new_document(items, document["data_root"]))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +28,9 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-def test_evaluate_writes_metrics_csv_and_roc(test_set, checkpoint, tmp_path, capsys):
+def test_evaluate_writes_metrics_csv_and_roc(labelled_face_metadata, checkpoint, tmp_path, capsys):
     out = tmp_path / "eval"
-    code = evaluate.main(["--weights", str(checkpoint), "--test", str(test_set), "--out", str(out),
+    code = evaluate.main(["--weights", str(checkpoint), "--test", str(labelled_face_metadata), "--out", str(out),
                           "eval.frames_per_video=3", "eval.batch_size=4"])
     assert code == 0
     printed = capsys.readouterr().out
@@ -67,10 +45,10 @@ def test_evaluate_writes_metrics_csv_and_roc(test_set, checkpoint, tmp_path, cap
     assert per_method["video"]["n_fake"] == 1 and per_method["video"]["n_real"] == 2
 
 
-def test_video_score_is_the_mean_of_frame_maxima(test_set, checkpoint):
+def test_video_score_is_the_mean_of_frame_maxima(labelled_face_metadata, checkpoint):
     model, config = evaluate.load_model(checkpoint, None)
     config = dict(config, eval=dict(config["eval"], frames_per_video=5))
-    scored = evaluate.score_frames(model.eval(), test_set, None, 5, 4, torch.device("cpu"), "fp32", True, 0)
+    scored = evaluate.score_frames(model.eval(), labelled_face_metadata, None, 5, 4, torch.device("cpu"), "fp32", True, 0)
     frames = evaluate.frame_level(scored)
     table = scored["table"]
     by_frame: dict = {}
@@ -101,3 +79,17 @@ def test_missing_test_set_and_foreign_weights_are_clear_errors(checkpoint, tmp_p
     foreign = tmp_path / "official.pth"
     torch.save({"a": torch.zeros(1)}, foreign)
     assert evaluate.main(["--weights", str(foreign), "--test", str(tmp_path / "nope.json")]) == 2
+
+
+def test_official_lfm_checkpoint_evaluates_per_generator(image_folder_tree, tmp_path, capsys):
+    # The documented way to evaluate a downloaded official checkpoint on an AIGC suite.
+    official = Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "lfm" / "bs_model.pth"
+    config = Path(__file__).resolve().parents[2] / "configs" / "lfm.yaml"
+    code = evaluate.main(["--config", str(config), "--weights", str(official), "--suite-root",
+                          str(image_folder_tree / "val"), "--suite", "forensynths", "--out", str(tmp_path),
+                          "device=cpu", "data.workers=0"])
+    assert code == 0
+    rows = json.loads((tmp_path / "val" / "generators.json").read_text())
+    assert [r["generator"] for r in rows] == ["face", "person", "mean"]
+    assert rows[-1]["acc"] == pytest.approx((rows[0]["acc"] + rows[1]["acc"]) / 2)
+    assert "mean" in capsys.readouterr().out
