@@ -158,3 +158,44 @@ def test_every_tiny_config_trains_on_real_data(path, face_metadata, labelled_fac
     assert checkpoint["model"]["name"] == config["model"]["name"]
     if kind != "pseudo_fake":  # real and fake samples in val: the AUC is defined
         assert 0.0 <= summary["history"][-1]["val_auc"] <= 1.0
+
+
+def _train_rank(rank: int, world: int, port: int, config: dict, results) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from training import comm
+    try:
+        seen = []
+        summary = trainer.train(config, on_step=seen.append)
+        results.put((rank, len(seen), summary["history"][-1].get("val_auc"), summary["best"]))
+    finally:
+        comm.cleanup()
+
+
+def test_torchrun_style_training_with_two_gloo_processes(face_metadata, tmp_path):
+    # Two CPU processes as torchrun would start them: each trains on its shard and both report the same
+    # validation metrics (gathered across ranks); rank 0 writes the checkpoint.
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = tiny_config(face_metadata, tmp_path, "experiment=ddp", "train.epochs=1", "train.max_steps_per_epoch=1",
+                         "threads=1")
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    processes = [context.Process(target=_train_rank, args=(rank, 2, port, config, results)) for rank in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=300)
+    assert all(p.exitcode == 0 for p in processes), [p.exitcode for p in processes]
+    reports = sorted(results.get(timeout=5) for _ in range(2))
+    assert [r[1] for r in reports] == [1, 1]
+    assert reports[0][2] == reports[1][2] and reports[0][3] == reports[1][3]
+    assert (tmp_path / "ddp" / "last.pth").is_file()
