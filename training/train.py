@@ -389,6 +389,11 @@ def train(config: dict, on_step: Callable[[dict], None] | None = None) -> dict:
 
     comm.seed_everything(config["seed"])
     core = models.build(config["model"]["name"], **config["model"]["args"]).to(device)
+    if main_process:
+        total = sum(p.numel() for p in core.parameters())
+        trainable = sum(p.numel() for p in core.parameters() if p.requires_grad)
+        log.info("model %s: %s parameters (%s trainable), input %d px, device %s, precision %s",
+                 core.model_name, f"{total:,}", f"{trainable:,}", core.input_size, device, config["precision"])
     source = BatchSource(config, core, device, rank, world)
     optimizer = build_optimizer(_parameter_groups(core, config["optimizer"]), **config["optimizer"])
     epochs = config["train"]["epochs"]

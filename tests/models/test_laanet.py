@@ -178,12 +178,19 @@ def test_official_checkpoint_loads_and_reproduces_the_reference(tmp_path, media_
     assert not torch.allclose(dynamic["heatmap"], expected["heatmap"], atol=1e-4)
 
 
-def test_backbone_weights_in_lukemelas_naming_load(tmp_path):
+@pytest.mark.parametrize("layout", ["advprop", "sbi_checkpoint"])
+def test_backbone_weights_in_lukemelas_naming_load(tmp_path, layout):
+    # AdvProp ImageNet files (plain lukemelas keys) and SBI's released checkpoints ({'model': {'net.…'}},
+    # a 2-class _fc) both give the trunk's weights.
     efficientnet_pytorch = pytest.importorskip("efficientnet_pytorch")
     torch.manual_seed(5)
-    trunk = efficientnet_pytorch.EfficientNet.from_name("efficientnet-b4", image_size=380)
-    path = tmp_path / "adv-efficientnet-b4.pth"
-    torch.save(trunk.state_dict(), path)
+    classes = 1000 if layout == "advprop" else 2
+    trunk = efficientnet_pytorch.EfficientNet.from_name("efficientnet-b4", image_size=380, num_classes=classes)
+    path = tmp_path / f"{layout}.pth"
+    if layout == "advprop":
+        torch.save(trunk.state_dict(), path)
+    else:
+        torch.save({"model": {f"net.{k}": v for k, v in trunk.state_dict().items()}, "epoch": 99}, path)
     model = models.build("laanet", backbone_weights=str(path))
     expected = lukemelas_to_timm({k: v for k, v in trunk.state_dict().items() if not k.startswith("_fc")},
                                  model.backbone)
