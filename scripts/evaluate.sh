@@ -7,4 +7,6 @@ source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 repo="$(pwd)"
 cd "$caller"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+# Idle OpenMP threads sleep instead of spinning: on shared CPUs spinning made steps several times slower.
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 exec python -m training.evaluate "$@"

@@ -45,7 +45,7 @@ DEFAULTS: dict = {
     "seed": 0,
     "device": "auto",                  # auto | cpu | cuda
     "precision": "fp32",               # fp32 | bf16 | fp16 (autocast; fp16 adds a GradScaler)
-    "threads": 0,                      # torch CPU threads; 0 = the cores not used by loader workers
+    "threads": 0,                      # torch CPU threads; 0 = all cores (divided among ranks)
     "model": {"name": "laanet", "args": {}},
     "data": {
         "kind": "pseudo_fake",         # pseudo_fake (reals + SBI/BI) | frames (labelled frames) | image_folder
@@ -377,10 +377,10 @@ def train(config: dict, on_step: Callable[[dict], None] | None = None) -> dict:
     rank, world, _, distributed_device = comm.init_distributed()
     # Under torchrun "auto" means this process's own GPU (or the CPU with gloo).
     device = distributed_device if world > 1 and config["device"] == "auto" else resolve_device(config["device"])
-    workers = config["data"]["workers"]
     if device.type == "cpu":
-        cores = max(1, (os.cpu_count() or 1) // world)
-        torch.set_num_threads(config["threads"] or max(1, cores - workers))
+        # The model is ~100x slower than the loader (benchmarks/train.py): it gets every core of this rank.
+        # On a shared machine export OMP_WAIT_POLICY=PASSIVE (the scripts do) or idle threads spin.
+        torch.set_num_threads(config["threads"] or max(1, (os.cpu_count() or 1) // world))
     run_dir = _project_path(config["output_dir"]) / config["experiment"]
     main_process = comm.is_main_process()
     if main_process:
