@@ -3,10 +3,7 @@ from models.registry import (CHECKPOINT_FORMAT, available, build, build_from_che
                              extract_state_dict, load_weights, read_weight_file, register)
 
 # Importing a method's module registers it.
-from models import laanet  # noqa: E402,F401
-from models import etd  # noqa: E402,F401
-from models import npr, lfm  # noqa: E402,F401
-from models import sbi_effnet, fpg  # noqa: E402,F401
+from models import etd, fpg, laanet, lfm, npr, sbi_effnet  # noqa: E402,F401
 
 __all__ = ["CHECKPOINT_FORMAT", "available", "build", "build_from_checkpoint", "builder_arguments",
            "extract_state_dict", "load_weights", "read_weight_file", "register"]

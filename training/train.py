@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
