@@ -255,17 +255,21 @@ def image_folder_tree(media_dir, tmp_path_factory):
     return root
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread_for_synthesis(request):
-    """One intra-op thread in the synthesis tests: their tensors are small, and on a busy shared machine extra
-    threads only wait. (Here rather than in tests/synthesis/conftest.py: a second conftest module would
-    shadow this one for ``from conftest import ...``.)"""
-    if "synthesis" not in Path(str(request.fspath)).parts:
-        yield
-        return
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread: small tensors on a busy shared machine, where extra threads only wait."""
     import torch
 
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread_for_synthesis(request):
+    """Every synthesis test runs single-threaded. (Here rather than in tests/synthesis/conftest.py: a second
+    conftest module would shadow this one for ``from conftest import ...``.)"""
+    if "synthesis" in Path(str(request.fspath)).parts:
+        request.getfixturevalue("single_thread")
+    yield

@@ -25,13 +25,7 @@ FACE_PHOTOS = ("photos/sber-swap/training/source1.png", "photos/face_recognition
                "photos/face_recognition/biden.jpg")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Small tensors on a shared CPU: one intra-op thread."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # small tensors on a shared CPU
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,7 @@ import models
 from models.npr import NPR, block_reference, npr_residual
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Small tensors on a shared CPU: one intra-op thread."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # small tensors on a shared CPU
 
 
 @pytest.fixture(scope="module")

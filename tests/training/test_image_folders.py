@@ -22,13 +22,7 @@ FACES = ("photos/face_recognition/obama.jpg", "photos/face_recognition/biden.jpg
 NORMALISE = T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Small tensors on a shared CPU: one intra-op thread."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # small tensors on a shared CPU
 
 
 def write_faces(folder: Path, count: int, size: tuple[int, int], media_dir: Path, seed: int, noise: float) -> None:

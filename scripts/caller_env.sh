@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Sourced by the training scripts: set up .venv (setup_env.sh), then return to the caller's folder so
+# relative paths on the command line stay the caller's, with the project importable from anywhere.
+caller_dir=$PWD
+source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"  # changes into the repository
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# Idle OpenMP threads sleep instead of spinning: on shared CPUs spinning made steps several times slower.
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
+cd "$caller_dir"
