@@ -1,5 +1,12 @@
 #!/usr/bin/env bash
-# Set up .venv if needed, build the demo dataset under datasets_df/demo and run the pipeline on it.
+# The whole demo on the embedded demo data (3-7 minutes on 2 CPU cores, depending on what else runs): set up
+# .venv if needed, build the demo videos under datasets_df/demo, crop -> landmarks -> partners
+# (package_utils.demo), then make the SBI/BI test videos, train the tiny config, evaluate with the flip test
+# and draw heatmaps (training.demo). Arguments go to training.demo, e.g. --reuse (keep the last demo model)
+# or train.epochs=2; set FF_DATA_ROOT to build the demo data elsewhere.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
-exec python -m package_utils.demo "$@"
+started=$SECONDS
+python -m package_utils.demo
+python -m training.demo "$@"
+echo "[demo.sh] total $((SECONDS - started)) s"
