@@ -4,6 +4,4 @@
 caller_dir=$PWD
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"  # changes into the repository
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-# Idle OpenMP threads sleep instead of spinning: on shared CPUs spinning made steps several times slower.
-export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 cd "$caller_dir"

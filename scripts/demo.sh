@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole demo on the embedded demo data (3-7 minutes on 2 CPU cores, depending on what else runs): set up
+# The whole demo on the embedded demo data (5-9 minutes on 2 CPU cores, depending on what else runs): set up
 # .venv if needed, build the demo videos under datasets_df/demo, crop -> landmarks -> partners
 # (package_utils.demo), then make the SBI/BI test videos, train the tiny config, evaluate with the flip test
 # and draw heatmaps (training.demo). Arguments go to training.demo, e.g. --reuse (keep the last demo model)
@@ -9,4 +9,5 @@ source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 started=$SECONDS
 python -m package_utils.demo
 python -m training.demo "$@"
+python -m training.demo_aigc   # NPR and LFM on AIGC-style image folders, per-generator table
 echo "[demo.sh] total $((SECONDS - started)) s"

@@ -18,4 +18,6 @@ if [ ! -f "$stamp" ]; then
 fi
 # Everything runs offline: no hub downloads, no update checks.
 export HF_HUB_OFFLINE=1 NO_ALBUMENTATIONS_UPDATE=1
+# Idle OpenMP threads sleep instead of spinning: on shared CPUs spinning made torch steps several times slower.
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 export PATH="$PWD/.venv/bin:$PATH"

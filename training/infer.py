@@ -52,6 +52,7 @@ log = logging.getLogger("training.infer")
 __all__ = ["load_model", "build_face_detector", "crop_faces", "score_crops", "predict_image", "predict_video",
            "render_picture", "write_pictures", "main"]
 
+MIN_PICTURE_SIZE = 256
 DEFAULT_OUT = "processed_data/infer"  # the project's fixed top level has no outputs/ folder
 HEATMAP_ALPHA = 0.45  # weight of the colour map over the face in the right-hand panel
 
@@ -288,6 +289,8 @@ def _put_label(image: np.ndarray, text: str, colour: tuple[int, int, int]) -> No
 def render_picture(face: dict, label: str = "") -> np.ndarray:
     """The face crop (with its probability written on it) beside the heatmap overlay, if the model has one."""
     crop = face["crop"]
+    if crop.shape[0] < MIN_PICTURE_SIZE:  # small models: enlarge so the written label fits and is legible
+        crop = cv2.resize(crop, (MIN_PICTURE_SIZE, MIN_PICTURE_SIZE), interpolation=cv2.INTER_CUBIC)
     size = crop.shape[0]
     left = crop.copy()
     colour = (0, 0, 255) if face["probability"] >= 0.5 else (0, 200, 0)  # BGR: red fake, green real

@@ -116,18 +116,19 @@ def test_image_cli_prints_the_api_probability_and_writes_crop_beside_heatmap(tin
     picture_path = tmp_path / "obama_face0.png"
     assert str(picture_path) in out
     picture = cv2.imread(str(picture_path))
-    assert picture.shape == (128, 256, 3)  # crop beside the heatmap overlay
-    left, right = picture[:, :128].astype(int), picture[:, 128:].astype(int)
-    assert np.array_equal(left[64:], face["crop"][64:])  # the label sits at the top; the rest is the crop
-    assert not np.array_equal(left[64:], right[64:])  # the overlay tints the face
-    assert not np.array_equal(left[:20], face["crop"][:20])  # the probability is written on it
+    assert picture.shape == (256, 512, 3)  # crop beside the heatmap overlay, enlarged to 256 px for the label
+    left, right = picture[:, :256].astype(int), picture[:, 256:].astype(int)
+    enlarged = cv2.resize(face["crop"], (256, 256), interpolation=cv2.INTER_CUBIC)
+    assert np.array_equal(left[128:], enlarged[128:])  # the label sits at the top; the rest is the crop
+    assert not np.array_equal(left[128:], right[128:])  # the overlay tints the face
+    assert not np.array_equal(left[:20], enlarged[:20])  # the probability is written on it
 
 
 def test_picture_without_heatmap_is_the_labelled_crop():
-    crop = np.full((96, 96, 3), 90, np.uint8)
+    crop = np.full((300, 300, 3), 90, np.uint8)
     picture = infer.render_picture({"crop": crop, "probability": 0.25, "heatmap": None})
     assert picture.shape == crop.shape
-    assert not np.array_equal(picture, crop) and np.array_equal(picture[60:], crop[60:])
+    assert not np.array_equal(picture, crop) and np.array_equal(picture[100:], crop[100:])
 
 
 def test_flip_test_is_the_mean_of_the_face_and_mirror_logits(tiny, photo, retinaface):
@@ -180,7 +181,7 @@ def test_video_probability_is_the_mean_over_frames_with_failures_counted(tiny, p
     assert match, out
     assert float(match.group(1)) == pytest.approx(result["probability"], abs=5e-4)
     assert match.groups()[1:] == ("3", "4", "1")
-    assert cv2.imread(str(tmp_path / "out" / "clip_face0.png")).shape == (128, 256, 3)
+    assert cv2.imread(str(tmp_path / "out" / "clip_face0.png")).shape == (256, 512, 3)
 
 
 def test_video_without_any_face_is_not_scored(tiny, tmp_path, capsys):
