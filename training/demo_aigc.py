@@ -8,7 +8,7 @@ convolutions) up-sampling. Training sees ``nearest_up`` only (ForenSynths layout
 photo); the test suite has one folder per generator, so the per-generator table shows how far the detector
 generalises to the two unseen up-samplers.
 
-    python -m training.demo_aigc [--steps 40] [--models npr lfm]
+    python -m training.demo_aigc [--epochs 4] [--models npr lfm]
 
 Writes the images under ``datasets_df/demo/aigc/`` and the runs under ``pretrained/runs/demo_<model>/``.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -65,10 +66,13 @@ def random_patches(photo: np.ndarray, count: int, rng: np.random.Generator) -> l
     return patches
 
 
-def build_image_folders(root: Path, per_photo: int = 24, seed: int = 0) -> Path:
+def build_image_folders(root: Path, per_photo: int = 96, seed: int = 0) -> Path:
     """ForenSynths-style ``train``/``val`` (nearest_up fakes) and ``test/<generator>``; skipped if present."""
-    if (root / "done").is_file():
+    marker = f"per_photo {per_photo} seed {seed}\n"
+    if (root / "done").is_file() and (root / "done").read_text() == marker:
         return root
+    if root.exists():
+        shutil.rmtree(root)
     import skimage.data
 
     rng = np.random.default_rng(seed)
@@ -89,15 +93,15 @@ def build_image_folders(root: Path, per_photo: int = 24, seed: int = 0) -> Path:
                     atomic_write_image(root / "test" / generator / "0_real" / f"{name}_{k:03d}.png", real)
                     atomic_write_image(root / "test" / generator / "1_fake" / f"{name}_{k:03d}.png",
                                        upsample_like_a_generator(fake, generator))
-    (root / "done").write_text("ok\n")
+    (root / "done").write_text(marker)
     return root
 
 
-def train_and_evaluate(model_name: str, root: Path, steps: int, device: str) -> tuple[str, float]:
+def train_and_evaluate(model_name: str, root: Path, epochs: int, device: str) -> tuple[str, float]:
     config = build_config(trainer.DEFAULTS, PROJECT_ROOT / "configs" / f"tiny_{model_name}.yaml", [
         f"experiment=demo_{model_name}", f"data.train={root / 'train'}", f"data.val={root / 'val'}",
-        "data.image_size=64", "data.load_size=64", "data.batch_size=16", "train.epochs=4",
-        f"train.max_steps_per_epoch={max(1, steps // 4)}", f"device={device}", "optimizer.lr=1.0e-3"])
+        "data.image_size=64", "data.load_size=64", "data.batch_size=16", f"train.epochs={epochs}",
+        "train.max_steps_per_epoch=0", f"device={device}", "optimizer.lr=1.0e-3"])
     started = time.time()
     summary = trainer.train(config)
     model, _ = models.build_from_checkpoint(summary["best_checkpoint"])
@@ -110,7 +114,7 @@ def train_and_evaluate(model_name: str, root: Path, steps: int, device: str) -> 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=40, help="training steps per model")
+    parser.add_argument("--epochs", type=int, default=4, help="training epochs per model (24 steps each)")
     parser.add_argument("--models", nargs="+", default=["npr", "lfm"], choices=["npr", "lfm"])
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
@@ -119,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     root = build_image_folders(PROJECT_ROOT / DEFAULT_DATA_ROOT / "demo" / "aigc")
     print(f"[demo-aigc] image folders in {root}")
     for name in args.models:
-        train_and_evaluate(name, root, args.steps, args.device)
+        train_and_evaluate(name, root, args.epochs, args.device)
     return 0
 
 
