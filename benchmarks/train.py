@@ -90,6 +90,7 @@ TIMM_B4_IMAGES_PER_S = 1.6  # timm EfficientNet-B4, batch 8 at 384, fp32 forward
 
 def make_config(args: argparse.Namespace, precision: str = "fp32", optimizer: str = "sam_adam") -> dict:
     overrides = ["device=cpu", f"precision={precision}", f"threads={args.threads}",
+                 f"channels_last={str(args.channels_last).lower()}",
                  f"optimizer.name={optimizer}", f"data.train={args.data}", "data.val=",
                  f"data.batch_size={args.batch // 2}", f"data.image_size={args.size}",
                  f"data.workers={args.workers}", f"model.args.input_size={args.size}",
@@ -213,10 +214,12 @@ class ModelSide:
         self.config = make_config(args, precision, optimizer)
         self.precision, self.device = precision, torch.device("cpu")
         self.core = models.build(self.config["model"]["name"], **self.config["model"]["args"]).to(self.device)
+        if self.config["channels_last"]:  # as the trainer does (the batches are NHWC then too)
+            self.core = self.core.to(memory_format=torch.channels_last)
         self.core.train()
         self.optimizer = build_optimizer(_parameter_groups(self.core, self.config["optimizer"]),
                                          **self.config["optimizer"])
-        self.batches = torch.load(pool_file, weights_only=False)
+        self.batches = torch.load(pool_file, weights_only=True)
         self.steps = 0
 
     def round(self) -> dict:
@@ -299,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="images per step (even: reals + their SBI fakes)")
     parser.add_argument("--size", type=int, default=384)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the anchors used 2)")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                        help="NHWC model and batches, as the trainer (default); --no-channels-last for NCHW")
     parser.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
     parser.add_argument("--optimizer", nargs="+", choices=("adam", "sam_adam"), default=["adam", "sam_adam"])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="metadata JSON with landmarks")

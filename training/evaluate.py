@@ -26,7 +26,8 @@ from package_utils.config import ConfigError, build_config
 from training import comm
 from training.data import build_loader, load_frame_table
 from training.metrics import BinaryEvaluator, format_metrics, plot_roc, write_metrics_json, write_video_csv
-from training.train import DEFAULTS, _project_path, predict_logits, resolve_device
+from training.train import (DEFAULTS, _project_path, predict_logits, resolve_device, to_memory_format,
+                            uses_channels_last)
 
 log = logging.getLogger("training.evaluate")
 
@@ -53,9 +54,10 @@ def score_frames(model: torch.nn.Module, json_path: Path, data_root: str | None,
                           num_replicas=comm.get_world_size(), rank=comm.get_rank(), drop_last=False)
     mean = torch.tensor(model.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(model.std, device=device).view(1, -1, 1, 1)
+    channels_last = uses_channels_last(model)
     positions, scores = [], []
     for raw in tqdm(loader, desc=json_path.stem, disable=not comm.is_main_process()):
-        images = (raw["image"].to(device).float() / 255.0 - mean) / std
+        images = to_memory_format((raw["image"].to(device).float() / 255.0 - mean) / std, channels_last)
         scores.append(torch.sigmoid(predict_logits(model, images, device, precision, flip)).cpu().numpy())
         positions.append(raw["item"].numpy())
     gathered = comm.all_gather((np.concatenate(positions), np.concatenate(scores)))
@@ -153,6 +155,8 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
     device_name = args.device or settings["device"]
     device = distributed_device if world > 1 and device_name == "auto" else resolve_device(device_name)
     model = model.to(device).eval()
+    if settings.get("channels_last", True):
+        model = model.to(memory_format=torch.channels_last)
     if args.suite_root:
         return run_suite(model, args, settings, device)
     flip = settings["eval"]["flip"] if args.flip is None else args.flip

@@ -45,6 +45,7 @@ DEFAULTS: dict = {
     "device": "auto",                  # auto | cpu | cuda
     "precision": "fp32",               # fp32 | bf16 | fp16 (autocast; fp16 adds a GradScaler)
     "threads": 0,                      # torch CPU threads; 0 = all cores (divided among ranks)
+    "channels_last": True,             # NHWC tensors: EfficientNet's depthwise-conv backward 1.6x faster on CPU
     "model": {"name": "laanet", "args": {}},
     "data": {
         "kind": "pseudo_fake",         # pseudo_fake (reals + SBI/BI) | frames (labelled frames) | image_folder
@@ -166,6 +167,7 @@ class BatchSource:
         self.mean = torch.tensor(model.mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(model.std, device=device).view(1, -1, 1, 1)
         self.seed = config["seed"]
+        self.channels_last = config["channels_last"]
         val_batch = data["val_batch_size"] or data["batch_size"]
         if self.kind == "image_folder":
             from training import image_folders
@@ -203,11 +205,12 @@ class BatchSource:
         return len(self.train_loader)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        return (images - self.mean) / self.std
+        return to_memory_format((images - self.mean) / self.std, self.channels_last)
 
     def _prepare(self, raw: dict, generator: torch.Generator, table=None) -> dict:
         if self.kind == "image_folder":
-            return {"image": raw["image"].to(self.device), "label": raw["label"].to(self.device).float()}
+            return {"image": to_memory_format(raw["image"].to(self.device), self.channels_last),
+                    "label": raw["label"].to(self.device).float()}
         if self.batcher is not None:
             batch = self.batcher(raw, self.device, generator)
         else:
@@ -238,6 +241,17 @@ class BatchSource:
                         for i, l in zip(items, labels)]
                 ids = items * 2 + labels  # a real and its pseudo-fake are different samples
             yield batch, keys, ids
+
+
+def to_memory_format(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+def uses_channels_last(model: torch.nn.Module) -> bool:
+    """Whether the model's spatial conv kernels are stored NHWC (then inputs should be too)."""
+    kernels = [p for p in model.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+    return bool(kernels) and kernels[0].is_contiguous(memory_format=torch.channels_last) \
+        and not kernels[0].is_contiguous()
 
 
 # --- steps -----------------------------------------------------------------------------------------------
@@ -388,6 +402,8 @@ def train(config: dict, on_step: Callable[[dict], None] | None = None) -> dict:
 
     comm.seed_everything(config["seed"])
     core = models.build(config["model"]["name"], **config["model"]["args"]).to(device)
+    if config["channels_last"]:
+        core = core.to(memory_format=torch.channels_last)
     if main_process:
         total = sum(p.numel() for p in core.parameters())
         trainable = sum(p.numel() for p in core.parameters() if p.requires_grad)
