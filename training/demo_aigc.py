@@ -100,8 +100,9 @@ def build_image_folders(root: Path, per_photo: int = 96, seed: int = 0) -> Path:
 def train_and_evaluate(model_name: str, root: Path, epochs: int, device: str) -> tuple[str, float]:
     config = build_config(trainer.DEFAULTS, PROJECT_ROOT / "configs" / f"tiny_{model_name}.yaml", [
         f"experiment=demo_{model_name}", f"data.train={root / 'train'}", f"data.val={root / 'val'}",
-        "data.image_size=64", "data.load_size=64", "data.batch_size=16", f"train.epochs={epochs}",
-        "train.max_steps_per_epoch=0", f"device={device}", "optimizer.lr=1.0e-3"])
+        # 64 px patches as they are: the validation rule must not resize them (it would blur the traces).
+        "data.image_size=64", "data.load_size=64", "data.val_suite=native", "data.batch_size=16",
+        f"train.epochs={epochs}", "train.max_steps_per_epoch=0", f"device={device}"])
     started = time.time()
     summary = trainer.train(config)
     model, _ = models.build_from_checkpoint(summary["best_checkpoint"])
