@@ -157,14 +157,23 @@ def list_images(folder: str | os.PathLike, classes: Sequence[str] | None = None)
 
     ``folder`` holds the label folders itself (``0_real``/``1_fake`` or ``real``/``fake``, either may be
     missing), or one level of class folders that do; the classes are pooled (ForenSynths training, multi-class
-    generators). ``classes`` keeps only these class folders (NPR's ``--classes car,cat,chair,horse``).
+    generators). ``classes`` keeps only these class folders (NPR's ``--classes car,cat,chair,horse``); empty or
+    None keeps them all.
 
     Raises:
-        ValueError: no label folders, a class folder without them, an unknown class, or no images at all.
+        ValueError: no label folders, a class folder without them, a named class folder that is missing (the
+            message names the missing folder), a class named twice, or no images at all.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"{folder}: not a folder")
+    if isinstance(classes, str):  # a bare string would be read letter by letter
+        raise ValueError(f"classes must be a list of folder names, got {classes!r}")
+    classes = list(classes or [])
+    if any(not isinstance(c, str) or not c for c in classes):
+        raise ValueError(f"classes must be folder names, got {classes!r}")
+    if len(set(classes)) != len(classes):  # a repeated class would count its images twice
+        raise ValueError(f"classes names a class more than once: {classes!r}")
     direct = _label_folders(folder)
     if direct:
         if classes:
@@ -174,10 +183,11 @@ def list_images(folder: str | os.PathLike, classes: Sequence[str] | None = None)
         class_dirs = _visible_dirs(folder)
         if classes:
             by_name = {p.name: p for p in class_dirs}
-            unknown = [c for c in classes if c not in by_name]
-            if unknown:
-                raise ValueError(f"{folder}: no class folder(s) {', '.join(unknown)}")
-            class_dirs = [by_name[c] for c in classes]
+            missing = [str(folder / c) for c in classes if c not in by_name]
+            if missing:
+                raise ValueError(f"no class folder {', '.join(missing)} (classes present: "
+                                 f"{', '.join(by_name) or 'none'})")
+            class_dirs = [p for p in class_dirs if p.name in classes]  # sorted as unfiltered: order-free
         groups = [_label_folders(d) for d in class_dirs]
         unlabelled = [d.name for d, g in zip(class_dirs, groups) if not g]
         if not class_dirs or unlabelled:

@@ -61,6 +61,7 @@ DEFAULTS: dict = {
         "flip_probability": 0.5,
         "load_size": 256,              # image_folder: resize before the random crop (NPR recipe)
         "val_suite": "forensynths-val",  # image_folder: the eval resize rule (training/image_folders.py)
+        "classes": [],                 # image_folder: class folders of train and val to use; [] = all
     },
     "synthesis": {
         "method": "sbi", "pairing": "paired", "fake_probability": 0.5, "heatmap_size": 96,
@@ -174,11 +175,13 @@ class BatchSource:
             if world > 1:
                 log.warning("image_folder data is not sharded across ranks yet: every rank reads all images")
             self.train_loader = image_folders.build_image_loader(
-                image_folders.list_images(_project_path(data["train"])), train=True, batch_size=data["batch_size"],
+                image_folders.list_images(_project_path(data["train"]), data["classes"]), train=True,
+                batch_size=data["batch_size"],
                 workers=data["workers"], seed=self.seed, load_size=data["load_size"], crop_size=self.size,
                 flip_probability=data["flip_probability"], mean=model.mean, std=model.std)
             self.val_loader = None if not data["val"] else image_folders.build_image_loader(
-                image_folders.list_images(_project_path(data["val"])), train=False, batch_size=val_batch,
+                image_folders.list_images(_project_path(data["val"]), data["classes"]), train=False,
+                batch_size=val_batch,
                 workers=data["workers"], seed=self.seed, suite=data["val_suite"], mean=model.mean, std=model.std)
             return
         synthetic = self.kind == "pseudo_fake"

@@ -141,3 +141,60 @@ def test_stage_defaults_accept_their_own_config_file(tmp_path: Path) -> None:
 
     path = write(tmp_path, "crop.yaml", yaml.safe_dump(crop.DEFAULTS))
     assert build_config(crop.DEFAULTS, path) == crop.DEFAULTS
+
+
+# --- the preprocessing presets in configs/preprocess ------------------------------------------------------
+
+PRESETS = Path(__file__).resolve().parents[2] / "configs" / "preprocess"
+
+
+def preset_stage(path: Path) -> str:
+    """The stage a preset is for: the root of its _base_ chain is that stage's defaults file."""
+    import yaml
+
+    while True:
+        base = (yaml.safe_load(path.read_text()) or {}).get("_base_")
+        if base is None:
+            return path.stem
+        path = path.parent / base
+
+
+def load_preset(path: Path) -> dict:
+    """A preset as its stage's main loads it (unknown keys and wrong types raise ConfigError)."""
+    from package_utils import landmarks
+
+    defaults = {"crop": crop.DEFAULTS, "landmarks": landmarks.DEFAULTS}[preset_stage(path)]
+    return build_config(defaults, path)
+
+
+@pytest.mark.parametrize("path", sorted(PRESETS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_preset_loads_through_its_stage_with_valid_values(path: Path) -> None:
+    from package_utils import align, datasets
+
+    assert preset_stage(path) in ("crop", "landmarks"), f"{path.name}: not based on crop.yaml or landmarks.yaml"
+    config = load_preset(path)
+    if preset_stage(path) == "crop":
+        assert config["dataset"] in datasets.DATASETS and config["split"] in ("train", "val", "test")
+        assert config["detector"]["name"] in ("retinaface", "dlib", "none") and config["faces"] in ("largest", "all")
+        assert config["num_frames"] > 0 and config["crop"]["size"] > 0
+        if config["dataset"] == "ff":
+            assert config["compression"] in datasets.FF_COMPRESSIONS
+            assert set(config["methods"] or ()) <= set(datasets.FF_METHODS)
+    else:
+        assert config["landmarks"] in (68, 81) and config["align"] in align.ALIGN_MODES
+
+
+def test_presets_are_the_named_recipes() -> None:
+    """LAA-Net's published runs: raw FF++, 128 train / 32 val-test frames, reals for train/val, rotate+aligned."""
+    c23 = load_preset(PRESETS / "ff_c23_train.yaml")
+    assert (c23["dataset"], c23["split"], c23["compression"], c23["num_frames"]) == ("ff", "train", "c23", 128)
+    splits = {s: load_preset(PRESETS / f"laanet_ff_raw_{s}.yaml") for s in ("train", "val", "test")}
+    assert {s: (c["split"], c["compression"], c["num_frames"], c["detector"]["name"], c["crop"]["size"])
+            for s, c in splits.items()} == {"train": ("train", "raw", 128, "retinaface", 256),
+                                            "val": ("val", "raw", 32, "retinaface", 256),
+                                            "test": ("test", "raw", 32, "retinaface", 256)}
+    assert splits["train"]["methods"] == splits["val"]["methods"] == ["original"]
+    assert set(splits["test"]["methods"]) == {"original", "Deepfakes", "Face2Face", "FaceSwap", "NeuralTextures"}
+    for points in (81, 68):
+        marks = load_preset(PRESETS / f"laanet_landmarks_{points}.yaml")
+        assert (marks["landmarks"], marks["align"], marks["save_aligned"]) == (points, "rotate", True)

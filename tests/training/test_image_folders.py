@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import cv2
@@ -69,8 +70,59 @@ def test_training_root_pools_classes_with_labels_from_folder_names(forensynths):
         assert label == (1 if Path(path).parent.name == "1_fake" else 0)
     only_car = list_images(forensynths / "train", classes=["car"])
     assert len(only_car) == 4 and all("/car/" in p for p, _ in only_car)
-    with pytest.raises(ValueError, match="no class folder"):
-        list_images(forensynths / "train", classes=["horse"])
+    # The listing order is the folders' (sorted), not the config's: swapping the names changes no batch.
+    assert list_images(forensynths / "train", ["cat", "car"]) == entries
+    assert list_images(forensynths / "train", []) == list_images(forensynths / "train", None) == entries
+
+
+@pytest.mark.parametrize("classes, message", [
+    (["car", "horse"], "no class folder .*/train/horse \\(classes present: car, cat\\)"),
+    (["car", "car"], "more than once"),
+    ("car", "must be a list"),
+    (["car", ""], "must be folder names"),
+])
+def test_bad_class_selections_are_named(forensynths, classes, message):
+    with pytest.raises(ValueError, match=message):
+        list_images(forensynths / "train", classes)
+
+
+def test_classes_cannot_select_inside_a_folder_without_classes(forensynths):
+    with pytest.raises(ValueError, match="holds label folders directly"):
+        list_images(forensynths / "test" / "biggan", ["car"])
+
+
+@pytest.mark.parametrize("name, classes", [("npr", ["car", "cat", "chair", "horse"]),
+                                           ("lfm", ["car", "cat", "chair", "horse"]),
+                                           ("tiny_npr", []), ("tiny_lfm", [])])
+def test_configs_select_the_papers_four_classes(name, classes):
+    from package_utils.config import build_config
+    from training import train as trainer
+
+    path = Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml"
+    assert build_config(trainer.DEFAULTS, path)["data"]["classes"] == classes
+
+
+def test_trainer_filters_train_and_val_classes(image_folder_tree):
+    """data.classes reaches both listings of the trainer's image_folder source; a missing class names its folder."""
+    from package_utils.config import build_config
+    from training import train as trainer
+
+    tiny = Path(__file__).resolve().parents[2] / "configs" / "tiny_npr.yaml"
+
+    def source(*overrides: str) -> "trainer.BatchSource":
+        config = build_config(trainer.DEFAULTS, tiny, [f"data.train={image_folder_tree / 'train'}",
+                                                       f"data.val={image_folder_tree / 'val'}", *overrides])
+        return trainer.BatchSource(config, models.build("npr"), torch.device("cpu"), 0, 1)
+
+    def classes_of(loader) -> set[str]:
+        return {Path(path).parent.parent.name for path, _ in loader.dataset.entries}
+
+    everything = source()
+    assert classes_of(everything.train_loader) == classes_of(everything.val_loader) == {"face", "person"}
+    face = source("data.classes=[face]")
+    assert classes_of(face.train_loader) == classes_of(face.val_loader) == {"face"}
+    with pytest.raises(ValueError, match=f"no class folder {re.escape(str(image_folder_tree / 'train' / 'car'))}"):
+        source("data.classes=[car, face]")
 
 
 def test_test_suite_lists_generators_sorted_with_or_without_class_folders(forensynths):
