@@ -1,47 +1,53 @@
-"""FPG: an SBI detector trained with forgery perception guidance (Xia et al., ACM MM 2024; spec section 6).
+"""FPG: an SBI detector trained with forgery perception guidance (Xia et al., ACM MM 2024; spec section 6;
+reference code: lixionga/ProFace, FaceSecurity/FPG).
 
 Layout (channels at B4, 380 px input):
 
-    trunk       tf_efficientnet_b4 forward_features -> F, 1792 x 12^2 (SBI's AdvProp EfficientNet-B4)
+    trunk       tf_efficientnet_b4 (SBI's AdvProp EfficientNet-B4): blocks -> B, 448 x 12^2 (the last block,
+                the reference's ``net._blocks[-1]``), then conv_head + BN -> F, 1792 x 12^2
     local       separable conv3x3 1792->512 (depthwise + pointwise, no bias), BN, ReLU, GAP -> 512
-    attention   Linear 512->256, ReLU, Linear 256->1792, sigmoid -> a
+    attention   Linear 512->256 (no bias), ReLU, Linear 256->1792 (no bias), sigmoid -> a
     logits      Linear 1792->2 on Dropout(0.4)(GAP(F) * a); logit = l_fake - l_real
     quality     Linear 512->1, regressed onto a face-quality score
 
-19,079,243 parameters at B4 (trunk 17,548,616 + heads 1,530,627; the spec's "about 19.1 M" estimate holds),
-5,138,815 with the tf_efficientnet_b0 trunk of the tiny config.
+19,077,195 parameters at B4 (trunk 17,548,616 + heads 1,528,579), the reference's count; 5,137,279 with the
+tf_efficientnet_b0 trunk (B: 320 channels) of the tiny config.
 
 **Guidance** (:meth:`FPG.prepare_batch`, on each training batch of reals and their SBI fakes, before the
 forward; the batch must carry ``source``/``background``, i.e. ``synthesis.return_sources: true``):
 
-1. Perception: one pass in eval mode (BN statistics, no dropout). Grad-CAM on F (the deepest block, the
-   trunk's last feature map), fakes targeting class 1 and reals class 0, from ``torch.autograd.grad`` w.r.t.
-   F only (no parameter ``.grad`` is touched; the trunk runs without a graph); p(fake) = softmax[:, 1].
-   The CAM is upsampled bilinearly to the image.
+1. Perception of the fakes, in eval mode (BN statistics, no dropout): Grad-CAM on B for class 1 (the
+   reference also computes the reals' CAMs, for class 0, and never uses them) as pytorch-grad-cam computes it
+   (ReLU, min-max, bilinear to the image, min-max again), from ``torch.autograd.grad`` w.r.t. B only (no
+   parameter ``.grad`` is touched; stem and blocks run without a graph); p(fake) = softmax[:, 1] of that pass.
 2. Shape refinement (``shape_threshold`` t = 0.2): attended region A = CAM/max(CAM) > mean of its positive
-   values; on fakes with |A n M| / |M| < t and p(fake) > 0.5, with probability p(fake): the support
-   M minus A is eroded by a k x k square (k in 10..14), resized to (h', w') in 192..256, Gaussian blurred
-   (odd kernel 17..25, OpenCV's sigma for that kernel), divided by its max and resized back: m. The fake is
-   re-blended as (1 - m) real + m fake, and its mask becomes m * mask, the weight the source now has in it
-   (the paired real is pooled with that mask in L_sim). A trigger whose overlap is empty removes nothing
-   and leaves the sample as it is.
-3. Magnitude refinement (``magnitude_step`` eps = 0.01, each fake with ``magnitude_probability`` 0.5):
-   g = dCE/dfake from a second eval pass on those fakes *after* step 2 (eval mode makes samples independent,
-   so the sub-batch is exact); s = +1 if more elements of g * (source - background) are positive than
-   negative, else -1; m' = clamp(m (1 + eps s), 0, 1); fake' = clamp(source m' + background (1 - m') + d, 0, 1)
-   with d = fake - (source m + background (1 - m)), computed as the identical fake + (m' - m)(source -
-   background), so that pixels with m = 0 stay bit-identical.
+   values; on fakes whose support M (mask > 0) has more than one pixel, |A n M| / |M| < t and p(fake) > 0.5,
+   with probability p(fake): the new mask m is the reference's ``get_blend_mask_simple`` of M minus A:
+   ``cv2.erode`` with the tuple (k, k) as kernel, which OpenCV reads as a 2 x 1 kernel (each pixel becomes the
+   minimum of itself and the pixel above), then SBI's blend-mask chain (synthesis.sbi.smooth_blend_masks):
+   resize to (h', w') in 192..256, blur k1 in 17..25 and keep what stays at the maximum, blur k2 in 17..25
+   with sigma 15..45, divide by the max, resize back. The sizes are absolute, as SBI's own blend masks here.
+   The fake is re-blended as (1 - m) real + m fake (also when A n M is empty) and m replaces its mask; the
+   paired real shares it in the loss.
+3. Magnitude refinement (``magnitude_step`` eps = 0.01), for all fakes or none, one draw per batch with
+   probability ``magnitude_probability`` 0.5: g = dCE/dfake from a second eval pass on the fakes after step 2
+   (eval mode makes samples independent, so the sub-batch is exact); s = +1 if more elements of
+   g * (source - background) are positive than negative, else -1; m' = clamp(m (1 + eps s), 0, 1);
+   fake' = clamp(source m' + background (1 - m') + d, 0, 1) with d = fake - (source m + background (1 - m)),
+   computed as the identical fake + (m' - m)(source - background), so that pixels with m = 0 stay bit-identical.
+   The reference's source went through the same post transforms as the fake; the batcher's ``source`` is taken
+   before them (synthesis/batch.py), so with post transforms on, d also carries their effect on the source.
 
 ``image`` arrives normalised with the model's mean/std; ``source`` and ``background`` arrive in [0, 1] (the
 batcher never normalises them). The refinements run in [0, 1] and only the changed samples are re-normalised,
 so untouched samples keep their exact values. Random draws come from the trainer's generator, a fixed number
-per sample, so the stream does not depend on the data.
+per batch, so the stream does not depend on the data.
 
 **Loss** (:meth:`FPG.compute_loss`): ``cls * CE + similarity * L_sim + quality * MSE(q, score / 50)``, the weights
-defaulting to the spec's 1, 0.075 and 1, over reals and the fakes whose mask is non-empty (refinement may empty
-one; it is then the real image labelled fake). L_sim = mean over (real, fake) pairs of the same ``item`` of
-(cos(f_real, f_fake) + 1) / 2, f = mask-weighted average pool of F (mask area-resampled to F's size) with the
-fake's mask for both, L2-normalised.
+defaulting to the spec's 1, 0.075 and 1. As the reference, a fake counts when its binary support resized
+(nearest) to B's size is non-empty, and its paired real (same ``item``) counts with it; a real without a fake
+in the batch always counts. L_sim = mean over kept (real, fake) pairs of (cos(f_real, f_fake) + 1) / 2, f = B
+averaged over the fake's resized support and L2-normalised.
 
 **Quality scores.** SDD-FIQA is not available here, so scores come from a file (model argument
 ``quality_scores``) keyed by the metadata's ``image_path`` (the string stored in the training JSON's items,
@@ -53,13 +59,20 @@ dropped with one warning, and the quality head is frozen (``requires_grad=False`
 nothing for DDP to wait for); it stays in the state dict, so checkpoints have one layout. (Under DDP drop the term
 by leaving ``quality_scores`` unset, not with ``loss.quality: 0``, which would leave the head unused but trainable.)
 
-Differences from the reference (whose published code does not run, see the spec's pitfalls; this follows the
-spec's description): quality scores are precomputed per real frame instead of scored on the fly for every (fake)
-image; inputs default to [-1, 1] (``input_range``, see models/sbi_effnet.py); fp32 by default (the reference trains
-with AMP; ``precision: bf16`` is our equivalent); no SyncBN under DDP.
+**Released weights** (``{"model": Detector.state_dict(), "optimizer": ..., "epoch": ...}``: the lukemelas trunk
+under ``net.``, heads ``irr_block``, ``c_attn``, ``_fc`` (classifier) and ``fc`` (quality)) load strictly through
+:meth:`FPG.convert_state_dict`; build the model with ``static_padding_size=380, input_range="unit"`` to get the
+reference's outputs.
+
+Differences from the reference (whose published code does not run, see the spec's pitfalls): quality scores are
+precomputed per real frame instead of scored on the fly for every (refined) image; inputs default to [-1, 1]
+(``input_range``, see models/sbi_effnet.py); fp32 by default (the reference trains with AMP; ``precision: bf16``
+is our equivalent); no SyncBN under DDP; an empty refined mask gives an all-zero mask (the reference divides
+by zero).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -70,19 +83,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.backbones import create_efficientnet
+from models.backbones import create_efficientnet, lukemelas_to_timm
 from models.registry import register
 from models.sbi_effnet import INPUT_RANGES
 from package_utils.io_utils import PROJECT_ROOT
+from synthesis.sbi import smooth_blend_masks
 
 log = logging.getLogger(__name__)
 
 #: The reference divides SDD-FIQA scores by this before regressing them.
 QUALITY_DIVISOR = 50.0
-#: Shape refinement's smoothing draws (inclusive): erosion square side, resize side, Gaussian kernel (odd).
-ERODE_SIZES = (10, 14)
+#: Shape refinement's smoothing draws (inclusive): resize side, first and second Gaussian kernel (odd), sigma.
 RESIZE_SIDES = (192, 256)
-BLUR_SIZES = (17, 25)
+BLUR_1_SIZES = (17, 25)
+BLUR_2_SIZES = (17, 25)
+BLUR_2_SIGMAS = (15, 45)
+#: Reference head names -> ours (the trunk, under ``net.``, is renamed by ``lukemelas_to_timm``).
+REFERENCE_HEADS = {"irr_block.0.conv1.": "local.0.0.", "irr_block.0.pointwise.": "local.0.1.",
+                   "irr_block.1.": "local.1.", "c_attn.0.": "attention.0.", "c_attn.2.": "attention.2.",
+                   "_fc.": "fc.", "fc.": "quality."}
 
 
 class SeparableConv2d(nn.Sequential):
@@ -121,6 +140,21 @@ def load_quality_scores(path: str | os.PathLike) -> dict[str, float]:
         raise ValueError(f"{path}: a score is not a number ({error})") from None
 
 
+def _min_max(maps: torch.Tensor) -> torch.Tensor:
+    """pytorch-grad-cam's ``scale_cam_image`` per sample: subtract the min, divide by 1e-7 + the new max."""
+    maps = maps - maps.flatten(1).amin(1).view(-1, 1, 1, 1)
+    return maps / (1e-7 + maps.flatten(1).amax(1).view(-1, 1, 1, 1))
+
+
+def grad_cam(activations: torch.Tensor, gradients: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, 1, H, W) Grad-CAM as pytorch-grad-cam's GradCAM with one target layer: channel weights = mean gradient,
+    ReLU of the weighted sum, min-max, bilinear resize (cv2.resize's INTER_LINEAR), min-max again."""
+    weights = gradients.float().mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((weights * activations.float()).sum(1, keepdim=True))
+    cam = F.interpolate(_min_max(cam), size=size, mode="bilinear", align_corners=False)
+    return _min_max(cam)
+
+
 def attended_region(cam: torch.Tensor) -> torch.Tensor:
     """(N, 1, H, W) bool: where CAM / max(CAM) exceeds the mean of its positive values (empty if CAM <= 0)."""
     peak = cam.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
@@ -130,37 +164,21 @@ def attended_region(cam: torch.Tensor) -> torch.Tensor:
     return positive & (normalised > threshold.view(-1, 1, 1, 1))
 
 
-def erode_square(binary: torch.Tensor, size: int) -> torch.Tensor:
-    """Binary erosion of (1, 1, H, W) by a size x size square, anchored at its centre as OpenCV's (even sizes
-    reach one pixel further up/left); the image border does not erode (OpenCV's default)."""
-    before, after = size // 2, size - 1 - size // 2
-    holes = F.pad(1.0 - binary, (before, after, before, after), value=0.0)
-    return 1.0 - F.max_pool2d(holes, size, stride=1)
+def erode_tuple_kernel(masks: torch.Tensor) -> torch.Tensor:
+    """The reference's ``cv2.erode(mask, (k, k))`` on (N, 1, H, W): OpenCV turns the tuple into a 2 x 1 kernel
+    anchored on its lower row, so each pixel becomes the minimum of itself and the pixel above; the top row
+    keeps its value (erosion's border is +inf). k does not matter."""
+    above = torch.cat([masks[..., :1, :], masks[..., :-1, :]], dim=-2)
+    return torch.minimum(masks, above)
 
 
-def gaussian_blur(image: torch.Tensor, size: int) -> torch.Tensor:
-    """OpenCV's ``GaussianBlur(image, (size, size), 0)``: sigma from the kernel size, reflect-101 border."""
-    sigma = 0.3 * ((size - 1) * 0.5 - 1) + 0.8
-    offsets = torch.arange(size, dtype=image.dtype, device=image.device) - (size - 1) / 2
-    taps = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    taps = taps / taps.sum()
-    padded = F.pad(image, (size // 2,) * 4, mode="reflect")
-    blurred = F.conv2d(padded, taps.view(1, 1, 1, -1))
-    return F.conv2d(blurred, taps.view(1, 1, -1, 1))
-
-
-def smooth_mask(binary: torch.Tensor, erode: int, size: tuple[int, int], blur: int) -> torch.Tensor:
-    """Shape refinement's new blend mask from a (1, 1, H, W) binary region: erode, resize to ``size``, blur,
-    divide by the max, resize back; zeros when nothing survives."""
-    height, width = binary.shape[-2:]
-    mask = erode_square(binary, erode)
-    mask = F.interpolate(mask, size=size, mode="bilinear", align_corners=False)
-    mask = gaussian_blur(mask, blur)
-    peak = mask.max()
-    if peak <= 0:
-        return torch.zeros_like(binary)
-    mask = F.interpolate(mask / peak, size=(height, width), mode="bilinear", align_corners=False)
-    return mask.clamp(0.0, 1.0)
+def refined_masks(kept: torch.Tensor, sizes: torch.Tensor, blur_1: torch.Tensor, blur_2: torch.Tensor,
+                  sigma_2: torch.Tensor) -> torch.Tensor:
+    """The reference's ``get_blend_mask_simple`` on (N, 1, H, W) binary regions: the 2 x 1 erosion, then SBI's
+    blend-mask chain with (N, 2) sizes (h', w'), (N,) odd kernels k1, k2 and sigma2; all zeros when nothing
+    survives."""
+    masks, _ = smooth_blend_masks(erode_tuple_kernel(kept), sizes[:, 0], sizes[:, 1], blur_1, blur_2, sigma_2)
+    return masks
 
 
 def magnitude_sign(gradient: torch.Tensor, source: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
@@ -179,9 +197,49 @@ def refine_magnitude(fake: torch.Tensor, mask: torch.Tensor, source: torch.Tenso
     return new_fake, new_mask
 
 
+def loss_rows(mask: torch.Tensor, label: torch.Tensor, item: torch.Tensor,
+              size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+    """Which samples the loss uses, as the reference: the binary support (mask > 0) resized (nearest) to ``size``
+    (N, 1, h, w); (N,) bool keep: a fake whose resized support is non-empty, a real whose fake (same ``item``) is
+    kept or absent; and the (real row, fake row) pairs of kept fakes."""
+    support = F.interpolate((mask > 0).float(), size=size, mode="nearest")
+    has_support, labels, items = support.flatten(1).amax(1).gt(0).tolist(), label.tolist(), item.tolist()
+    fake_of = {items[i]: i for i in range(len(items)) if labels[i] >= 0.5}
+    keep, pairs = [], []
+    for i, (is_fake, key) in enumerate(zip(labels, items)):
+        partner = None if is_fake >= 0.5 else fake_of.get(key)
+        keep.append(has_support[i] if is_fake >= 0.5 else partner is None or has_support[partner])
+        if partner is not None and has_support[partner]:
+            pairs.append((i, partner))
+    return support, torch.tensor(keep, device=mask.device), pairs
+
+
+def similarity_loss(features: torch.Tensor, support: torch.Tensor, pairs: list[tuple[int, int]]) -> torch.Tensor:
+    """Mean over (real, fake) pairs of (cos(f_real, f_fake) + 1) / 2, f = ``features`` averaged over the fake's
+    binary ``support`` (N, 1, h, w) and L2-normalised; 0 (in the graph) without pairs."""
+    if not pairs:
+        return features.sum() * 0.0
+    real_rows, fake_rows = (torch.tensor(rows, device=features.device) for rows in zip(*pairs))
+    weight = support[fake_rows].to(features.dtype)  # (P, 1, h, w), the real shares its fake's support
+    area = weight.sum(dim=(2, 3))
+    real = F.normalize((features[real_rows] * weight).sum(dim=(2, 3)) / area, dim=1)
+    fake = F.normalize((features[fake_rows] * weight).sum(dim=(2, 3)) / area, dim=1)
+    return (((real * fake).sum(1) + 1.0) / 2.0).mean()
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 class FPG(nn.Module):
-    """FPG detector. ``forward`` returns ``logit`` (B,), ``logits`` (B, 2), ``quality`` (B,) and ``features``
-    (B, C, h, w), the trunk's last feature map."""
+    """FPG detector. ``forward`` returns ``logit`` (B,), ``logits`` (B, 2), ``quality`` (B,) and
+    ``block_features`` (B, C_b, h, w), the trunk's last block (Grad-CAM's layer and L_sim's features)."""
 
     def __init__(self, backbone: str = "tf_efficientnet_b4", backbone_weights: str | os.PathLike | None = None,
                  static_padding_size: int | None = None, drop_path_rate: float = 0.2, dropout: float = 0.4,
@@ -197,20 +255,21 @@ class FPG(nn.Module):
                 trains without the quality term.
             local_channels, attention_hidden: widths of the local branch (512) and the attention MLP (256).
             shape_threshold: overlap fraction t below which shape refinement may trigger (0.2).
-            magnitude_step, magnitude_probability: eps (0.01) and the per-fake chance (0.5) of magnitude
+            magnitude_step, magnitude_probability: eps (0.01) and the per-batch chance (0.5) of magnitude
                 refinement; a probability of 0 turns it off.
         """
         super().__init__()
         if input_range not in INPUT_RANGES:
             raise ValueError(f"input_range must be one of {', '.join(INPUT_RANGES)}, got {input_range!r}")
         self.input_size, self.input_range = input_size, input_range
+        self.static_padding_size = static_padding_size
         self.mean, self.std = INPUT_RANGES[input_range]
         self.backbone = create_efficientnet(backbone, drop_path_rate, static_padding_size, backbone_weights)
         channels = self.backbone.num_features
         self.local = nn.Sequential(SeparableConv2d(channels, local_channels), nn.BatchNorm2d(local_channels),
                                    nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.attention = nn.Sequential(nn.Linear(local_channels, attention_hidden), nn.ReLU(inplace=True),
-                                       nn.Linear(attention_hidden, channels), nn.Sigmoid())
+        self.attention = nn.Sequential(nn.Linear(local_channels, attention_hidden, bias=False), nn.ReLU(inplace=True),
+                                       nn.Linear(attention_hidden, channels, bias=False), nn.Sigmoid())
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(channels, 2)
         self.quality = nn.Linear(local_channels, 1)
@@ -227,6 +286,14 @@ class FPG(nn.Module):
 
     # --- forward -----------------------------------------------------------------------------------------
 
+    def trunk_blocks(self, images: torch.Tensor) -> torch.Tensor:
+        """Stem and blocks: the last block's output (B, C_b, h, w)."""
+        return self.backbone.blocks(self.backbone.bn1(self.backbone.conv_stem(images)))
+
+    def trunk_head(self, blocks: torch.Tensor) -> torch.Tensor:
+        """conv_head + BN (with its activation): the trunk's feature map (B, C, h, w)."""
+        return self.backbone.bn2(self.backbone.conv_head(blocks))
+
     def forward_head(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         local = self.local(features)  # (B, 512)
         attended = features.mean(dim=(2, 3)) * self.attention(local)  # (B, C)
@@ -234,8 +301,8 @@ class FPG(nn.Module):
         return {"logit": logits[:, 1] - logits[:, 0], "logits": logits, "quality": self.quality(local)[:, 0]}
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        features = self.backbone.forward_features(images)  # (B, C, h, w)
-        return {**self.forward_head(features), "features": features}
+        blocks = self.trunk_blocks(images)
+        return {**self.forward_head(self.trunk_head(blocks)), "block_features": blocks}
 
     # --- guidance ----------------------------------------------------------------------------------------
 
@@ -244,35 +311,24 @@ class FPG(nn.Module):
         std = torch.tensor(self.std, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
         return mean, std
 
-    def _eval_pass(self, images: torch.Tensor, target: torch.Tensor,
-                   input_gradient: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """In eval mode: Grad-CAM on the last feature map (N, 1, H, W), p(fake) (N,), and with
-        ``input_gradient`` dCE/d(image in [0, 1]) (N, 3, H, W). Parameters' ``.grad`` stay untouched."""
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.enable_grad():
-                inputs = images.detach().requires_grad_(input_gradient)
-                if input_gradient:
-                    features = self.backbone.forward_features(inputs)
-                else:  # Grad-CAM needs gradients w.r.t. the features only: no graph through the trunk
-                    with torch.no_grad():
-                        features = self.backbone.forward_features(inputs)
-                    features.requires_grad_(True)
-                logits = self.forward_head(features)["logits"].float()
-                score = logits.gather(1, target[:, None]).sum()
-                (feature_grad,) = torch.autograd.grad(score, features, retain_graph=input_gradient)
-                gradient = None
-                if input_gradient:
-                    ce = F.cross_entropy(logits, target, reduction="sum")
-                    (gradient,) = torch.autograd.grad(ce, inputs)
-                    gradient = gradient / self._normalisation(gradient)[1]  # d/d[0, 1] = d/d(normalised) / std
-        finally:
-            self.train(was_training)
-        weights = feature_grad.mean(dim=(2, 3), keepdim=True)
-        cam = F.relu((weights * features.detach()).sum(1, keepdim=True))
-        cam = F.interpolate(cam.float(), size=images.shape[-2:], mode="bilinear", align_corners=False).clamp_min(0)
-        return cam, torch.softmax(logits.detach(), 1)[:, 1], gradient
+    def perceive(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """In eval mode: Grad-CAM on the last block for class ``target`` (N, 1, H, W) and p(fake) (N,).
+        Parameters' ``.grad`` stay untouched."""
+        with _eval_mode(self), torch.enable_grad():
+            with torch.no_grad():  # the CAM needs gradients w.r.t. the block only
+                blocks = self.trunk_blocks(images)
+            blocks.requires_grad_(True)
+            logits = self.forward_head(self.trunk_head(blocks))["logits"].float()
+            (gradient,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), blocks)
+        return grad_cam(blocks.detach(), gradient, images.shape[-2:]), torch.softmax(logits.detach(), 1)[:, 1]
+
+    def input_gradient(self, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """In eval mode: dCE/d(image in [0, 1]) (N, 3, H, W) for normalised ``images``."""
+        with _eval_mode(self), torch.enable_grad():
+            inputs = images.detach().requires_grad_(True)
+            logits = self(inputs)["logits"].float()
+            (gradient,) = torch.autograd.grad(F.cross_entropy(logits, target, reduction="sum"), inputs)
+        return gradient / self._normalisation(gradient)[1]  # d/d[0, 1] = d/d(normalised) / std
 
     @torch.no_grad()
     def prepare_batch(self, batch: dict, generator: torch.Generator) -> dict:
@@ -284,45 +340,54 @@ class FPG(nn.Module):
                              "(set synthesis.return_sources: true)")
         images, mask, label = batch["image"], batch["mask"], batch["label"]
         count, device = images.shape[0], images.device
-        # A fixed number of draws per sample, whatever is refined.
+        # The same draws for every batch of this size, whatever is refined.
         rand = dict(device=generator.device, generator=generator)
         shape_draw = torch.rand(count, **rand).to(device)
-        erode = torch.randint(ERODE_SIZES[0], ERODE_SIZES[1] + 1, (count,), **rand).tolist()
-        sides = torch.randint(RESIZE_SIDES[0], RESIZE_SIDES[1] + 1, (count, 2), **rand).tolist()
-        blur_steps = torch.randint(0, (BLUR_SIZES[1] - BLUR_SIZES[0]) // 2 + 1, (count,), **rand)
-        blur = (BLUR_SIZES[0] + 2 * blur_steps).tolist()  # odd kernels
-        magnitude_draw = torch.rand(count, **rand).to(device)
+        sizes = torch.randint(RESIZE_SIDES[0], RESIZE_SIDES[1] + 1, (count, 2), **rand).cpu()  # (h', w')
+        blur_1 = (BLUR_1_SIZES[0] + 2 * torch.randint(0, (BLUR_1_SIZES[1] - BLUR_1_SIZES[0]) // 2 + 1, (count,),
+                                                      **rand)).cpu()
+        blur_2 = (BLUR_2_SIZES[0] + 2 * torch.randint(0, (BLUR_2_SIZES[1] - BLUR_2_SIZES[0]) // 2 + 1, (count,),
+                                                      **rand)).cpu()
+        sigma_2 = torch.randint(BLUR_2_SIGMAS[0], BLUR_2_SIGMAS[1] + 1, (count,), **rand).cpu().float()
+        magnitude_draw = float(torch.rand(1, **rand))
 
         fake = label > 0.5
-        active = fake & (mask.flatten(1).amax(1) > 0)
+        support = mask > 0
         out = dict(batch, shape_refined=torch.zeros(count, dtype=torch.bool, device=device),
                    magnitude_sign=torch.zeros(count, device=device))
-        if not bool(active.any()):
+        rows = (fake & support.flatten(1).any(1)).nonzero().flatten()
+        if not len(rows):
             return out
         mean, std = self._normalisation(images)
         pixels = images * std + mean  # [0, 1]
         source, background = batch["source"], batch["background"]
         new_pixels, new_mask = pixels.clone(), mask.clone()
 
-        # 1-2. Perception and shape refinement.
-        cam, p_fake, _ = self._eval_pass(images, label.long(), input_gradient=False)
-        attended = attended_region(cam)
-        support = mask > 0
-        overlap = (attended & support).sum((1, 2, 3))
-        ratio = overlap / support.sum((1, 2, 3)).clamp_min(1)
-        refine = active & (ratio < self.shape_threshold) & (p_fake > 0.5) & (shape_draw < p_fake) & (overlap > 0)
-        for i in refine.nonzero().flatten().tolist():
-            kept = (support[i:i + 1] & ~attended[i:i + 1]).to(pixels.dtype)
-            m = smooth_mask(kept, erode[i], tuple(sides[i]), blur[i])
-            new_pixels[i] = ((1.0 - m) * background[i:i + 1] + m * pixels[i:i + 1])[0]
-            new_mask[i] = (m * mask[i:i + 1])[0]
+        # 1-2. Perception (of the fakes only: the reals' CAMs are never used) and shape refinement.
+        cam, p_rows = self.perceive(images[rows], label[rows].long())
+        attended = torch.zeros_like(support)
+        attended[rows] = attended_region(cam)
+        p_fake = torch.zeros(count, device=device)
+        p_fake[rows] = p_rows.to(device)
+        area = support.sum((1, 2, 3))
+        ratio = (attended & support).sum((1, 2, 3)) / area.clamp_min(1)
+        refine = fake & (area > 1) & (ratio < self.shape_threshold) & (p_fake > 0.5) & (shape_draw < p_fake)
+        rows = refine.nonzero().flatten()
+        if len(rows):
+            kept = (support[rows] & ~attended[rows]).to(pixels.dtype)
+            cpu_rows = rows.cpu()
+            m = refined_masks(kept, sizes[cpu_rows], blur_1[cpu_rows], blur_2[cpu_rows], sigma_2[cpu_rows])
+            new_pixels[rows] = (1.0 - m) * background[rows] + m * pixels[rows]
+            new_mask[rows] = m
         out["shape_refined"] = refine
 
-        # 3. Magnitude refinement, with the gradient at the (shape-refined) fakes.
-        magnitude = active & (magnitude_draw < self.magnitude_probability) & (new_mask.flatten(1).amax(1) > 0)
+        # 3. Magnitude refinement of every fake, with the gradient at the (shape-refined) fakes.
+        magnitude = torch.zeros_like(fake)
+        if magnitude_draw < self.magnitude_probability:
+            magnitude = fake & new_mask.flatten(1).gt(0).any(1)
         rows = magnitude.nonzero().flatten()
         if len(rows):
-            _, _, gradient = self._eval_pass((new_pixels[rows] - mean) / std, label[rows].long(), input_gradient=True)
+            gradient = self.input_gradient((new_pixels[rows] - mean) / std, label[rows].long())
             sign = magnitude_sign(gradient, source[rows], background[rows])
             new_pixels[rows], new_mask[rows] = refine_magnitude(new_pixels[rows], new_mask[rows], source[rows],
                                                                 background[rows], sign, self.magnitude_step)
@@ -348,14 +413,14 @@ class FPG(nn.Module):
 
     def compute_loss(self, outputs: dict, batch: dict, cls: float = 1.0, similarity: float = 0.075,
                      quality: float = 1.0) -> dict[str, torch.Tensor]:
-        """``cls * CE + similarity * L_sim + quality * MSE`` over reals and the fakes with a non-empty mask."""
+        """``cls * CE + similarity * L_sim + quality * MSE`` over the samples :func:`loss_rows` keeps."""
         label = batch["label"]
-        keep = (label < 0.5) | (batch["mask"].flatten(1).amax(1) > 0)
+        features = outputs["block_features"].float()
+        support, keep, pairs = loss_rows(batch["mask"], label, batch["item"], features.shape[-2:])
         logits = outputs["logits"].float()
         parts = {"cls": F.cross_entropy(logits[keep], label[keep].long())}
         if similarity:
-            parts["similarity"] = similarity_loss(outputs["features"].float(), batch["mask"], label, batch["item"],
-                                                  keep)
+            parts["similarity"] = similarity_loss(features, support, pairs)
         if quality and self.quality_scores is not None:
             target = self.quality_targets(list(batch["image_path"])).to(logits.device)
             parts["quality"] = F.mse_loss(outputs["quality"].float()[keep], target[keep])
@@ -370,22 +435,21 @@ class FPG(nn.Module):
             parts["magnitude_refined"] = (batch["magnitude_sign"] != 0).float().sum()
         return parts
 
-
-def similarity_loss(features: torch.Tensor, mask: torch.Tensor, label: torch.Tensor, item: torch.Tensor,
-                    keep: torch.Tensor) -> torch.Tensor:
-    """Mean over (real, fake) pairs sharing an ``item`` of (cos(f_real, f_fake) + 1) / 2, f the average of
-    ``features`` weighted by the fake's mask; 0 (in the graph) without pairs."""
-    items, labels, kept = item.tolist(), label.tolist(), keep.tolist()
-    reals = {items[i]: i for i in range(len(items)) if labels[i] < 0.5}
-    pairs = [(reals[items[j]], j) for j in range(len(items)) if labels[j] >= 0.5 and kept[j] and items[j] in reals]
-    if not pairs:
-        return features.sum() * 0.0
-    real_rows, fake_rows = (torch.tensor(rows, device=features.device) for rows in zip(*pairs))
-    weight = F.adaptive_avg_pool2d(mask[fake_rows].to(features.dtype), features.shape[-2:])  # (P, 1, h, w)
-    area = weight.sum(dim=(2, 3)).clamp_min(1e-6)
-    real = F.normalize((features[real_rows] * weight).sum(dim=(2, 3)) / area, dim=1)
-    fake = F.normalize((features[fake_rows] * weight).sum(dim=(2, 3)) / area, dim=1)
-    return (((real * fake).sum(1) + 1.0) / 2.0).mean()
+    def convert_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Released FPG checkpoints (``net.`` + lukemelas trunk, reference head names) -> our names."""
+        if not any(key.startswith("net.") for key in state):
+            return state
+        if self.static_padding_size != 380 or self.input_range != "unit":
+            log.warning("official FPG weights: build fpg with static_padding_size=380 and input_range='unit' "
+                        "to get the reference's outputs (this model: %s, %s)", self.static_padding_size,
+                        self.input_range)
+        trunk = {key[len("net."):]: value for key, value in state.items() if key.startswith("net.")}
+        converted = {f"backbone.{key}": value for key, value in lukemelas_to_timm(trunk, self.backbone).items()}
+        for key, value in state.items():
+            if not key.startswith("net."):
+                prefix = next((p for p in REFERENCE_HEADS if key.startswith(p)), "")
+                converted[REFERENCE_HEADS.get(prefix, "") + key[len(prefix):]] = value
+        return converted
 
 
 @register("fpg")
