@@ -8,11 +8,17 @@ the mean logit of the face and its mirror), several faces of one frame count as 
 probability of its frames, grouped by the full video id (``dataset/method/name``). When the set holds
 several manipulations (FF++), every manipulation is also scored alone against all reals.
 
+Faces are cut as the model was trained (``data.crop_protocol``): ``square`` scores the whole stored crop,
+``sbi`` SBI's test window, 1.25 x the detector box (w/8, h/8 per side). Our checkpoints say which one they
+were trained with (older ones: ``square``), and that wins over ``--config`` unless ``data.crop_protocol=...``
+is given; for official weights ``--config`` says it (``configs/sbi_effnet.yaml``: ``sbi``).
+
 Writes, per set, ``metrics.json``, ``videos.csv`` (per-video scores) and ``roc.png`` under ``--out``.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import sys
 from pathlib import Path
@@ -44,14 +50,42 @@ def load_model(weights: str | Path, config: dict | None) -> tuple[torch.nn.Modul
     return models.load_weights(model, weights), config
 
 
+def with_defaults(config: dict, defaults: dict = DEFAULTS) -> dict:
+    """``config`` with the keys it lacks taken from ``defaults`` (checkpoints written before a key existed)."""
+    filled = copy.deepcopy(config)
+    for key, value in defaults.items():
+        if key not in filled:
+            filled[key] = copy.deepcopy(value)
+        elif isinstance(value, dict) and isinstance(filled[key], dict):
+            filled[key] = with_defaults(filled[key], value)
+    return filled
+
+
+def trained_crop_protocol(settings: dict, trained: dict, overrides: list[str]) -> str:
+    """The crop protocol a checkpoint was trained with (its test window), unless overridden on the command line."""
+    chosen = settings["data"]["crop_protocol"]
+    if any(text.split("=", 1)[0] == "data.crop_protocol" for text in overrides):
+        return chosen
+    protocol = (trained.get("data") or {}).get("crop_protocol", "square")
+    if protocol != chosen:
+        log.warning("the checkpoint was trained with data.crop_protocol=%s, not %s as --config says; scoring with "
+                    "%s's test crops (override with data.crop_protocol=%s)", protocol, chosen, protocol, chosen)
+    return protocol
+
+
 @torch.no_grad()
 def score_frames(model: torch.nn.Module, json_path: Path, data_root: str | None, frames_per_video: int,
-                 batch_size: int, device: torch.device, precision: str, flip: bool, workers: int) -> dict:
-    """Fake probability of every sampled face of a test set, with its item (video, frame, label, method)."""
+                 batch_size: int, device: torch.device, precision: str, flip: bool, workers: int,
+                 crop_protocol: str = "square") -> dict:
+    """Fake probability of every sampled face of a test set, with its item (video, frame, label, method).
+
+    ``crop_protocol`` ``sbi`` scores SBI's test window (1.25 x the detector box), ``square`` the stored crop.
+    """
     table = load_frame_table(json_path, data_root, labels=None, require_landmarks=False)
     loader = build_loader(table, image_size=model.input_size, batch_size=batch_size,
                           frames_per_video=frames_per_video, train=False, workers=workers,
-                          num_replicas=comm.get_world_size(), rank=comm.get_rank(), drop_last=False)
+                          num_replicas=comm.get_world_size(), rank=comm.get_rank(), drop_last=False,
+                          crop_protocol=crop_protocol)
     mean = torch.tensor(model.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(model.std, device=device).view(1, -1, 1, 1)
     channels_last = uses_channels_last(model)
@@ -95,8 +129,10 @@ def evaluate_set(model: torch.nn.Module, json_path: Path, config: dict, device: 
                  out_dir: Path | None) -> dict[str, dict]:
     """Metrics of one test set (and of each manipulation in it); files written under ``out_dir``."""
     evaluation = config["eval"]
+    protocol = config["data"].get("crop_protocol", "square")
     scored = score_frames(model, json_path, config["data"]["data_root"], evaluation["frames_per_video"],
-                          evaluation["batch_size"], device, config["precision"], flip, config["data"]["workers"])
+                          evaluation["batch_size"], device, config["precision"], flip, config["data"]["workers"],
+                          crop_protocol=protocol)
     frames = frame_level(scored)
     results = {json_path.stem: metrics_of(frames)}
     fake_methods = sorted({m for m, label in zip(frames["method"], frames["label"]) if label == 1})
@@ -110,7 +146,8 @@ def evaluate_set(model: torch.nn.Module, json_path: Path, config: dict, device: 
     if out_dir is not None and comm.is_main_process():
         for name, result in results.items():
             folder = out_dir / name
-            write_metrics_json({**result, "flip": flip, "weights_input_size": model.input_size}, folder / "metrics.json")
+            extra = {"flip": flip, "crop_protocol": protocol, "weights_input_size": model.input_size}
+            write_metrics_json({**result, **extra}, folder / "metrics.json")
             write_video_csv(result, folder / "videos.csv")
             plot_roc(result, folder / "roc.png", f"{name} ({'flip test' if flip else 'no flip'})")
     return results
@@ -150,7 +187,9 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
     config = build_config(DEFAULTS, args.config, args.overrides) if args.config else None
     model, model_config = load_model(args.weights, config)
     # Without --config, the checkpoint's own resolved config is the base the overrides apply to.
-    settings = config if config is not None else build_config(model_config, None, args.overrides)
+    settings = config if config is not None else build_config(with_defaults(model_config), None, args.overrides)
+    if model_config is not config:  # our checkpoint: score with the crops it was trained on
+        settings["data"]["crop_protocol"] = trained_crop_protocol(settings, model_config, args.overrides)
     _, world, _, distributed_device = comm.init_distributed()
     device_name = args.device or settings["device"]
     device = distributed_device if world > 1 and device_name == "auto" else resolve_device(device_name)
@@ -172,7 +211,8 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
         for name, result in evaluate_set(model, path, settings, device, flip, out_dir).items():
             results[name] = result
             if comm.is_main_process():
-                print(f"\n[{name}] {'flip test' if flip else 'no flip'}\n{format_metrics(result)}")
+                print(f"\n[{name}] {'flip test' if flip else 'no flip'}, crop {settings['data']['crop_protocol']}"
+                      f"\n{format_metrics(result)}")
     if comm.is_main_process():
         print("\n" + summary_table(results))
         print(f"\n[evaluate] metrics, per-video CSVs and ROC curves in {out_dir}")

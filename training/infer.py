@@ -9,7 +9,10 @@ Usage::
 Faces are found and cut exactly as the crop stage does for training (same detector and thresholds, square
 box of ``crop.scale`` x the detector box, zero padding outside the frame, resized to ``crop.size`` as stored,
 then to the model's ``input_size`` as the training loader does), so the model sees what it was trained on.
-``--detector none`` takes the whole input as the face (an image that is already a crop).
+Models trained with ``data.crop_protocol: sbi`` (and official SBI/FPG weights, ``--crop-protocol sbi``) see
+SBI's test window instead: the detector box plus w/8 and h/8 per side (1.25 x the box, not square), cut from
+that stored crop and resized to ``input_size``. ``--detector none`` takes the whole input as the face (an
+image that is already a crop), resized whatever the protocol.
 
 Scores are calibrated probabilities: the sigmoid of the fake logit (LAA-Net's own single-image mode
 thresholds the raw logit, pitfalls.md section 7). With ``--flip`` (default) the logit is the mean of the
@@ -42,15 +45,16 @@ from torch import nn
 import models
 from package_utils.config import parse_override
 from package_utils.crop import DEFAULTS as CROP_DEFAULTS
-from package_utils.crop import _get_detector, cut_with_padding, resize_square, square_box
+from package_utils.crop import _get_detector, cut_with_padding, resize_square, square_box, to_crop_coords
 from package_utils.detectors import Face, choose_faces
 from package_utils.io_utils import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, BadInputError, atomic_write_image, read_image
 from package_utils.video import MediaReader, sample_indices
+from training.data import CROP_PROTOCOLS, cut_window, sbi_window
 
 log = logging.getLogger("training.infer")
 
-__all__ = ["load_model", "build_face_detector", "crop_faces", "score_crops", "predict_image", "predict_video",
-           "render_picture", "write_pictures", "main"]
+__all__ = ["load_model", "load_model_and_config", "trained_crop_protocol", "build_face_detector", "crop_faces",
+           "score_crops", "predict_image", "predict_video", "render_picture", "write_pictures", "main"]
 
 MIN_PICTURE_SIZE = 256
 DEFAULT_OUT = "processed_data/infer"  # the project's fixed top level has no outputs/ folder
@@ -92,6 +96,17 @@ def load_model(weights: str | os.PathLike, model_name: str | None = None, model_
     Raises:
         FileNotFoundError, ValueError: the file is missing or unreadable, or does not fit the model.
     """
+    return load_model_and_config(weights, model_name, model_args, device)[0]
+
+
+def trained_crop_protocol(config: dict | None) -> str:
+    """``data.crop_protocol`` of a checkpoint's training config (``square`` when it predates the key)."""
+    return ((config or {}).get("data") or {}).get("crop_protocol", "square")
+
+
+def load_model_and_config(weights: str | os.PathLike, model_name: str | None = None, model_args: dict | None = None,
+                          device: str | torch.device = "cpu") -> tuple[nn.Module, dict | None]:
+    """:func:`load_model` and the training config stored in our checkpoints (None for other weight files)."""
     model_args = dict(model_args or {})
     content = models.read_weight_file(weights)
     if isinstance(content, dict) and content.get("format") == models.CHECKPOINT_FORMAT:
@@ -102,7 +117,8 @@ def load_model(weights: str | os.PathLike, model_name: str | None = None, model_
         if model_args:
             raise ValueError(f"{weights}: the checkpoint stores its model arguments; drop --model-arg")
         del content  # build_from_checkpoint reads the file itself; do not hold two copies
-        model, _ = models.build_from_checkpoint(weights)
+        model, checkpoint = models.build_from_checkpoint(weights)
+        config = checkpoint.get("config")
     else:
         del content
         if model_name is None:
@@ -111,8 +127,8 @@ def load_model(weights: str | os.PathLike, model_name: str | None = None, model_
                 f"name the model with --model NAME (known: {', '.join(models.available())}) and its "
                 "arguments with --model-arg, e.g. --model laanet --model-arg static_padding_size=380 for the "
                 "official LAA-Net weights")
-        model = models.load_weights(models.build(model_name, **model_args), weights)
-    return model.to(device).eval()
+        model, config = models.load_weights(models.build(model_name, **model_args), weights), None
+    return model.to(device).eval(), config
 
 
 def build_face_detector(name: str, threads: int | None = None) -> Detector | None:
@@ -128,8 +144,9 @@ def build_face_detector(name: str, threads: int | None = None) -> Detector | Non
 # ----------------------------------------------------------------------------------------------- crops
 def crop_faces(frame: np.ndarray, detector: Detector | None, input_size: int, faces: str = "largest",
                min_relative_area: float = 0.0, crop_scale: float = CROP_DEFAULTS["crop"]["scale"],
-               crop_size: int | None = CROP_DEFAULTS["crop"]["size"]) -> list[tuple[Face, np.ndarray, np.ndarray]]:
-    """Detect faces and cut them as the crop stage and the training loader do.
+               crop_size: int | None = CROP_DEFAULTS["crop"]["size"],
+               crop_protocol: str = "square") -> list[tuple[Face, np.ndarray, np.ndarray]]:
+    """Detect faces and cut them as the crop stage and the training (or evaluation) loader do.
 
     Args:
         frame: BGR uint8 image.
@@ -140,10 +157,15 @@ def crop_faces(frame: np.ndarray, detector: Detector | None, input_size: int, fa
         crop_scale: crop side / detector box side (ignored without a detector, as in the crop stage).
         crop_size: side the crop stage stores crops at; the crop passes through it on its way to
             ``input_size`` as training crops do (None: resize straight to ``input_size``).
+        crop_protocol: ``square`` (the whole square crop) or ``sbi`` (SBI's test window, 1.25 x the detector
+            box, cut from the square crop as the evaluation loader does; not used without a detector).
 
     Returns:
-        ``(face, square box in frame pixels, BGR crop input_size x input_size)`` per face.
+        ``(face, box in frame pixels, BGR crop input_size x input_size)`` per face; the box is the square
+        crop, or for ``sbi`` the window (float, as it maps back from the stored crop's pixels).
     """
+    if crop_protocol not in CROP_PROTOCOLS:
+        raise ValueError(f"crop_protocol must be one of {', '.join(CROP_PROTOCOLS)}, got {crop_protocol!r}")
     if detector is None:
         height, width = frame.shape[:2]
         chosen, scale = [Face(np.array([0, 0, width, height], dtype=np.float32), 1.0)], 1.0
@@ -154,7 +176,14 @@ def crop_faces(frame: np.ndarray, detector: Detector | None, input_size: int, fa
         box = square_box(face.box, scale)
         patch, _ = cut_with_padding(frame, box)
         crop = resize_square(patch, crop_size) if crop_size else patch
-        results.append((face, box, resize_square(crop, input_size) if crop.shape[0] != input_size else crop))
+        if crop_protocol == "sbi" and detector is not None:
+            side = crop.shape[0]
+            window = sbi_window(to_crop_coords(face.box, box, side).reshape(-1))
+            crop, _ = cut_window(crop, window, input_size)
+            box = np.tile(box[:2], 2) + window * (float(box[2] - box[0]) / side)  # back to frame pixels
+        elif crop.shape[0] != input_size:
+            crop = resize_square(crop, input_size)
+        results.append((face, box, crop))
     return results
 
 
@@ -196,7 +225,8 @@ def score_crops(model: nn.Module, crops: Sequence[np.ndarray], flip: bool = True
 def predict_image(model: nn.Module, image_bgr: np.ndarray, detector: Detector | None, flip: bool = True,
                   device: str | torch.device | None = None, faces: str = "largest", min_relative_area: float = 0.0,
                   crop_scale: float = CROP_DEFAULTS["crop"]["scale"],
-                  crop_size: int | None = CROP_DEFAULTS["crop"]["size"]) -> list[dict]:
+                  crop_size: int | None = CROP_DEFAULTS["crop"]["size"],
+                  crop_protocol: str = "square") -> list[dict]:
     """Score the faces of one BGR image.
 
     Args:
@@ -205,19 +235,22 @@ def predict_image(model: nn.Module, image_bgr: np.ndarray, detector: Detector | 
         detector: from :func:`build_face_detector`; None when the image already is a face crop.
         flip: average the logits of each face and its mirror (LAA-Net's flip test).
         device: where the inputs go (None: where the model's parameters are).
-        faces, min_relative_area, crop_scale, crop_size: see :func:`crop_faces`.
+        faces, min_relative_area, crop_scale, crop_size, crop_protocol: see :func:`crop_faces`.
 
     Returns:
         One dict per face, largest first (empty when no face was found): ``box`` (detector box, frame
-        pixels), ``crop_box`` (the square cut), ``detector_score``, ``logit``, ``probability`` (sigmoid of
-        the logit), ``heatmap`` ((h, h) float32 in [0, 1], or None) and ``crop`` (the BGR model input).
+        pixels), ``crop_box`` (the square cut, or the ``sbi`` window), ``detector_score``, ``logit``,
+        ``probability`` (sigmoid of the logit), ``heatmap`` ((h, h) float32 in [0, 1], or None) and ``crop``
+        (the BGR model input).
     """
     model.eval()  # dropout or batch statistics would make the score random
-    found = crop_faces(image_bgr, detector, model.input_size, faces, min_relative_area, crop_scale, crop_size)
+    found = crop_faces(image_bgr, detector, model.input_size, faces, min_relative_area, crop_scale, crop_size,
+                       crop_protocol)
     if not found:
         return []
     logits, heatmaps = score_crops(model, [crop for _, _, crop in found], flip, device)
-    return [{"box": [round(float(v), 2) for v in face.box], "crop_box": box.tolist(),
+    return [{"box": [round(float(v), 2) for v in face.box],
+             "crop_box": box.tolist() if box.dtype.kind == "i" else [round(float(v), 2) for v in box],
              "detector_score": float(face.score), "logit": float(logit),
              "probability": float(1.0 / (1.0 + math.exp(-float(logit)))),
              "heatmap": None if heatmaps is None else heatmaps[k], "crop": crop}
@@ -228,8 +261,9 @@ def predict_video(model: nn.Module, path: str | os.PathLike, detector: Detector 
                   flip: bool = True, device: str | torch.device | None = None, faces: str = "largest",
                   min_relative_area: float = CROP_DEFAULTS["min_relative_area"],
                   crop_scale: float = CROP_DEFAULTS["crop"]["scale"],
-                  crop_size: int | None = CROP_DEFAULTS["crop"]["size"]) -> dict:
-    """Score ``frames`` evenly spaced frames of a video (the crop stage's sampling).
+                  crop_size: int | None = CROP_DEFAULTS["crop"]["size"], crop_protocol: str = "square") -> dict:
+    """Score ``frames`` evenly spaced frames of a video (the crop stage's sampling); faces cut as
+    :func:`crop_faces` does.
 
     A frame's probability is the max over its faces (with ``faces="all"``, those at least
     ``min_relative_area`` of the largest, SBI's rule); the video's is the mean over the frames that have a face.
@@ -250,7 +284,7 @@ def predict_video(model: nn.Module, path: str | os.PathLike, detector: Detector 
     best = None
     for index, frame in reader.read(indices, prefetch=2):  # decoding overlaps the model on the previous frame
         results = predict_image(model, frame, detector, flip, device, faces, min_relative_area, crop_scale,
-                                crop_size)
+                                crop_size, crop_protocol)
         if not results:
             per_frame[index] = {"frame": int(index), "probability": None, "faces": 0, "status": "no face"}
             continue
@@ -347,7 +381,7 @@ def run_image(args: argparse.Namespace, model: nn.Module, detector: Detector | N
               image: np.ndarray) -> bool:
     """Score and print one image; returns False when it has no face."""
     results = predict_image(model, image, detector, args.flip, faces=args.faces, crop_scale=args.crop_scale,
-                            crop_size=args.crop_size)
+                            crop_size=args.crop_size, crop_protocol=args.crop_protocol)
     if not results:
         print(f"{path}: no face found{_no_face_hint(args.detector)}", file=sys.stderr)
         return False
@@ -363,7 +397,7 @@ def run_image(args: argparse.Namespace, model: nn.Module, detector: Detector | N
 def run_video(args: argparse.Namespace, model: nn.Module, detector: Detector | None, path: Path) -> bool:
     """Score and print one video; returns False when no sampled frame had a face."""
     result = predict_video(model, path, detector, args.frames, args.flip, faces=args.faces,
-                           crop_scale=args.crop_scale, crop_size=args.crop_size)
+                           crop_scale=args.crop_scale, crop_size=args.crop_size, crop_protocol=args.crop_protocol)
     failures = (f"{result['failed']} failed: {len(result['without_face'])} without a face, "
                 f"{len(result['not_decoded'])} not decoded")
     if result["probability"] is None:
@@ -404,6 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--crop-size", type=int, default=CROP_DEFAULTS["crop"]["size"],
                         help="side the crop stage stored crops at, passed through on the way to the model's input "
                              "size as for training; 0: resize straight to it (default %(default)s)")
+    parser.add_argument("--crop-protocol", choices=CROP_PROTOCOLS,
+                        help="square: the whole square crop; sbi: SBI's test window, 1.25 x the detector box (for "
+                             "official SBI/FPG weights). Default: the data.crop_protocol our checkpoint was trained "
+                             "with, else square")
     return parser
 
 
@@ -414,12 +452,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.frames < 1:
             raise ValueError(f"--frames must be at least 1, got {args.frames}")
-        model = load_model(args.weights, args.model, parse_model_args(args.model_arg), resolve_device(args.device))
+        model, config = load_model_and_config(args.weights, args.model, parse_model_args(args.model_arg),
+                                              resolve_device(args.device))
         detector = build_face_detector(args.detector)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     args.crop_size = args.crop_size or None
+    if args.crop_protocol is None:
+        args.crop_protocol = trained_crop_protocol(config)
+    elif config is not None and args.crop_protocol != trained_crop_protocol(config):
+        log.warning("%s was trained with crop protocol %s; scoring with --crop-protocol %s as asked",
+                    args.weights, trained_crop_protocol(config), args.crop_protocol)
     all_scored = True
     for name in args.inputs:
         path = Path(name)

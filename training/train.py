@@ -55,6 +55,8 @@ DEFAULTS: dict = {
         "image_size": 0,               # 0 = the model's input size
         "train_frames_per_video": 8,
         "val_frames_per_video": 8,
+        "train_frame_sampling": "random",  # random: new frames each epoch (LAA-Net's intent) | even: fixed (SBI, FPG)
+        "crop_protocol": "square",     # square: the whole stored crop | sbi: SBI's face-box window (training/data.py)
         "batch_size": 8,               # pseudo_fake + paired: reals per batch (the batch doubles)
         "val_batch_size": 0,           # 0 = batch_size
         "workers": 2,
@@ -194,7 +196,8 @@ class BatchSource:
         self.train_loader = build_loader(
             self.train_table, image_size=self.size, batch_size=data["batch_size"],
             frames_per_video=data["train_frames_per_video"], train=True, seed=self.seed, workers=data["workers"],
-            with_partner=with_partner, flip_probability=data["flip_probability"], num_replicas=world, rank=rank)
+            with_partner=with_partner, flip_probability=data["flip_probability"], num_replicas=world, rank=rank,
+            crop_protocol=data["crop_protocol"], sampling=data["train_frame_sampling"])
         self.val_loader = None
         if data["val"]:
             self.val_table = load_frame_table(_project_path(data["val"]), root, labels=labels,
@@ -202,7 +205,8 @@ class BatchSource:
             self.val_loader = build_loader(
                 self.val_table, image_size=self.size, batch_size=val_batch,
                 frames_per_video=data["val_frames_per_video"], train=False, seed=self.seed,
-                workers=data["workers"], with_partner=with_partner, num_replicas=world, rank=rank, drop_last=False)
+                workers=data["workers"], with_partner=with_partner, num_replicas=world, rank=rank, drop_last=False,
+                crop_protocol=data["crop_protocol"])
 
     def __len__(self) -> int:
         return len(self.train_loader)

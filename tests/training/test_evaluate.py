@@ -93,3 +93,132 @@ def test_official_lfm_checkpoint_evaluates_per_generator(image_folder_tree, tmp_
     assert [r["generator"] for r in rows] == ["face", "person", "mean"]
     assert rows[-1]["acc"] == pytest.approx((rows[0]["acc"] + rows[1]["acc"]) / 2)
     assert "mean" in capsys.readouterr().out
+
+
+# --- crop protocol: a model is scored on the test crops of the protocol it was trained with ---------------------
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.fixture(scope="module")
+def boxed_test_set(labelled_face_metadata, tmp_path_factory):
+    """The labelled real-face test set with ``face_box`` (RetinaFace on each stored crop, as the crop stage)."""
+    from package_utils import metadata
+    from package_utils.detectors import RetinaFaceDetector, choose_faces
+    from package_utils.io_utils import read_image
+
+    document = metadata.load(labelled_face_metadata)
+    detector = RetinaFaceDetector()
+    for item in document["data"]:
+        face = choose_faces(detector.detect(read_image(metadata.resolve(document, item["image_path"]))))[0]
+        item["face_box"] = [round(float(v), 2) for v in face.box]
+    path = tmp_path_factory.mktemp("boxed") / "test_t_68.json"
+    metadata.save(path, document)
+    return path
+
+
+def _input_sensitive(model: torch.nn.Module, folder: Path) -> None:
+    """Batch-norm statistics of real face crops and wider logits: a random model otherwise scores every
+    input the same to 1e-5, and no test could tell one crop from another."""
+    import cv2
+
+    crops = [cv2.resize(cv2.imread(str(p)), (64, 64), interpolation=cv2.INTER_AREA)
+             for p in sorted(folder.glob("v*/*.png"))[::3]]
+    batch = torch.from_numpy(np.stack(crops)[:, :, :, ::-1].copy()).permute(0, 3, 1, 2).float()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative: one batch sets the statistics
+    model.train()
+    with torch.no_grad():
+        model((batch / 255.0 - 0.5) / 0.5)
+        model.cls[-1].weight.mul_(30.0)
+    for norm in norms:
+        norm.momentum = 0.1
+    model.eval()
+
+
+def _checkpoint(path: Path, data_changes: dict, drop: tuple[str, ...] = (),
+                crops: Path | None = None) -> Path:
+    torch.manual_seed(0)
+    model = models.build("laanet", backbone="tf_efficientnet_b0", input_size=64)
+    if crops is not None:
+        _input_sensitive(model, crops)
+    config = json.loads(json.dumps(DEFAULTS))
+    config["model"] = {"name": "laanet", "args": model.model_args}
+    config["data"].update(workers=0, **data_changes)
+    for key in drop:  # a checkpoint written before the key existed
+        del config["data"][key]
+    config["device"] = "cpu"
+    save_checkpoint(path, model, config, epoch=0)
+    return path
+
+
+def _scores(folder: Path) -> tuple[str, dict[str, float]]:
+    result = json.loads((folder / "metrics.json").read_text())
+    rows = csv.DictReader(open(folder / "videos.csv"))
+    return result["crop_protocol"], {r["key"]: float(r["score"]) for r in rows}
+
+
+def test_score_frames_scores_sbi_test_windows(boxed_test_set, tmp_path):
+    from training.data import FaceFrames
+
+    crops = Path(json.loads(boxed_test_set.read_text())["data_root"])
+    model, _ = evaluate.load_model(_checkpoint(tmp_path / "sbi.pth", {"crop_protocol": "sbi"}, crops=crops), None)
+    model.eval()
+    scored = {protocol: evaluate.score_frames(model, boxed_test_set, None, 2, 4, torch.device("cpu"), "fp32",
+                                              False, 0, crop_protocol=protocol) for protocol in ("sbi", "square")}
+    table = scored["sbi"]["table"]
+    faces = FaceFrames(table, 64, crop_protocol="sbi")
+    mean, std = torch.tensor(model.mean).view(1, 3, 1, 1), torch.tensor(model.std).view(1, 3, 1, 1)
+    positions = scored["sbi"]["position"][:3]
+    images = torch.stack([faces[int(p)]["image"] for p in positions]).float() / 255.0
+    with torch.no_grad():
+        expected = torch.sigmoid(model((images - mean) / std)["logit"].reshape(-1)).numpy()
+    assert np.allclose(scored["sbi"]["score"][:3], expected, atol=1e-5)
+    assert np.array_equal(scored["sbi"]["position"], scored["square"]["position"])
+    assert not np.allclose(scored["sbi"]["score"], scored["square"]["score"], atol=1e-4)
+
+
+def test_evaluation_uses_the_protocol_the_checkpoint_was_trained_with(boxed_test_set, tmp_path, caplog):
+    crops = Path(json.loads(boxed_test_set.read_text())["data_root"])
+    sbi = _checkpoint(tmp_path / "sbi.pth", {"crop_protocol": "sbi"}, crops=crops)
+    common = ["--test", str(boxed_test_set), "--no-flip", "eval.frames_per_video=2", "eval.batch_size=4"]
+    assert evaluate.main(["--weights", str(sbi), "--out", str(tmp_path / "a"), *common]) == 0
+    protocol, trained = _scores(tmp_path / "a" / "test_t_68")
+    assert protocol == "sbi"
+    # --config (a square LAA-Net recipe) does not change what the checkpoint was trained on; it says so.
+    with caplog.at_level("WARNING", logger="training.evaluate"):
+        assert evaluate.main(["--config", str(CONFIGS / "laanet_sbi.yaml"), "--weights", str(sbi), "--out",
+                              str(tmp_path / "b"), *common, "data.workers=0", "device=cpu"]) == 0
+    assert "trained with data.crop_protocol=sbi" in caplog.text
+    assert _scores(tmp_path / "b" / "test_t_68") == ("sbi", trained)
+    # An explicit override wins, and scores other crops.
+    assert evaluate.main(["--weights", str(sbi), "--out", str(tmp_path / "c"), *common,
+                          "data.crop_protocol=square"]) == 0
+    protocol, square = _scores(tmp_path / "c" / "test_t_68")
+    assert protocol == "square" and square.keys() == trained.keys()
+    assert any(abs(square[k] - trained[k]) > 1e-4 for k in trained)
+    # Checkpoints from before the key trained on the whole crop; the override still applies to them.
+    old = _checkpoint(tmp_path / "old.pth", {}, drop=("crop_protocol",), crops=crops)
+    assert evaluate.main(["--weights", str(old), "--out", str(tmp_path / "d"), *common]) == 0
+    assert _scores(tmp_path / "d" / "test_t_68") == ("square", square)
+    assert evaluate.main(["--weights", str(old), "--out", str(tmp_path / "e"), *common,
+                          "data.crop_protocol=sbi"]) == 0
+    assert _scores(tmp_path / "e" / "test_t_68") == ("sbi", trained)
+
+
+def test_official_weights_take_the_protocol_of_the_config(boxed_test_set, labelled_face_metadata, tmp_path):
+    # Released SBI weights are scored with configs/sbi_effnet.yaml, hence on SBI's 1.25x test crops.
+    torch.manual_seed(0)
+    model = models.build("sbi_effnet", backbone="tf_efficientnet_b0", input_size=64)
+    official = tmp_path / "official.tar"
+    torch.save({"model": model.state_dict()}, official)
+    common = ["--config", str(CONFIGS / "sbi_effnet.yaml"), "--weights", str(official), "--no-flip",
+              "model.args.backbone=tf_efficientnet_b0", "model.args.input_size=64", "eval.frames_per_video=2",
+              "eval.batch_size=4", "data.workers=0", "device=cpu"]
+    assert evaluate.main([*common, "--test", str(boxed_test_set), "--out", str(tmp_path / "a")]) == 0
+    assert _scores(tmp_path / "a" / "test_t_68")[0] == "sbi"
+    # A test set without detector boxes cannot be cut that way: a clear error, not 1.5x crops.
+    assert evaluate.main([*common, "--test", str(labelled_face_metadata), "--out", str(tmp_path / "b")]) == 2
+    assert not (tmp_path / "b").exists()

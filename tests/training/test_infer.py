@@ -18,6 +18,7 @@ from training import infer
 TINY_ARGS = {"input_size": 128, "backbone": "tf_efficientnet_b0", "head_width": 16, "consistency_channels": 8}
 PHOTO = "photos/face_recognition/obama.jpg"
 FACE_LINE = re.compile(r"face (\d+): fake probability ([0-9.]+)")
+LOGIT = re.compile(r"\(logit ([+-][0-9.]+),")
 VIDEO_LINE = re.compile(r"video fake probability ([0-9.]+) \(mean over (\d+) of (\d+) sampled frames; (\d+) failed")
 
 
@@ -242,3 +243,48 @@ def test_unreadable_input_is_named(tiny, tmp_path, capsys):
     code, _, err = run_main(capsys, "--weights", weights, notes, tmp_path / "missing.jpg")
     assert code == 1
     assert f"{notes}: neither an image" in err and "missing.jpg: no such file" in err
+
+
+def test_sbi_protocol_scores_the_detector_box_plus_an_eighth_per_side(tiny, photo, retinaface):
+    model, _ = tiny
+    square = infer.predict_image(model, photo[1], retinaface, flip=False)[0]
+    face = infer.predict_image(model, photo[1], retinaface, flip=False, crop_protocol="sbi")[0]
+    x0, y0, x1, y1 = face["box"]
+    w0, h0, w1, h1 = face["crop_box"]
+    step = (square["crop_box"][2] - square["crop_box"][0]) / 320  # frame pixels per stored-crop pixel
+    # SBI's test window: w/8 and h/8 added per side, 1.25 x the box (within the stored crop's pixel grid)
+    for margin, side in ((x0 - w0, x1 - x0), (w1 - x1, x1 - x0), (y0 - h0, y1 - y0), (h1 - y1, y1 - y0)):
+        assert abs(margin - side / 8) <= 2 * step, (margin, side / 8)
+    assert face["crop"].shape == (128, 128, 3)
+    # The pixels: the stored 320 px crop (as the crop stage writes it), the window cut from it, resized.
+    c0, r0, c1, r1 = square["crop_box"]
+    stored = cv2.resize(photo[1][r0:r1, c0:c1], (320, 320), interpolation=cv2.INTER_AREA)
+    u0, v0, u1, v1 = (round((v - o) / step) for v, o in zip(face["crop_box"], (c0, r0, c0, r0)))
+    expected = cv2.resize(stored[v0:v1, u0:u1], (128, 128), interpolation=cv2.INTER_AREA)
+    assert np.array_equal(face["crop"], expected)
+    assert abs(face["logit"] - square["logit"]) > 1e-3  # other pixels, another score
+
+
+def test_cli_cuts_faces_with_the_protocol_the_checkpoint_was_trained_with(tiny, photo, retinaface, tmp_path, capsys):
+    model, _ = tiny
+    weights = tmp_path / "sbi.pt"
+    torch.save({"format": models.CHECKPOINT_FORMAT, "version": 1,
+                "model": {"name": model.model_name, "args": model.model_args}, "state_dict": model.state_dict(),
+                "config": {"data": {"crop_protocol": "sbi"}}}, weights)
+    expected = {protocol: infer.predict_image(model, photo[1], retinaface, crop_protocol=protocol)[0]["logit"]
+                for protocol in ("sbi", "square")}
+    assert abs(expected["sbi"] - expected["square"]) > 5e-3  # printed with 3 decimals: distinguishable
+    code, out, err = run_main(capsys, "--weights", weights, photo[0], "--out", tmp_path)
+    assert code == 0, err
+    assert float(LOGIT.search(out).group(1)) == pytest.approx(expected["sbi"], abs=5e-4)
+    code, out, err = run_main(capsys, "--weights", weights, photo[0], "--out", tmp_path, "--crop-protocol", "square")
+    assert code == 0, err
+    assert float(LOGIT.search(out).group(1)) == pytest.approx(expected["square"], abs=5e-4)
+    # Official weights say nothing about their crops: --crop-protocol sbi for SBI's and FPG's releases.
+    official = tmp_path / "official.pth"
+    torch.save(model.state_dict(), official)
+    model_args = [item for key, value in TINY_ARGS.items() for item in ("--model-arg", f"{key}={value}")]
+    code, out, err = run_main(capsys, "--weights", official, "--model", "laanet", *model_args, "--crop-protocol",
+                              "sbi", photo[0], "--out", tmp_path)
+    assert code == 0, err
+    assert float(LOGIT.search(out).group(1)) == pytest.approx(expected["sbi"], abs=5e-4)
