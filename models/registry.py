@@ -124,6 +124,9 @@ def build_from_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     if not isinstance(content, dict) or content.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a checkpoint written by training.train (no model description inside); "
                          "build the model by name and use load_weights instead")
-    model = build(content["model"]["name"], **content["model"]["args"])
+    args = content["model"]["args"]
+    # The checkpoint holds every weight: the trunk's initial weights need not exist where it is rebuilt.
+    model = build(content["model"]["name"], **{k: v for k, v in args.items() if k != "backbone_weights"})
+    model.model_args = dict(args)
     model.load_state_dict(content["state_dict"])
     return model, content
