@@ -15,15 +15,24 @@ with ``fake_probability``; B images).
 With ``return_sources`` (SBI only; FPG's magnitude refinement needs them) the batch also carries, aligned with
 ``image``, the ``source`` each fake was blended from (the transformed and warped copy, before the blend and the
 post transforms; zeros for reals) and its ``background`` (the real image). Both stay in [0, 1].
+
+With ``geometry.enabled`` LAA-Net's train geometry (:mod:`synthesis.geometry`: margin crop, then one of crop,
+scale, erasing) follows the synthesis and comes before the targets, which are computed from the transformed masks.
+A real and its fake (and its source and background) share every geometric draw.
+
+BI treats reals and fakes alike: both are BI outputs, so the background jitter and the post-blend down-and-up
+scaling hit them with the same chances (with ``paired`` the reals are BI backgrounds that are not blended).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from synthesis.bi import BIConfig, BlendedImages
+from synthesis.geometry import GeometryConfig, RandomGeometry
 from synthesis.sbi import SBIConfig, SelfBlender, _affine_grid
 from synthesis.targets import consistency_anchor, consistency_targets, heatmap_targets, quantize_boundary
 
@@ -47,6 +56,7 @@ class BatcherConfig:
         adaptive_sigma: LAA-Net's adaptive Gaussian sigma for the heatmap (``ADAPTIVE_SIGMA: True``).
         normalization: key of :data:`NORMALIZATIONS` applied to the images last.
         sbi, bi: the synthesis recipes.
+        geometry: LAA-Net's train geometry after the synthesis (off by default).
         return_sources: also return ``source`` and ``background`` (SBI only; see the module docstring).
     """
 
@@ -58,6 +68,7 @@ class BatcherConfig:
     normalization: str = "symmetric"
     sbi: SBIConfig = field(default_factory=SBIConfig)
     bi: BIConfig = field(default_factory=BIConfig)
+    geometry: GeometryConfig = field(default_factory=GeometryConfig)
     return_sources: bool = False
 
     def __post_init__(self) -> None:
@@ -78,21 +89,27 @@ class PseudoFakeBatcher:
         self.config = config or BatcherConfig()
         self.sbi = (_SourceKeepingBlender if self.config.return_sources else SelfBlender)(self.config.sbi)
         self.bi = BlendedImages(self.config.bi)
+        self.bi_eval = BlendedImages(dataclasses.replace(self.config.bi, jitter=False))
+        self.geometry = RandomGeometry(self.config.geometry) if self.config.geometry.enabled else None
 
-    def __call__(self, batch: dict, device: torch.device | str, generator: torch.Generator) -> dict:
+    def __call__(self, batch: dict, device: torch.device | str, generator: torch.Generator,
+                 train: bool = True) -> dict:
         """Build the training batch on ``device``.
 
         Returns a dict with ``image`` (N, 3, S, S) normalised float, ``label`` (N,) float (1 = fake),
         ``mask`` (N, 1, S, S) blend mask (0 for reals), ``valid_fake`` count, ``item`` (N,) source item of
         each image, and with targets ``boundary``, ``heatmap``, ``consistency`` (N, 1, h, h) and
         ``anchor`` (N,); with ``return_sources`` also ``source`` and ``background`` (N, 3, S, S) in [0, 1].
+        ``train=False`` (validation, as LAA-Net's val split) skips the BI background jitter and the geometry's
+        crop/scale/erasing; the SBI margin crop stays.
         """
         config = self.config
         images = batch["image"].to(device, non_blocking=True).float().div_(255.0)
         landmarks = batch["landmarks"].to(device, non_blocking=True).float()
         items = batch["item"].to(device)
         count = images.shape[0]
-        if config.pairing == "paired":
+        paired = config.pairing == "paired"
+        if paired:
             want_fake = torch.ones(count, dtype=torch.bool, device=device)
         else:
             draw = torch.rand(count, generator=generator, device=generator.device).to(device)
@@ -108,13 +125,25 @@ class PseudoFakeBatcher:
             if "partner_image" not in batch:
                 raise ValueError("BI needs loader batches with partner images (build_loader(with_partner=True))")
             partners = batch["partner_image"].to(device, non_blocking=True).float().div_(255.0)
-            has_partner = batch["has_partner"].to(device)
-            out = self.bi(images, landmarks, partners, want_fake & has_partner, generator)
-            fakes, masks = out["image"], out["mask"]
-            fake_ok = out["label"].bool()
-            reals = images if config.pairing == "paired" else fakes  # mixed: non-fakes come back as reals
+            blend = want_fake & batch["has_partner"].to(device)
+            bi = self.bi if train else self.bi_eval
+            if paired:
+                # The reals go through BI unblended, so jitter and post-processing reach them as they reach fakes.
+                out = bi(torch.cat([images, images]), torch.cat([landmarks, landmarks]),
+                         torch.cat([partners, partners]), torch.cat([torch.zeros_like(blend), blend]), generator)
+                reals, fakes = out["image"][:count], out["image"][count:]
+                masks, fake_ok = out["mask"][count:], out["label"][count:].bool()
+            else:
+                out = bi(images, landmarks, partners, blend, generator)
+                fakes, masks = out["image"], out["mask"]
+                fake_ok = out["label"].bool()
+                reals = fakes  # mixed: non-fakes come back as reals
 
-        if config.pairing == "paired":
+        if paired:
+            if self.geometry is not None:  # each real and its fake share the draws
+                shared = [reals, fakes, masks] + ([sources] if sources is not None else [])
+                reals, fakes, masks, *rest = self.geometry(shared, generator, augment=train)
+                sources = rest[0] if rest else None
             keep = fake_ok  # a real is always kept; its fake only when the synthesis succeeded
             image = torch.cat([reals, fakes[keep]])
             label = torch.cat([torch.zeros(count, device=device), torch.ones(int(keep.sum()), device=device)])
@@ -133,6 +162,12 @@ class PseudoFakeBatcher:
             if sources is not None:
                 blend_sources = torch.where(fake_ok[:, None, None, None], sources, torch.zeros_like(sources))
                 backgrounds = reals
+            if self.geometry is not None:
+                if sources is not None:
+                    image, mask, blend_sources, backgrounds = self.geometry(
+                        [image, mask, blend_sources, backgrounds], generator, augment=train)
+                else:
+                    image, mask = self.geometry([image, mask], generator, augment=train)
 
         result = {"image": normalize(image, config.normalization), "label": label, "mask": mask, "item": source,
                   "valid_fake": int(fake_ok.sum())}

@@ -10,7 +10,8 @@ Recipe per fake sample (AlgoHunt / LAA-Net, constants derived from the image siz
    of all mask pixels and ``F = 0.2·max(bbox width, height)``; the soft mask is ``M = w`` on mask pixels, 0 elsewhere;
 4. ``M`` is resized back to ``S``; the foreground's pixels under ``M > 0`` are shifted per channel to the
    background's mean there (colour transfer) and blended: ``image = M·fg + (1 − M)·bg``;
-5. post-processing (p 0.5): downscale to ``U{round(64/317·S) … S}`` (bilinear or nearest, 50/50) and back up.
+5. post-processing (p 0.5), reals and fakes alike: downscale to ``U{round(64/317·S) … S}`` (bilinear or nearest,
+   50/50) and back up.
 
 Differences from the references, on purpose:
 
@@ -82,8 +83,8 @@ class BIConfig:
         post_process: Apply the random down-and-up scaling after blending (off to inspect raw blends).
         post_process_probability: Probability of the down-and-up scaling per sample.
         post_process_min: Smallest downscaled size over ``S`` (64/317).
-        post_process_reals: Also degrade reals. The references only degrade fakes, which leaves image resolution as
-            a label cue; LAA-Net's training dataset (``_gen_target``) degrades both.
+        post_process_reals: Degrade reals too, as both references do (AlgoHunt's ``gen_one_datapoint`` and LAA-Net's
+            ``_gen_target`` degrade every sample after the real/fake draw). Off, resolution alone gives the label.
         jitter: LAA-Net's train colour jitter of the background before synthesis (spec §4.1), for reals and fakes.
     """
 
@@ -99,7 +100,7 @@ class BIConfig:
     post_process: bool = True
     post_process_probability: float = 0.5
     post_process_min: float = 64 / 317
-    post_process_reals: bool = False
+    post_process_reals: bool = True
     jitter: bool = False
 
     def __post_init__(self) -> None:

@@ -106,10 +106,13 @@ class SBIConfig:
     elastic_sigma: float = 7.0
     elastic_grid_step: int = 4
     # Step 6: "absolute" (SBI, DeepfakeBench) draws h', w' in blend_mask_size; "relative" (LAA-Net) draws them
-    # in [floor(0.8 H), floor(H / 0.8)) and likewise for W.
+    # in [floor(0.8 H), floor(H / 0.8)) and likewise for W. blend_mask_reference > 0 puts that longer side in
+    # place of H: LAA-Net blends at 256 px crops and its kernels are in pixels, so 256 keeps its blur-to-face
+    # ratio at any input size (relative to a 384 px image the band is a third narrower than LAA-Net's).
     blend_mask_resize: Literal["absolute", "relative"] = "absolute"
     blend_mask_size: tuple[int, int] = (192, 256)
     blend_mask_relative: tuple[float, float] = (0.8, 1 / 0.8)
+    blend_mask_reference: int = 0
     blend_kernel_1: tuple[int, int] = (5, 25)
     blend_kernel_2: tuple[int, int] = (5, 25)
     blend_sigma_2: tuple[int, int] = (5, 45)
@@ -137,6 +140,8 @@ class SBIConfig:
             raise ValueError(f"mask_types must be a non-empty subset of {MASK_TYPES}, got {self.mask_types}")
         if self.blend_mask_resize not in ("absolute", "relative"):
             raise ValueError(f"blend_mask_resize must be 'absolute' or 'relative', got {self.blend_mask_resize!r}")
+        if self.blend_mask_reference < 0:
+            raise ValueError(f"blend_mask_reference must be >= 0, got {self.blend_mask_reference}")
         for name in ("blend_kernel_1", "blend_kernel_2"):
             low, high = getattr(self, name)
             if low % 2 == 0 or high % 2 == 0 or not 1 <= low <= high:
@@ -466,9 +471,11 @@ class SelfBlender:
             sizes_h, sizes_w = _randint(batch, low, high, generator), _randint(batch, low, high, generator)
         else:
             low, high = config.blend_mask_relative
+            scale = config.blend_mask_reference / max(height, width) if config.blend_mask_reference else 1.0
+            base_h, base_w = height * scale, width * scale
             # numpy's randint(H * 0.8, H / 0.8): floor of both bounds, high exclusive.
-            sizes_h = _randint(batch, int(height * low), int(height * high) - 1, generator)
-            sizes_w = _randint(batch, int(width * low), int(width * high) - 1, generator)
+            sizes_h = _randint(batch, int(base_h * low), int(base_h * high) - 1, generator)
+            sizes_w = _randint(batch, int(base_w * low), int(base_w * high) - 1, generator)
         kernel_1 = _random_odd(batch, config.blend_kernel_1, generator)
         kernel_2 = _random_odd(batch, config.blend_kernel_2, generator)
         sigma_2 = _randint(batch, config.blend_sigma_2[0], config.blend_sigma_2[1], generator)

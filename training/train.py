@@ -68,6 +68,7 @@ DEFAULTS: dict = {
     "synthesis": {
         "method": "sbi", "pairing": "paired", "fake_probability": 0.5, "heatmap_size": 96,
         "adaptive_sigma": True, "sbi": {}, "bi": {},
+        "geometry": {},                # LAA-Net's train geometry after synthesis (synthesis.geometry.GeometryConfig)
         "return_sources": False,       # also each fake's SBI source and background (FPG's magnitude refinement)
     },
     "loss": {},                        # keyword weights of the model's compute_loss
@@ -107,12 +108,15 @@ def _dataclass_from(kind: type, values: dict, key: str):
 
 
 def batcher_config(config: dict) -> BatcherConfig:
+    from synthesis.geometry import GeometryConfig
+
     synthesis = config["synthesis"]
     return BatcherConfig(method=synthesis["method"], pairing=synthesis["pairing"],
                          fake_probability=synthesis["fake_probability"], heatmap_size=synthesis["heatmap_size"],
                          adaptive_sigma=synthesis["adaptive_sigma"], normalization="unit",
                          sbi=_dataclass_from(SBIConfig, synthesis["sbi"], "synthesis.sbi"),
                          bi=_dataclass_from(BIConfig, synthesis["bi"], "synthesis.bi"),
+                         geometry=_dataclass_from(GeometryConfig, synthesis["geometry"], "synthesis.geometry"),
                          return_sources=synthesis["return_sources"])
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from synthesis.batch import BatcherConfig, PseudoFakeBatcher, make_targets
+from synthesis.bi import BIConfig
 from synthesis.preview import preview
 from training.data import build_loader, load_frame_table
 
@@ -54,6 +55,31 @@ def test_mixed_bi_batch_blends_partners_only_for_fakes(face_metadata):
     assert out["label"].sum() == out["valid_fake"] >= 3
     changed = (out["image"] - batch["image"].float() / 255).abs().amax(dim=(1, 2, 3)) > 0.05
     assert torch.equal(changed, out["label"].bool())
+
+
+@pytest.mark.parametrize("pairing", ["mixed", "paired"])
+def test_bi_degrades_reals_and_fakes_alike(face_metadata, pairing):
+    """The post-blend down-and-up scaling (p 0.5) hits reals and fakes alike, as in both references; otherwise
+    blur alone would give the label. Degraded samples are found against the same draws without post-processing."""
+    table = load_frame_table(face_metadata, labels=(0,))
+    loader = build_loader(table, image_size=96, batch_size=15, frames_per_video=5, train=True, seed=0, workers=0,
+                          with_partner=True)
+    faces = next(iter(loader))
+    batch = {key: torch.cat([value] * 5)[:64] for key, value in faces.items()}  # 64 of the 15 real faces
+    common = dict(method="bi", pairing=pairing, heatmap_size=0, normalization="unit")
+    out = PseudoFakeBatcher(BatcherConfig(**common))(batch, "cpu", torch.Generator().manual_seed(3))
+    raw = PseudoFakeBatcher(BatcherConfig(bi=BIConfig(post_process=False), **common))(
+        batch, "cpu", torch.Generator().manual_seed(3))
+    assert torch.equal(out["label"], raw["label"]) and torch.equal(out["item"], raw["item"])
+    degraded = (out["image"] != raw["image"]).flatten(1).any(1)
+    fakes = out["label"].bool()
+    assert fakes.sum() >= 20 and (~fakes).sum() >= 20
+    assert 0.3 < degraded[fakes].float().mean() < 0.7
+    assert 0.3 < degraded[~fakes].float().mean() < 0.7
+    if pairing == "paired":  # reals are the unblended inputs, degraded or not
+        position = {int(item): k for k, item in enumerate(batch["item"])}
+        inputs = batch["image"].float().div(255)[[position[int(item)] for item in out["item"][~fakes]]]
+        assert torch.equal(raw["image"][~fakes], inputs)
 
 
 def test_bi_without_partner_images_is_a_clear_error(face_metadata):

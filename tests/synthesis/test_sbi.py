@@ -152,6 +152,8 @@ def test_rejects_bad_inputs(face):
         SBIConfig(mask_types=("hull",))
     with pytest.raises(ValueError, match="blend_mask_resize"):
         SBIConfig(blend_mask_resize="scaled")
+    with pytest.raises(ValueError, match="blend_mask_reference"):
+        SBIConfig(blend_mask_reference=-1)
 
 
 def test_relative_blend_mask_resize_and_mask_with_ratio(face):
@@ -160,6 +162,30 @@ def test_relative_blend_mask_resize_and_mask_with_ratio(face):
     out = SelfBlender(config)(images, landmarks, _generator(6))
     assert out["valid"].all()
     torch.testing.assert_close(out["mask"], out["blend_mask"])
+
+
+@pytest.mark.parametrize("height, width, reference, bounds", [
+    (256, 256, 0, ((204, 319), (204, 319))),  # LAA-Net: randint(0.8 H, H / 0.8) at its 256 px crops
+    (384, 192, 0, ((307, 479), (153, 239))),
+    (384, 384, 256, ((204, 319), (204, 319))),  # LAA-Net's sizes at its crop size, whatever the input size
+    (128, 128, 256, ((204, 319), (204, 319))),
+])
+def test_relative_blend_mask_sizes(monkeypatch, height, width, reference, bounds):
+    drawn = {}
+
+    def record(masks, sizes_h, sizes_w, *rest):
+        drawn.update(h=sizes_h, w=sizes_w)
+        return masks, torch.ones(masks.shape[0], dtype=torch.bool)
+
+    monkeypatch.setattr("synthesis.sbi.smooth_blend_masks", record)
+    config = SBIConfig(blend_mask_resize="relative", blend_mask_reference=reference)
+    SelfBlender(config)._smooth_blend_masks(torch.zeros(2000, 1, height, width), _generator(0))
+    for sizes, (low, high) in zip((drawn["h"], drawn["w"]), bounds):
+        assert sizes.min() == low and sizes.max() == high  # every size in range, both ends reached
+        assert len(torch.unique(sizes)) == high - low + 1
+    absolute = SBIConfig()
+    SelfBlender(absolute)._smooth_blend_masks(torch.zeros(500, 1, height, width), _generator(0))
+    assert drawn["h"].min() == 192 and drawn["h"].max() == 256
 
 
 # ----------------------------------------------------------------------------------------------------------
