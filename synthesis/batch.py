@@ -13,8 +13,8 @@ then permuted, as LAA-Net's SBI collate; 2B images) or mix them (``'mixed'``: ea
 with ``fake_probability``; B images).
 
 With ``return_sources`` (SBI only; FPG's magnitude refinement needs them) the batch also carries, aligned with
-``image``, the ``source`` each fake was blended from (the transformed and warped copy, before the blend and the
-post transforms; zeros for reals) and its ``background`` (the real image). Both stay in [0, 1].
+``image``, the ``source`` each fake was blended from (the transformed and warped copy, through the fake's post
+transforms as FPG's loader does; zeros for reals) and its ``background`` (the real image). Both stay in [0, 1].
 
 With ``geometry.enabled`` LAA-Net's train geometry (:mod:`synthesis.geometry`: margin crop, then one of crop,
 scale, erasing) follows the synthesis and comes before the targets, which are computed from the transformed masks.
@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from synthesis import augment
 from synthesis.bi import BIConfig, BlendedImages
 from synthesis.geometry import GeometryConfig, RandomGeometry
 from synthesis.sbi import SBIConfig, SelfBlender, _affine_grid
@@ -180,10 +181,10 @@ class PseudoFakeBatcher:
 
 class _SourceKeepingBlender(SelfBlender):
     """:class:`SelfBlender` that also returns ``source``: each sample's transformed and warped source, the
-    image the fake blends in before the post transforms.
+    image the fake blends in, through the fake's post transforms (FPG's loader passes it as an additional target).
 
     It keeps the per-sample parameters SelfBlender draws and recomputes the source from them afterwards (step 4's
-    transforms, then step 5's affine warp on the whole frame instead of the mask's box). Nothing extra is drawn,
+    transforms, step 5's affine warp on the whole frame instead of the mask's box, step 8). Nothing extra is drawn,
     so reals, fakes and masks are exactly those of a plain SelfBlender with the same generator.
     """
 
@@ -206,7 +207,14 @@ class _SourceKeepingBlender(SelfBlender):
         # As step 4: the source got the transforms, or it is the untouched image (the target got them).
         source = torch.where(params["source_first"].to(images.device)[:, None, None, None], transformed, images)
         grid, _ = _affine_grid(params["translate"], params["scale"], height, width, images.device, images.dtype)
-        out["source"] = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        source = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        # As FPG's loader (albumentations' additional target): the fake's post transforms, same parameters.
+        self._post_transforms(source, params)
+        if self.config.post_transforms:
+            for row, quality in enumerate(params["post_quality"].tolist()):
+                if quality > 0:
+                    augment.jpeg_image_(source[row], int(quality))
+        out["source"] = source
         return out
 
 

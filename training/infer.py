@@ -320,8 +320,13 @@ def _put_label(image: np.ndarray, text: str, colour: tuple[int, int, int]) -> No
                 cv2.LINE_AA)
 
 
-def render_picture(face: dict, label: str = "") -> np.ndarray:
-    """The face crop (with its probability written on it) beside the heatmap overlay, if the model has one."""
+def render_picture(face: dict, label: str = "", heatmap_top: float = 1.0) -> np.ndarray:
+    """The face crop (with its probability written on it) beside the heatmap overlay, if the model has one.
+
+    The colour map spans sigmoid heatmap values 0..``heatmap_top`` (written on the overlay when not 1): LAA-Net's
+    heatmaps rarely exceed ~0.25, since only a few boundary pixels per quadrant are positives; pictures meant to be
+    compared (real vs fakes) should share one top.
+    """
     crop = face["crop"]
     if crop.shape[0] < MIN_PICTURE_SIZE:  # small models: enlarge so the written label fits and is legible
         crop = cv2.resize(crop, (MIN_PICTURE_SIZE, MIN_PICTURE_SIZE), interpolation=cv2.INTER_CUBIC)
@@ -331,18 +336,24 @@ def render_picture(face: dict, label: str = "") -> np.ndarray:
     _put_label(left, f"{label}fake {face['probability']:.3f}", colour)
     if face.get("heatmap") is None:
         return left
+    if heatmap_top <= 0:
+        raise ValueError(f"heatmap_top must be positive, got {heatmap_top}")
     heatmap = cv2.resize(np.asarray(face["heatmap"], dtype=np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
-    colours = cv2.applyColorMap(np.clip(heatmap * 255.0 + 0.5, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
+    scaled = heatmap * (255.0 / heatmap_top) + 0.5
+    colours = cv2.applyColorMap(np.clip(scaled, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
     overlay = cv2.addWeighted(crop, 1.0 - HEATMAP_ALPHA, colours, HEATMAP_ALPHA, 0.0)
+    if heatmap_top != 1.0:
+        _put_label(overlay, f"heatmap 0-{heatmap_top:.2f}", (255, 255, 255))
     return np.hstack([left, overlay])
 
 
-def write_pictures(faces: Sequence[dict], out_dir: str | os.PathLike, stem: str, label: str = "") -> list[Path]:
+def write_pictures(faces: Sequence[dict], out_dir: str | os.PathLike, stem: str, label: str = "",
+                   heatmap_top: float = 1.0) -> list[Path]:
     """Write ``<out_dir>/<stem>_face<k>.png`` for each face (atomically); returns the paths."""
     paths = []
     for k, face in enumerate(faces):
         path = Path(out_dir) / f"{stem}_face{k}.png"
-        atomic_write_image(path, render_picture(face, label))
+        atomic_write_image(path, render_picture(face, label, heatmap_top))
         paths.append(path)
     return paths
 
@@ -389,7 +400,7 @@ def run_image(args: argparse.Namespace, model: nn.Module, detector: Detector | N
     for k, face in enumerate(results):
         box = ", ".join(f"{v:.0f}" for v in face["box"])
         print(f"  face {k}: fake probability {face['probability']:.3f} (logit {face['logit']:+.3f}, box {box})")
-    for picture in write_pictures(results, args.out, path.stem):
+    for picture in write_pictures(results, args.out, path.stem, heatmap_top=args.heatmap_max):
         print(f"  wrote {picture}")
     return True
 
@@ -408,7 +419,8 @@ def run_video(args: argparse.Namespace, model: nn.Module, detector: Detector | N
           f"(mean over {result['frames']} of {result['sampled']} sampled frames; {failures})")
     best = result["best"]
     print(f"  highest frame {best['frame']}: fake probability {best['probability']:.3f}")
-    for picture in write_pictures(best["faces"], args.out, path.stem, label=f"frame {best['frame']}: "):
+    for picture in write_pictures(best["faces"], args.out, path.stem, label=f"frame {best['frame']}: ",
+                                  heatmap_top=args.heatmap_max):
         print(f"  wrote {picture}")
     return True
 
@@ -423,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-arg", action="append", default=[], metavar="K=V",
                         help="model argument for --model (repeatable), e.g. static_padding_size=380")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"folder for the pictures (default {DEFAULT_OUT})")
+    parser.add_argument("--heatmap-max", type=float, default=1.0,
+                        help="heatmap value at the top of the colour map (default 1; e.g. 0.25 for LAA-Net)")
     parser.add_argument("--frames", type=int, default=CROP_DEFAULTS["num_frames"],
                         help="evenly spaced frames sampled per video (default %(default)s)")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")

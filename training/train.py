@@ -218,12 +218,12 @@ class BatchSource:
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return to_memory_format((images - self.mean) / self.std, self.channels_last)
 
-    def _prepare(self, raw: dict, generator: torch.Generator, table=None) -> dict:
+    def _prepare(self, raw: dict, generator: torch.Generator, table=None, train: bool = True) -> dict:
         if self.kind == "image_folder":
             return {"image": to_memory_format(raw["image"].to(self.device), self.channels_last),
                     "label": raw["label"].to(self.device).float()}
         if self.batcher is not None:
-            batch = self.batcher(raw, self.device, generator)
+            batch = self.batcher(raw, self.device, generator, train=train)  # val: no jitter, no augmenting geometry
         else:
             batch = {"image": raw["image"].to(self.device).float().div_(255.0),
                      "label": raw["label"].to(self.device).float(), "item": raw["item"].to(self.device)}
@@ -241,7 +241,7 @@ class BatchSource:
 
     def validation(self, generator: torch.Generator) -> Iterable[tuple[dict, list[str], torch.Tensor]]:
         for raw in self.val_loader:
-            batch = self._prepare(raw, generator, getattr(self, "val_table", None))
+            batch = self._prepare(raw, generator, getattr(self, "val_table", None), train=False)
             if self.kind == "image_folder":
                 keys = list(raw["path"])
                 ids = None
@@ -263,6 +263,19 @@ def uses_channels_last(model: torch.nn.Module) -> bool:
     kernels = [p for p in model.parameters() if p.dim() == 4 and p.shape[-1] > 1]
     return bool(kernels) and kernels[0].is_contiguous(memory_format=torch.channels_last) \
         and not kernels[0].is_contiguous()
+
+
+def warn_random_trunk(config: dict) -> bool:
+    """One warning when a model that takes ImageNet trunk weights trains without them (every reference
+    fine-tunes an ImageNet trunk; a random one barely learns in the same budget)."""
+    name, args = config["model"]["name"], config["model"]["args"]
+    if "backbone_weights" not in models.builder_arguments(name) or args.get("backbone_weights") \
+            or config["train"]["resume"]:
+        return False
+    log.warning("model %s: the trunk starts from RANDOM weights; set model.args.backbone_weights to an ImageNet "
+                "file (backbone_weights=imagenet for tf_efficientnet_lite0 installs with the project; B4/AdvProp "
+                "files go in pretrained/, see pretrained/README.md)", name)
+    return True
 
 
 # --- steps -----------------------------------------------------------------------------------------------
@@ -420,6 +433,7 @@ def train(config: dict, on_step: Callable[[dict], None] | None = None) -> dict:
         trainable = sum(p.numel() for p in core.parameters() if p.requires_grad)
         log.info("model %s: %s parameters (%s trainable), input %d px, device %s, precision %s",
                  core.model_name, f"{total:,}", f"{trainable:,}", core.input_size, device, config["precision"])
+        warn_random_trunk(config)
     source = BatchSource(config, core, device, rank, world)
     optimizer = build_optimizer(_parameter_groups(core, config["optimizer"]), **config["optimizer"])
     epochs = config["train"]["epochs"]

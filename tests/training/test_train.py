@@ -86,11 +86,15 @@ def test_sam_takes_the_base_step_with_the_perturbed_gradient():
 
 
 def test_tiny_config_trains_on_real_faces_and_the_loss_falls(face_metadata, tmp_path):
-    # Plain Adam on a fixed set of faces: the training loss must fall clearly over the epochs.
-    config = tiny_config(face_metadata, tmp_path, "train.epochs=6", "experiment=falls")
+    # Plain Adam on a fixed set of faces: every loss term must fall over the epochs (the sparse heatmap focal
+    # term slowest). Without the geometric augmentation, whose crops and erasing make 12 steps too noisy.
+    config = tiny_config(face_metadata, tmp_path, "train.epochs=6", "experiment=falls",
+                         "synthesis.geometry.enabled=false")
     summary = trainer.train(config)
-    losses = [epoch["train_loss"] for epoch in summary["history"]]
-    assert losses[-1] < 0.7 * losses[0], losses
+    first, last = summary["history"][0], summary["history"][-1]
+    parts = {k: (round(first[k], 3), round(last[k], 3)) for k in first if k.startswith("train_")}
+    assert last["train_consistency"] < 0.75 * first["train_consistency"], parts
+    assert last["train_heatmap"] < 0.9 * first["train_heatmap"] and last["train_loss"] < 0.85 * first["train_loss"], parts
     run = Path(summary["run_dir"])
     assert (run / "config.yaml").is_file() and (run / "last.pth").is_file() and (run / "best.pth").is_file()
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
