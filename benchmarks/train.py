@@ -3,6 +3,12 @@
     python benchmarks/train.py [--steps 3] [--warmup 1] [--batch 8] [--size 384] [--threads 2]
                                [--precision fp32 bf16] [--optimizer adam sam_adam]
                                [--data processed_data/demo/train_demo_68.json] [--workers 2]
+    python benchmarks/train.py --time-to-detector [--target-auc 0.95]
+
+``--time-to-detector`` instead trains the demo's two tiny detectors (``configs/tiny_laanet_sbi.yaml`` and the SBI
+baseline ``configs/tiny_sbi_effnet.yaml``, both from the installed ImageNet Lite0 trunk) on the demo data, as the
+demo does, and prints for each the training seconds (validation excluded) until the validation AUC (frames, SBI
+pseudo-fakes of the val videos) first reaches ``--target-auc``, the epoch, and the wall time of the whole run.
 
 Everything is set up the trainer's way: ``configs/laanet_sbi.yaml`` through ``training.train.DEFAULTS``
 (paired SBI, LAA-Net's loss weights and optimiser settings), batches from ``training.train.BatchSource``
@@ -291,6 +297,45 @@ class Side:
 
 # --- report -----------------------------------------------------------------------------------------------
 
+TINY_DETECTORS = {"LAA-Net (tiny_laanet_sbi)": "tiny_laanet_sbi.yaml", "SBI baseline (tiny_sbi_effnet)": "tiny_sbi_effnet.yaml"}
+
+
+def time_to_detector(target_auc: float) -> int:
+    """Seconds of training until val AUC >= target for the demo's tiny detectors (module docstring)."""
+    from training.train import train
+
+    demo = REPO_ROOT / "processed_data" / "demo"
+    train_json, val_json = demo / "train_demo_68.json", demo / "val_demo_68.json"
+    if not (train_json.is_file() and val_json.is_file()):
+        print(f"{train_json} / {val_json} not found: run python -m package_utils.demo (or ./scripts/demo.sh) first")
+        return 1
+    print(f"torch {torch.__version__}, {os.cpu_count()} cores; time to val AUC >= {target_auc} on the demo data; "
+          f"load average at start {_load()}", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_ttd_") as folder:
+        for name, config_file in TINY_DETECTORS.items():
+            config = build_config(DEFAULTS, REPO_ROOT / "configs" / config_file, [
+                f"data.train={train_json}", f"data.val={val_json}", f"output_dir={folder}", "device=cpu"])
+            started = time.perf_counter()
+            summary = train(config)
+            wall = time.perf_counter() - started
+            seconds, reached = 0.0, None
+            for epoch in summary["history"]:
+                seconds += epoch["seconds"]
+                if epoch.get("val_auc") is not None and epoch["val_auc"] >= target_auc:
+                    reached = epoch
+                    break
+            rows.append((name, reached, seconds, wall, summary["history"]))
+    print()
+    print(f"{'detector':<32}{'s to AUC':>10}{'epoch':>7}{'epochs':>8}{'best AUC':>10}{'run wall s':>12}")
+    for name, reached, seconds, wall, history in rows:
+        best = max((e.get("val_auc") or 0.0) for e in history)
+        cells = (f"{seconds:>10.1f}{reached['epoch'] + 1:>7}" if reached else f"{'not reached':>17}")
+        print(f"{name:<32}{cells}{len(history):>8}{best:>10.3f}{wall:>12.1f}")
+    print(f"load average at end {_load()} (training seconds exclude validation; one run each, shared machine)")
+    return 0
+
+
 def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -313,7 +358,12 @@ def main(argv: list[str] | None = None) -> int:
                         default=os.environ.get("OMP_WAIT_POLICY", "passive").lower(),
                         help="OMP_WAIT_POLICY of the measured processes (default: the environment's, else "
                              "passive; active is what a plain trainer run gets, see the module docstring)")
+    parser.add_argument("--time-to-detector", action="store_true",
+                        help="instead: seconds of training of the demo's tiny detectors until val AUC >= --target-auc")
+    parser.add_argument("--target-auc", type=float, default=0.95)
     args = parser.parse_args(argv)
+    if args.time_to_detector:
+        return time_to_detector(args.target_auc)
     if args.batch < 2 or args.batch % 2:
         parser.error("--batch must be even (paired SBI: batch/2 reals + their fakes)")
     if args.steps < 1 or args.warmup < 0:

@@ -11,14 +11,18 @@ Run after ``python -m package_utils.demo`` (``scripts/demo.sh`` runs both). Step
    video was remade: the crop stage's cache checks its settings, not the video files), and
    ``test_demo_68.json`` is assembled: the reals of ``test_real_demo_68.json`` (label 0, method ``real``)
    and the fakes (label 1, method ``SBI`` or ``BI``, video id ``folder/<method>/<name>``).
-4. **training**: ``configs/tiny_laanet_sbi.yaml`` through :func:`training.train.train` (SBI pseudo-fakes of
-   the training reals, best checkpoint by validation AUC on the val videos). It always starts afresh in
-   ``pretrained/runs/demo/``; ``--reuse`` keeps an existing ``best.pth`` and skips the step.
+4. **training**: ``configs/tiny_laanet_sbi.yaml`` (LAA-Net) and the SBI baseline
+   ``configs/tiny_sbi_effnet.yaml`` through :func:`training.train.train`, both from the installed ImageNet
+   EfficientNet-Lite0 trunk on SBI pseudo-fakes of the training reals (best checkpoint by validation AUC on the
+   val videos). Each starts afresh in ``pretrained/runs/demo/`` and ``pretrained/runs/demo_sbi/``; ``--reuse``
+   keeps existing ``best.pth`` files and skips the step.
 5. **evaluation**: :mod:`training.evaluate` with the flip test on ``test_demo_68.json``: all fakes against
-   the reals, and each manipulation alone (``processed_data/demo/eval/``: metrics.json, videos.csv, roc.png).
-6. **heatmaps**: :mod:`training.infer` on one real test video and its two manipulated versions
+   the reals, and each manipulation alone (``processed_data/demo/eval/`` and ``eval_sbi/``: metrics.json,
+   videos.csv, roc.png).
+6. **heatmaps**: :mod:`training.infer` with LAA-Net on one real test video and its two manipulated versions
    (``processed_data/demo/heatmaps/``).
-7. **report**: video-level AUC / AP / ACC per set, the time of every step and the paths of the pictures.
+7. **report**: video-level AUC / AP / ACC per set for both models side by side, the time of every step and
+   the paths of the pictures.
 
 How a manipulated video is made. Every frame of the real video is decoded; the crop stage's detector and
 geometry find the largest face and its square box (1.5 x the detector box), the box is resampled to
@@ -39,14 +43,17 @@ the box and added to the frame, so every pixel outside the face region keeps the
 frames are encoded as H.264 at the reals' quality. A frame without a detected face stays unchanged (counted).
 Like FF++ fakes, a manipulated video is therefore compressed twice (the real once).
 
-Usage: ``python -m training.demo [--reuse] [--config configs/tiny_laanet_sbi.yaml] [key=value ...]``
-(overrides apply to the training config, e.g. ``train.epochs=2``).
+Usage: ``python -m training.demo [--reuse] [--config configs/tiny_laanet_sbi.yaml] [--baseline-config
+configs/tiny_sbi_effnet.yaml | --no-baseline] [key=value ...]`` (overrides apply to the LAA-Net config, e.g.
+``train.epochs=2``).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
+import subprocess
 import sys
 import time
 import zlib
@@ -60,11 +67,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import models
 from package_utils import crop, landmarks, metadata
 from package_utils import demo as preprocessing
 from package_utils.config import ConfigError, build_config
 from package_utils.detectors import LandmarkPredictor
-from package_utils.io_utils import DEFAULT_DATA_ROOT, PROJECT_ROOT
+from package_utils.io_utils import DEFAULT_DATA_ROOT, PROJECT_ROOT, atomic_write_image
 from package_utils.video import MediaReader
 from synthesis.bi import BIConfig, BlendedImages
 from synthesis.preview import preview
@@ -81,6 +89,7 @@ MANIPULATED_FOLDER = "test_manipulated"  # below <demo root>/videos/ and, for th
 MANIPULATED_JSON = "test_manipulated_demo_68.json"  # the crop -> landmarks output of the manipulated videos
 TEST_JSON = "test_demo_68.json"
 RUN_EXPERIMENT = "demo"
+BASELINE_EXPERIMENT = "demo_sbi"
 INFER_FRAMES = 8
 
 
@@ -399,31 +408,78 @@ class StepTimer:
             print(f"[demo] {name}: {self.seconds[name]:.1f} s", flush=True)
 
 
-def train_model(config_path: Path, overrides: list[str], train_json: Path, val_json: Path, reuse: bool) -> dict:
-    """Train the tiny config on the demo reals; returns the trainer's summary (or the reused run's)."""
-    own_run = PROJECT_ROOT / "pretrained" / "runs" / RUN_EXPERIMENT
-    config = build_config(trainer.DEFAULTS, config_path,
-                          [f"data.train={train_json}", f"data.val={val_json}", f"output_dir={own_run.parent}",
-                           f"experiment={RUN_EXPERIMENT}", "device=cpu", *overrides])
+def _run_overrides(train_json: Path, val_json: Path, experiment: str, overrides: list[str]) -> list[str]:
+    own_run = PROJECT_ROOT / "pretrained" / "runs" / experiment
+    return [f"data.train={train_json}", f"data.val={val_json}", f"output_dir={own_run.parent}",
+            f"experiment={experiment}", "device=cpu", *overrides]
+
+
+def _fresh_run_dir(config: dict) -> Path:
+    """The run folder, emptied when it is the demo's own (a stale best.pth must not survive)."""
     run_dir = Path(config["output_dir"]).resolve() / config["experiment"]
-    best = run_dir / "best.pth"
-    if reuse and best.is_file():
-        checkpoint = torch.load(best, map_location="cpu", weights_only=False)
-        log.info("--reuse: keeping %s (epoch %d)", best, checkpoint["epoch"] + 1)
-        # best.pth holds the history up to its own epoch; last.pth has the whole run's.
-        last = run_dir / "last.pth"
-        history = torch.load(last, map_location="cpu", weights_only=False)["history"] if last.is_file() else []
-        return {"run_dir": str(run_dir), "best": checkpoint["best"], "history": history or checkpoint["history"],
-                "best_checkpoint": str(best), "reused": True}
-    if run_dir == own_run:
-        shutil.rmtree(run_dir, ignore_errors=True)  # the demo's own run: a stale best.pth must not survive
+    own_run = PROJECT_ROOT / "pretrained" / "runs" / config["experiment"]
+    if run_dir == own_run.resolve():
+        shutil.rmtree(run_dir, ignore_errors=True)
     elif run_dir.exists():
         raise FileExistsError(f"{run_dir} exists; the demo trains from scratch only into a new folder (or its "
                               f"own {own_run}); pick another experiment= or use --reuse")
-    summary = trainer.train(config)
-    if not Path(summary["best_checkpoint"]).is_file():
+    return run_dir
+
+
+def read_run(run_dir: Path, reused: bool = False) -> dict:
+    """A finished run's summary from its checkpoints (best.pth: best epoch; last.pth: the whole history)."""
+    best = run_dir / "best.pth"
+    if not best.is_file():
         raise RuntimeError(f"training wrote no best checkpoint in {run_dir} (validation AUC undefined?)")
-    return summary
+    checkpoint = models.read_weight_file(best)
+    last = run_dir / "last.pth"
+    history = models.read_weight_file(last).get("history", []) if last.is_file() else []
+    return {"run_dir": str(run_dir), "best": checkpoint["best"], "history": history or checkpoint["history"],
+            "best_checkpoint": str(best), "reused": reused}
+
+
+def train_models(jobs: dict[str, tuple[Path, list[str], str]], train_json: Path, val_json: Path,
+                 reuse: bool) -> dict[str, dict]:
+    """Train the tiny configs ``{name: (config, overrides, experiment)}`` on the demo reals, at the same time: the
+    first in this process, the others in child processes (``python -m training.train``, output in
+    ``<run>/train.log``), the cores split among them. Returns each trainer's summary (or the reused run's)."""
+    configs, summaries = {}, {}
+    for name, (config_path, overrides, experiment) in jobs.items():
+        config = build_config(trainer.DEFAULTS, config_path,
+                              _run_overrides(train_json, val_json, experiment, overrides))
+        run_dir = Path(config["output_dir"]).resolve() / config["experiment"]
+        if reuse and (run_dir / "best.pth").is_file():
+            log.info("--reuse: keeping %s", run_dir / "best.pth")
+            summaries[name] = read_run(run_dir, reused=True)
+        else:
+            configs[name] = (config, config_path, overrides, experiment)
+    if not configs:
+        return summaries
+    threads = max(1, (os.cpu_count() or 1) // len(configs))
+    children = []
+    for index, (name, (config, config_path, overrides, experiment)) in enumerate(configs.items()):
+        run_dir = _fresh_run_dir(config)
+        if index == 0:
+            continue
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log_path = run_dir / "train.log"
+        command = [sys.executable, "-m", "training.train", "--config", str(config_path),
+                   *_run_overrides(train_json, val_json, experiment, overrides), f"threads={threads}"]
+        with open(log_path, "w", encoding="utf-8") as output:
+            children.append((name, run_dir, log_path,
+                             subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=output, stderr=subprocess.STDOUT)))
+        print(f"[demo] training {name} in the background (log: {log_path})", flush=True)
+    first, (config, *_) = next(iter(configs.items()))
+    try:
+        summaries[first] = trainer.train({**config, "threads": threads})
+        if not Path(summaries[first]["best_checkpoint"]).is_file():
+            raise RuntimeError(f"training {first} wrote no best checkpoint (validation AUC undefined?)")
+    finally:
+        for name, run_dir, log_path, child in children:
+            if child.wait() != 0:
+                raise RuntimeError(f"training {name} failed (exit {child.returncode}); see {log_path}")
+            summaries[name] = read_run(run_dir)
+    return {name: summaries[name] for name in jobs}
 
 
 def evaluate_model(weights: Path, test_json: Path, out_dir: Path) -> dict[str, dict]:
@@ -433,33 +489,93 @@ def evaluate_model(weights: Path, test_json: Path, out_dir: Path) -> dict[str, d
     return evaluate.run(args)
 
 
-def draw_heatmaps(weights: Path, videos: dict[str, Path], out_dir: Path) -> list[tuple[str, float | None, Path]]:
-    """training.infer on each video; returns (label, video fake probability, picture) per video."""
+def draw_heatmaps(weights: Path, videos: dict[str, Path], out_dir: Path
+                  ) -> tuple[list[tuple[str, float | None, Path]], Path | None, float]:
+    """training.infer on each video; returns (label, video fake probability, picture) per video, a sheet of all
+    pictures (one row each) and the heatmap value at the top of their shared colour map.
+
+    One colour scale for all pictures, so reals and fakes compare: LAA-Net's sigmoid heatmaps peak far below 1
+    (a few positive pixels per quadrant), which the default 0..1 scale would show as uniformly low.
+    """
     model = infer.load_model(weights, device="cpu")
     detector = infer.build_face_detector("retinaface")
-    pictures = []
+    found = []
     for label, path in videos.items():
         result = infer.predict_video(model, path, detector, frames=INFER_FRAMES, flip=True)
         if result["best"] is None:
             log.warning("%s: no face found, no heatmap picture", path)
             continue
+        found.append((label, result["probability"], result["best"]["faces"][0]))
+    peaks = [float(np.max(face["heatmap"])) for *_, face in found if face.get("heatmap") is not None]
+    top = min(1.0, max(peaks, default=1.0))
+    pictures, rows = [], []
+    for label, probability, face in found:
         # The file name tells the video; the picture's own text stays short enough for a 128 px face.
-        written = infer.write_pictures(result["best"]["faces"][:1], out_dir, label.replace("/", "_"),
-                                       label=f"{label.split('/')[0]} ")
-        pictures.append((label, result["probability"], written[0]))
-    return pictures
+        text = f"{label.split('/')[0]}: "
+        written = infer.write_pictures([face], out_dir, label.replace("/", "_"), label=text, heatmap_top=top)
+        pictures.append((label, probability, written[0]))
+        rows.append(infer.render_picture(face, text, top))
+    sheet = None
+    if rows:  # one row per person: real, then its manipulations
+        width = len(MANIPULATIONS) + 1
+        rows += [np.zeros_like(rows[0])] * (-len(rows) % width)
+        sheet = out_dir / "heatmaps.png"
+        atomic_write_image(sheet, np.vstack([np.hstack(rows[i:i + width]) for i in range(0, len(rows), width)]))
+    return pictures, sheet, top
 
 
-def metrics_table(results: dict[str, dict]) -> str:
-    """Video-level AUC / AP / ACC (percent) per test set, with the video counts."""
-    lines = [f"{'test set (video level, flip test)':<36}{'AUC':>8}{'AP':>8}{'ACC':>8}{'videos':>8}{'real':>6}"
-             f"{'fake':>6}"]
-    for name, result in results.items():
-        video = result["video"]
-        cells = "".join(f"{'n/a':>8}" if video[key] is None or video[key] != video[key] else f"{100 * video[key]:>8.2f}"
-                        for key in ("auc", "ap", "acc"))
-        lines.append(f"{name:<36}{cells}{video['n']:>8}{video['n_real']:>6}{video['n_fake']:>6}")
+@torch.no_grad()
+def heatmap_contrast(weights: Path, val_json: Path) -> dict[str, float] | None:
+    """Mean sigmoid heatmap on the validation pseudo-fakes' blend boundary (target boundary > 0.5), on the rest of
+    the fakes (< 0.05) and on the reals: where the heatmap head looks, in numbers (None without a heatmap)."""
+    model, checkpoint = models.build_from_checkpoint(weights)
+    config = checkpoint["config"]
+    if config["data"]["kind"] != "pseudo_fake" or not config["synthesis"]["heatmap_size"]:
+        return None
+    config = {**config, "data": {**config["data"], "val": str(val_json), "workers": 0}}
+    source = trainer.BatchSource(config, model, torch.device("cpu"), 0, 1)
+    model.eval()
+    sums = {"boundary": [0.0, 0], "rest of fake": [0.0, 0], "real": [0.0, 0]}
+    for batch, _, _ in source.validation(torch.Generator().manual_seed(config["seed"] + 7919)):
+        heatmap = torch.sigmoid(model(batch["image"])["heatmap"].float())[:, 0]
+        fake = batch["label"].bool()
+        boundary = batch["boundary"][:, 0]
+        for name, values in (("boundary", heatmap[fake][boundary[fake] > 0.5]),
+                             ("rest of fake", heatmap[fake][boundary[fake] < 0.05]), ("real", heatmap[~fake])):
+            sums[name][0] += float(values.sum())
+            sums[name][1] += values.numel()
+    return {name: total / max(count, 1) for name, (total, count) in sums.items()}
+
+
+def metrics_table(results: dict[str, dict[str, dict]]) -> str:
+    """Video-level AUC / AP / ACC (percent) per test set and model (``{model: {set: result}}``), side by side,
+    with the video counts."""
+    names = list(results)
+    sets = list(next(iter(results.values())))
+    header = f"{'video level, flip test':<24}" + "".join(f"{name:^24}" for name in names)
+    lines = [header, f"{'test set':<24}" + f"{'AUC':>8}{'AP':>8}{'ACC':>8}" * len(names)
+             + f"{'videos':>8}{'real':>6}{'fake':>6}"]
+    for test_set in sets:
+        cells = ""
+        for name in names:
+            video = results[name][test_set]["video"]
+            cells += "".join(f"{'n/a':>8}" if video[key] is None or video[key] != video[key]
+                             else f"{100 * video[key]:>8.2f}" for key in ("auc", "ap", "acc"))
+        video = results[names[0]][test_set]["video"]
+        lines.append(f"{test_set:<24}{cells}{video['n']:>8}{video['n_real']:>6}{video['n_fake']:>6}")
+    lines.append(f"{'mean video probability':<24}" + "".join(
+        f"{score_summary(results[name][sets[0]]):^24}" for name in names))
     return "\n".join(lines)
+
+
+def score_summary(result: dict) -> str:
+    """Mean fake probability of the real, SBI and BI test videos, e.g. ``R 0.05 S 0.91 B 0.88``."""
+    groups: dict[str, list[float]] = {}
+    for video in result.get("videos", []):
+        group = "real" if video["label"] == 0 else video["key"].split("/")[-2]
+        groups.setdefault(group, []).append(video["score"])
+    order = ["real", *MANIPULATIONS]
+    return " ".join(f"{g[0].upper()} {sum(groups[g]) / len(groups[g]):.2f}" for g in order if groups.get(g))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -469,7 +585,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--processed", default=str(PROJECT_ROOT / "processed_data" / "demo"),
                         help="folder of the demo's metadata files and pictures")
     parser.add_argument("--config", default=str(PROJECT_ROOT / "configs" / "tiny_laanet_sbi.yaml"))
-    parser.add_argument("--reuse", action="store_true", help="keep an existing pretrained/runs/demo/best.pth")
+    parser.add_argument("--baseline-config", default=str(PROJECT_ROOT / "configs" / "tiny_sbi_effnet.yaml"),
+                        help="the SBI baseline trained and reported beside LAA-Net")
+    parser.add_argument("--no-baseline", action="store_true", help="train and report LAA-Net only")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep existing pretrained/runs/demo{,_sbi}/best.pth files")
     parser.add_argument("--workers", type=int, default=2, help="crop/landmarks worker processes")
     parser.add_argument("--num-frames", type=int, default=16, help="frames the crop stage samples per video")
     parser.add_argument("--threads", type=int, default=1,
@@ -506,19 +626,29 @@ def run(args: argparse.Namespace, timer: StepTimer) -> dict:
         test_json = processed / TEST_JSON
         counts = assemble_test_set(inputs["test"], manipulated_json, test_json)
         print(f"[demo] test set {test_json}: videos per method {counts}")
-    with timer.step("training"):
-        report["training"] = train_model(Path(args.config), args.overrides, inputs["train"], inputs["val"],
-                                         args.reuse)
-        weights = report["weights"] = Path(report["training"]["best_checkpoint"]).resolve()
+    jobs = {"LAA-Net": (Path(args.config), args.overrides, RUN_EXPERIMENT)}
+    if not args.no_baseline:
+        jobs["SBI baseline"] = (Path(args.baseline_config), [], BASELINE_EXPERIMENT)
+    with timer.step("training " + " and ".join(jobs) + (" (at the same time)" if len(jobs) > 1 else "")):
+        report["training"] = train_models(jobs, inputs["train"], inputs["val"], args.reuse)
+    report["weights"] = {name: Path(summary["best_checkpoint"]).resolve()
+                         for name, summary in report["training"].items()}
+    report["eval_dir"], report["results"] = {}, {}
     with timer.step("evaluation (flip test)"):
-        report["eval_dir"] = processed / "eval"
-        report["results"] = evaluate_model(weights, test_json, report["eval_dir"])
+        for name, experiment_eval in zip(jobs, ("eval", "eval_sbi")):
+            report["eval_dir"][name] = processed / experiment_eval
+            report["results"][name] = evaluate_model(report["weights"][name], test_json, report["eval_dir"][name])
+    weights = report["weights"]["LAA-Net"]
     with timer.step("heatmaps"):
-        sample = real_videos[0].stem
-        videos = {f"real/{sample}": real_videos[0]}
-        videos.update({f"{method}/{sample}": fakes_root / "fake" / method / f"{sample}.mp4"
-                       for method in MANIPULATIONS})
-        report["heatmaps"] = draw_heatmaps(weights, videos, processed / "heatmaps")
+        videos = {}
+        for identity in sorted({preprocessing.identity_of(video.stem) for video in real_videos}):
+            real = next(video for video in real_videos if preprocessing.identity_of(video.stem) == identity)
+            videos[f"real/{real.stem}"] = real
+            videos.update({f"{method}/{real.stem}": fakes_root / "fake" / method / f"{real.stem}.mp4"
+                           for method in MANIPULATIONS})
+        report["heatmaps"], report["heatmap_sheet"], report["heatmap_top"] = draw_heatmaps(
+            weights, videos, processed / "heatmaps")
+        report["heatmap_contrast"] = heatmap_contrast(weights, inputs["val"])
     return report
 
 
@@ -526,11 +656,14 @@ def print_report(report: dict, timer: StepTimer, total: float) -> None:
     """Metrics table, the training's best epoch, the time of every step and the paths of the pictures."""
     print("\n" + "=" * 30 + " demo report " + "=" * 30)
     print(metrics_table(report["results"]))
-    training = report["training"]
-    best = training["best"]
-    print(f"\nmodel: {report['weights']}: best validation AUC {best['auc']:.4f} (frames, SBI pseudo-fakes of the "
-          f"val videos) at epoch {best['epoch'] + 1} of {len(training.get('history', []))}"
-          f"{' (reused)' if training.get('reused') else ''}")
+    for name, training in report["training"].items():
+        best = training["best"]
+        print(f"\n{name}: {report['weights'][name]}: best validation AUC {best['auc']:.4f} (frames, SBI pseudo-fakes "
+              f"of the val videos) at epoch {best['epoch'] + 1} of {len(training.get('history', []))}"
+              f"{' (reused)' if training.get('reused') else ''}")
+    contrast = report.get("heatmap_contrast")
+    if contrast:
+        print("LAA-Net mean heatmap on the val pseudo-fakes: " + ", ".join(f"{k} {v:.3f}" for k, v in contrast.items()))
     print("\nsteps:")
     for name, seconds in timer.seconds.items():
         print(f"  {name:<44}{seconds:>8.1f} s")
@@ -538,12 +671,16 @@ def print_report(report: dict, timer: StepTimer, total: float) -> None:
     print("\npictures:")
     for method, path in report["previews"].items():
         print(f"  {method.upper()} pseudo-fakes as training sees them: {path}")
-    for name in report["results"]:
-        print(f"  ROC {name}: {report['eval_dir'] / name / 'roc.png'}")
+    for model_name, eval_dir in report["eval_dir"].items():
+        for name in report["results"][model_name]:
+            print(f"  ROC {model_name} {name}: {eval_dir / name / 'roc.png'}")
     for label, probability, path in report["heatmaps"]:
         score = "n/a" if probability is None else f"{probability:.3f}"
         print(f"  heatmap {label} (video fake probability {score}): {path}")
-    print(f"\nper-video scores: {report['eval_dir'] / Path(TEST_JSON).stem / 'videos.csv'}")
+    if report["heatmap_sheet"]:
+        print(f"  all heatmaps, one colour scale 0-{report['heatmap_top']:.2f}: {report['heatmap_sheet']}")
+    for model_name, eval_dir in report["eval_dir"].items():
+        print(f"per-video scores {model_name}: {eval_dir / Path(TEST_JSON).stem / 'videos.csv'}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -120,3 +120,18 @@ def test_bi_partners_are_other_people():
     assert all(identity(name) != identity(partner) for name, partner in partners.items())
     with pytest.raises(ValueError, match="two people"):
         demo.pick_partners(["a1", "a2"], identity)
+
+
+def _result(scores: dict[str, tuple[int, float]]) -> dict:
+    video = {"auc": 1.0, "ap": 1.0, "acc": 0.75, "n": len(scores), "n_real": 1, "n_fake": len(scores) - 1}
+    return {"video": video, "videos": [{"key": key, "label": label, "score": score}
+                                       for key, (label, score) in scores.items()]}
+
+
+def test_report_table_puts_both_models_side_by_side_with_mean_scores():
+    scores = {"folder/real/a": (0, 0.1), "folder/SBI/a": (1, 0.8), "folder/BI/a": (1, 0.6)}
+    results = {"LAA-Net": {"test_demo_68": _result(scores)},
+               "SBI baseline": {"test_demo_68": _result({**scores, "folder/real/a": (0, 0.3)})}}
+    table = demo.metrics_table(results)
+    assert "LAA-Net" in table and "SBI baseline" in table
+    assert table.count("100.00") == 4 and "R 0.10 S 0.80 B 0.60" in table and "R 0.30 S 0.80 B 0.60" in table

@@ -288,3 +288,16 @@ def test_cli_cuts_faces_with_the_protocol_the_checkpoint_was_trained_with(tiny, 
                               "sbi", photo[0], "--out", tmp_path)
     assert code == 0, err
     assert float(LOGIT.search(out).group(1)) == pytest.approx(expected["sbi"], abs=5e-4)
+
+
+def test_heatmap_colour_scale_top_maps_that_value_to_the_hottest_colour():
+    crop = np.full((256, 256, 3), 128, np.uint8)
+    heatmap = np.full((64, 64), 0.2, np.float32)
+    face = {"crop": crop, "probability": 0.9, "heatmap": heatmap}
+    absolute = infer.render_picture(face)[:, 256:]
+    scaled = infer.render_picture(face, heatmap_top=0.2)[:, 256:]
+    # 0.2 of 1 is blue-ish in JET; 0.2 of 0.2 is the top of the map (red), away from the written label.
+    assert absolute[200, 200, 0] > absolute[200, 200, 2]
+    assert scaled[200, 200, 2] > scaled[200, 200, 0]
+    with pytest.raises(ValueError, match="heatmap_top"):
+        infer.render_picture(face, heatmap_top=0.0)
