@@ -17,6 +17,7 @@ from training import train as trainer
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CROP = 128  # stored crop side: the model's input size, so nothing is resampled
+CROP_SCALE = 1.5  # crop side over the detector box's longer side (the crop stage's 1.5x)
 VAL_DRAWS = 3  # pseudo-fakes per held-out face: the AUC is less a matter of which blends were drawn
 
 # One photo is one "video" of one frame; flips and a new SBI draw every epoch make the variety.
@@ -71,7 +72,7 @@ def _face_items(media_dir: Path, sources, root: Path, split: str) -> list[dict]:
         image = _read_face_source(media_dir, source)
         face = choose_faces(detector.detect(image))[0]
         x0, y0, x1, y1 = face.box
-        side = max(x1 - x0, y1 - y0) * 1.5
+        side = max(x1 - x0, y1 - y0) * CROP_SCALE
         left, top = (x0 + x1 - side) / 2, (y0 + y1 - side) / 2
         # Zero padding where the square leaves the photo, as the crop stage does.
         matrix = np.array([[CROP / side, 0, -left * CROP / side], [0, CROP / side, -top * CROP / side]])
