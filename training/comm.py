@@ -195,6 +195,14 @@ def init_distributed(backend: str | None = None,
 def cleanup() -> None:
     """Leave the process group (all groups are destroyed); a no-op when not initialised."""
     if is_distributed():
+        if dist.get_backend() == "gloo":
+            # Every rank first finishes its collectives: gloo aborts the process ("terminate called without an
+            # active exception") when a rank tears down its connections while the other still uses them. A
+            # monitored barrier times out instead of hanging when a rank is gone.
+            try:
+                dist.monitored_barrier(timeout=timedelta(seconds=30))
+            except RuntimeError as error:
+                log.warning("cleanup: ranks did not all reach the barrier (%s)", error)
         dist.destroy_process_group()
     _object_group.cache_clear()  # the cached gloo group died with the default group
 
