@@ -44,6 +44,11 @@ SBI_TRAIN_MARGINS = (0.2, 0.8)  # range of the per-side factor of w/4 or h/4 (SB
 SBI_TEST_MARGIN = 0.5           # val/test: w/8 and h/8 per side, a window of 1.25 x the box
 
 
+def trained_crop_protocol(config: dict | None) -> str:
+    """``data.crop_protocol`` of a checkpoint's training config (``square`` when it predates the key)."""
+    return ((config or {}).get("data") or {}).get("crop_protocol", "square")
+
+
 def sbi_window(face_box, factors=(SBI_TEST_MARGIN,) * 4) -> np.ndarray:
     """SBI's integer window [x0, y0, x1, y1] around a face box (exclusive end), in the box's pixels.
 

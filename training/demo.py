@@ -474,11 +474,15 @@ def train_models(jobs: dict[str, tuple[Path, list[str], str]], train_json: Path,
         summaries[first] = trainer.train({**config, "threads": threads})
         if not Path(summaries[first]["best_checkpoint"]).is_file():
             raise RuntimeError(f"training {first} wrote no best checkpoint (validation AUC undefined?)")
-    finally:
-        for name, run_dir, log_path, child in children:
-            if child.wait() != 0:
-                raise RuntimeError(f"training {name} failed (exit {child.returncode}); see {log_path}")
-            summaries[name] = read_run(run_dir)
+    except BaseException:
+        for *_, child in children:  # the demo failed: do not leave trainings running behind it
+            child.terminate()
+            child.wait()
+        raise
+    for name, run_dir, log_path, child in children:
+        if child.wait() != 0:
+            raise RuntimeError(f"training {name} failed (exit {child.returncode}); see {log_path}")
+        summaries[name] = read_run(run_dir)
     return {name: summaries[name] for name in jobs}
 
 

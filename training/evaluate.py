@@ -30,7 +30,7 @@ from tqdm import tqdm
 import models
 from package_utils.config import ConfigError, build_config
 from training import comm
-from training.data import build_loader, load_frame_table
+from training.data import build_loader, load_frame_table, trained_crop_protocol
 from training.metrics import BinaryEvaluator, format_metrics, plot_roc, write_metrics_json, write_video_csv
 from training.train import (DEFAULTS, _project_path, predict_logits, resolve_device, to_memory_format,
                             uses_channels_last)
@@ -61,12 +61,12 @@ def with_defaults(config: dict, defaults: dict = DEFAULTS) -> dict:
     return filled
 
 
-def trained_crop_protocol(settings: dict, trained: dict, overrides: list[str]) -> str:
+def checkpoint_crop_protocol(settings: dict, trained: dict, overrides: list[str]) -> str:
     """The crop protocol a checkpoint was trained with (its test window), unless overridden on the command line."""
     chosen = settings["data"]["crop_protocol"]
     if any(text.split("=", 1)[0] == "data.crop_protocol" for text in overrides):
         return chosen
-    protocol = (trained.get("data") or {}).get("crop_protocol", "square")
+    protocol = trained_crop_protocol(trained)
     if protocol != chosen:
         log.warning("the checkpoint was trained with data.crop_protocol=%s, not %s as --config says; scoring with "
                     "%s's test crops (override with data.crop_protocol=%s)", protocol, chosen, protocol, chosen)
@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
     # Without --config, the checkpoint's own resolved config is the base the overrides apply to.
     settings = config if config is not None else build_config(with_defaults(model_config), None, args.overrides)
     if model_config is not config:  # our checkpoint: score with the crops it was trained on
-        settings["data"]["crop_protocol"] = trained_crop_protocol(settings, model_config, args.overrides)
+        settings["data"]["crop_protocol"] = checkpoint_crop_protocol(settings, model_config, args.overrides)
     _, world, _, distributed_device = comm.init_distributed()
     device_name = args.device or settings["device"]
     device = distributed_device if world > 1 and device_name == "auto" else resolve_device(device_name)

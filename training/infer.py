@@ -49,11 +49,11 @@ from package_utils.crop import _get_detector, cut_with_padding, resize_square, s
 from package_utils.detectors import Face, choose_faces
 from package_utils.io_utils import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, BadInputError, atomic_write_image, read_image
 from package_utils.video import MediaReader, sample_indices
-from training.data import CROP_PROTOCOLS, cut_window, sbi_window
+from training.data import CROP_PROTOCOLS, cut_window, sbi_window, trained_crop_protocol
 
 log = logging.getLogger("training.infer")
 
-__all__ = ["load_model", "load_model_and_config", "trained_crop_protocol", "build_face_detector", "crop_faces",
+__all__ = ["load_model", "load_model_and_config", "build_face_detector", "crop_faces",
            "score_crops", "predict_image", "predict_video", "render_picture", "write_pictures", "main"]
 
 MIN_PICTURE_SIZE = 256
@@ -97,11 +97,6 @@ def load_model(weights: str | os.PathLike, model_name: str | None = None, model_
         FileNotFoundError, ValueError: the file is missing or unreadable, or does not fit the model.
     """
     return load_model_and_config(weights, model_name, model_args, device)[0]
-
-
-def trained_crop_protocol(config: dict | None) -> str:
-    """``data.crop_protocol`` of a checkpoint's training config (``square`` when it predates the key)."""
-    return ((config or {}).get("data") or {}).get("crop_protocol", "square")
 
 
 def load_model_and_config(weights: str | os.PathLike, model_name: str | None = None, model_args: dict | None = None,

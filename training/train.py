@@ -31,6 +31,7 @@ from package_utils.config import ConfigError, build_config
 from package_utils.io_utils import PROJECT_ROOT, atomic_write_text
 from synthesis.batch import BatcherConfig, PseudoFakeBatcher
 from synthesis.bi import BIConfig
+from synthesis.geometry import GeometryConfig
 from synthesis.sbi import SBIConfig
 from training import comm
 from training.metrics import BinaryEvaluator
@@ -108,8 +109,6 @@ def _dataclass_from(kind: type, values: dict, key: str):
 
 
 def batcher_config(config: dict) -> BatcherConfig:
-    from synthesis.geometry import GeometryConfig
-
     synthesis = config["synthesis"]
     return BatcherConfig(method=synthesis["method"], pairing=synthesis["pairing"],
                          fake_probability=synthesis["fake_probability"], heatmap_size=synthesis["heatmap_size"],
