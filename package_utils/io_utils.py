@@ -5,12 +5,17 @@ so a killed run never leaves a half-written file under the final name.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import cv2
 import numpy as np
@@ -30,26 +35,138 @@ class BadInputError(ValueError):
     """An input file that cannot be used; the message names the file and the problem."""
 
 
+class OutputBusyError(RuntimeError):
+    """Another run is writing into the same output folder."""
+
+
+def _current_umask() -> int:
+    """The process umask, read without changing it (os.umask would race with other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
 def _temp_path(path: Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # mkstemp creates 0600 files; outputs get the permissions an ordinary open() would give them, so a team
+    # or a container running under another uid can read them.
+    os.fchmod(fd, 0o666 & ~_current_umask())
     os.close(fd)
     return Path(tmp)
+
+
+def explain_os_error(error: OSError, path: str | os.PathLike) -> OSError:
+    """The same error with a message a person can act on (names the file; says "no space left on device")."""
+    if error.errno == errno.ENOSPC:
+        return OSError(errno.ENOSPC, f"{path}: no space left on device; free some space and rerun "
+                                     f"(finished work is kept and the run resumes)")
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return OSError(error.errno, f"{path}: not writable ({os.strerror(error.errno)})")
+    return error
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp file + rename (never a partial file)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temp_path(path)
         with open(tmp, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as error:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise explain_os_error(error, path) from error
         raise
+
+
+def check_writable(folder: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create ``folder`` if needed and prove a file can be written there, before any work is done.
+
+    Raises OSError naming the folder (read-only, no permission, disk full) instead of failing after hours.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", suffix=".tmp", dir=folder)
+        try:
+            os.write(fd, b"ok")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as error:
+        raise explain_os_error(error, folder) from None
+    return folder
+
+
+def safe_name(value: Any, what: str, source: str | os.PathLike = "") -> str:
+    """``value`` as one path component: a non-empty string with no separator, no ``..`` and no NUL.
+
+    Names from user data (metadata, split lists, experiment names) become folder and file names; a crafted
+    ``../../x`` must not write or delete outside the folder it belongs to.
+    """
+    where = f"{source}: " if source else ""
+    if not isinstance(value, str) or not value or value in (".", "..") or "\0" in value \
+            or "/" in value or "\\" in value:
+        raise BadInputError(f"{where}{what} {value!r} is not a plain name (no '/', '\\', '..' or empty)")
+    return value
+
+
+def safe_relative(value: Any, what: str, source: str | os.PathLike = "") -> str:
+    """A relative POSIX path from user data whose parts are all plain names (``a/b/c`` yes, ``../x``, ``/x`` no)."""
+    where = f"{source}: " if source else ""
+    if not isinstance(value, str) or not value or value.startswith(("/", "\\")) or "\0" in value:
+        raise BadInputError(f"{where}{what} {value!r} must be a relative path inside its folder")
+    for part in value.split("/"):
+        safe_name(part, what, source)
+    return value
+
+
+def inside(path: str | os.PathLike, folder: str | os.PathLike, what: str = "path") -> Path:
+    """``path`` resolved, after checking it lies inside ``folder`` (symlinks followed); else ValueError."""
+    resolved, root = Path(path).resolve(), Path(folder).resolve()
+    if resolved != root and root not in resolved.parents:
+        raise BadInputError(f"{what} {path} leaves {root}; refusing to write or delete there")
+    return resolved
+
+
+@contextmanager
+def output_lock(folder: str | os.PathLike, what: str = "output folder") -> Iterator[Path]:
+    """Hold an exclusive lock on ``folder`` for the duration of a run: one writer per output.
+
+    The lock is an ``fcntl`` lock on ``<folder>/.lock``: the kernel drops it when the process dies (SIGKILL
+    included), so a killed run never leaves a stale lock. A second run into the same folder stops at once
+    with a message naming the folder and the holder.
+    """
+    folder = check_writable(folder, what)
+    lock_path = folder / ".lock"
+    handle = open(lock_path, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise OutputBusyError(f"{folder}: another run is writing into this {what} ({holder}); wait for it "
+                                  f"to finish or choose another output") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        yield folder
+    finally:
+        handle.close()  # closing releases the lock; the file stays (removing it would race a waiting run)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -1,0 +1,75 @@
+"""io_utils: file modes, path checks, the output lock, clear disk errors."""
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from package_utils.io_utils import (BadInputError, OutputBusyError, atomic_write_text, check_writable,
+                                    explain_os_error, inside, output_lock, safe_name, safe_relative)
+
+
+def test_atomic_files_follow_the_umask_not_mkstemps_0600(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+@pytest.mark.parametrize("bad", ["..", "../x", "a/../b", "/etc/passwd", "", None, 3, "a\0b"])
+def test_names_from_user_data_cannot_leave_their_folder(bad):
+    with pytest.raises(BadInputError):
+        safe_relative(bad, "image_path", "meta.json")
+    with pytest.raises(BadInputError):
+        safe_name(bad, "method")
+
+
+def test_plain_names_and_relative_paths_pass(tmp_path):
+    assert safe_name("000_003", "name") == "000_003"
+    assert safe_relative("frames/real/a.png", "image_path") == "frames/real/a.png"
+    assert inside(tmp_path / "a" / "b", tmp_path) == (tmp_path / "a" / "b").resolve()
+    (tmp_path / "link").symlink_to("/")
+    with pytest.raises(BadInputError, match="leaves"):
+        inside(tmp_path / "link" / "etc", tmp_path)
+
+
+def test_second_writer_is_refused_and_a_killed_holder_frees_the_lock(tmp_path):
+    with output_lock(tmp_path):
+        with pytest.raises(OutputBusyError, match=str(tmp_path)):
+            with output_lock(tmp_path):
+                pass
+    # a holder killed with SIGKILL leaves no stale lock
+    script = textwrap.dedent(f"""
+        import os, signal
+        from package_utils.io_utils import output_lock
+        with output_lock({str(tmp_path)!r}):
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    assert subprocess.run([sys.executable, "-c", script]).returncode == -9
+    with output_lock(tmp_path):
+        pass
+
+
+@pytest.mark.parametrize("code, message", [(errno.EROFS, "not writable"), (errno.EACCES, "not writable"),
+                                           (errno.ENOSPC, "no space left on device")])
+def test_unwritable_output_is_found_before_any_work(tmp_path, monkeypatch, code, message):
+    # tests run as root here, where permissions do not bite: the kernel's answer is simulated instead
+    def refuse(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr("package_utils.io_utils.tempfile.mkstemp", refuse)
+    with pytest.raises(OSError, match=message) as caught:
+        check_writable(tmp_path / "out")
+    assert str(tmp_path / "out") in str(caught.value)
+
+
+def test_full_disk_error_says_so():
+    error = explain_os_error(OSError(errno.ENOSPC, "No space left on device"), "/x/a.pth")
+    assert "no space left on device" in str(error) and "/x/a.pth" in str(error)
