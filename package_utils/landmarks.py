@@ -5,6 +5,9 @@ Usage::
     python -m package_utils.landmarks --input datasets_df/processed/ff_c23/train \\
         --output processed_data/train_ff_68.json --landmarks 68 [--align rotate|similarity|none] [--save-aligned]
 
+``--align rotate|similarity`` always writes the aligned images (it implies ``--save-aligned``, with a warning
+when that flag is missing), so aligned landmarks always come with the pixels they describe.
+
 ``--input`` is a crop split folder (``<output>/<split>`` of the crop stage) or its ``crop_index.json``.
 The shape predictor runs on the face box the crop stage found (no second detection that can fail).
 RetinaFace boxes are shaped differently from the dlib HOG boxes the predictor was trained on, so they
@@ -316,6 +319,11 @@ def run(config: dict) -> dict:
         raise ValueError(f"--align must be one of {align.ALIGN_MODES}, got {config['align']!r}")
     if not (isinstance(config["max_landmark_error"], (int, float)) and config["max_landmark_error"] > 0):
         raise ValueError(f"--max-landmark-error must be a number > 0, got {config['max_landmark_error']!r}")
+    if config["align"] != "none" and not config["save_aligned"]:
+        # Aligned landmarks must describe stored pixels: aligning means writing the aligned images.
+        log.warning("--align %s without --save-aligned: writing the aligned images anyway (--align implies "
+                    "--save-aligned; use --align none to keep the unaligned crops)", config["align"])
+        config = {**config, "save_aligned": True}
     split_dir, index = load_crop_index(Path(config["input"]).resolve())
     data_root = Path(config["data_root"] or index["data_root"]).resolve()
     _predictor(config["landmarks"], config["pretrained_dir"])  # fail now if the model file is missing
@@ -393,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-root", help="folder the image paths are relative to (default: the crop index's)")
     parser.add_argument("--landmarks", type=int, choices=(68, 81))
     parser.add_argument("--align", choices=align.ALIGN_MODES)
-    parser.add_argument("--save-aligned", action="store_true", default=None, help="write aligned images")
+    parser.add_argument("--save-aligned", action="store_true", default=None,
+                        help="write aligned images (implied by --align rotate|similarity)")
     parser.add_argument("--aligned-size", type=int, help="side of similarity-aligned images")
     parser.add_argument("--max-landmark-error", type=float,
                         help=f"landmark_ok threshold: mean distance of the fit's eye centres, nose tip and mouth "

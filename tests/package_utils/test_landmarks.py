@@ -51,8 +51,8 @@ def saved(cropped: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def unsaved(cropped: Path) -> dict:
-    """Landmarks with rotate alignment but no aligned images."""
-    return run_landmarks(cropped / "out/test", cropped / "meta_unsaved.json", "--align", "rotate")
+    """Landmarks without alignment."""
+    return run_landmarks(cropped / "out/test", cropped / "meta_unsaved.json", "--align", "none")
 
 
 def test_one_item_per_crop(saved: dict, cropped: Path) -> None:
@@ -110,19 +110,29 @@ def test_saved_alignment_pairs_image_and_points(saved: dict, cropped: Path) -> N
         assert abs(align.eye_line_angle(item["aligned_lms"])) < 1.0
 
 
-def test_unsaved_alignment_keeps_crop_and_points(unsaved: dict) -> None:
-    """Without aligned images the landmarks must describe the crop (no LAA-Net style mismatch)."""
+def test_unaligned_items_keep_crop_and_points(unsaved: dict) -> None:
+    """Without alignment the landmarks describe the crop (no LAA-Net style mismatch)."""
     for item in unsaved["data"]:
         assert item["image_path"] == item["crop_path"]
         assert item["aligned_lms"] == item["orig_lms"]
         assert item["alignment"] == "none" and item["align_matrix"] is None
 
 
+def test_align_without_save_aligned_aligns_anyway(saved: dict, cropped: Path, caplog) -> None:
+    """--align rotate alone is no silent no-op: it writes the aligned images, says so, and records it."""
+    with caplog.at_level(logging.WARNING, logger="package_utils.landmarks"):
+        implied = run_landmarks(cropped / "out/test", cropped / "meta_implied.json", "--align", "rotate")
+    assert "--align rotate without --save-aligned: writing the aligned images anyway" in caplog.text
+    assert implied["data"] == saved["data"]
+    assert implied["config"]["save_aligned"] is True
+    assert all(item["alignment"] == "rotate" and "/aligned/" in item["image_path"] for item in implied["data"])
+
+
 def test_per_video_cache_files(saved: dict, unsaved: dict, cropped: Path) -> None:
     folder = cropped / "out/test/landmarks"
     names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.json"))
     assert names == sorted(f"{video}.{tag}.json" for video in ("real/group", "real/obama", "fake/dance")
-                           for tag in ("dlib68_rotate", "dlib68_rotate_saved"))
+                           for tag in ("dlib68_none", "dlib68_rotate_saved"))
 
 
 def test_rerun_resumes_from_cache(saved: dict, cropped: Path) -> None:
