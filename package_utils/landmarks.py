@@ -28,8 +28,10 @@ fails is redone once from the box the keypoints imply (the dlib HOG box a face w
 get) and the fit closer to the keypoints is kept; ``landmark_fit`` records which (``detector_box`` /
 ``keypoint_box``). Crops without keypoints (detectors dlib and none) get ``null`` for both, and so does
 ``landmark_ok`` when a keypoint lies in the zero padding past the frame edge (RetinaFace's guesses there were
-wrong on the shared clips): quality unknown, and the loaders keep them. Why the mean and 0.25: on the 43 hand-checked faces of the dlib photos the 3 fits
-that are more than 0.3 inter-ocular distances off score 0.29-0.73 and every other fit at most 0.22; the mean
+wrong on the shared clips): quality unknown, and the loaders keep them.
+
+Why the mean and 0.25: on the 43 annotated faces of the dlib photos the 3 fits that are more than 0.3
+inter-ocular distances off score 0.29-0.73 and every other fit at most 0.22; the mean
 over 5 points is less swayed than the maximum by one misplaced RetinaFace keypoint (mouth corners of blurred
 faces): on 288 faces of the shared clips with a dlib-HOG-box reference fit, the maximum at 0.25 raised 10 false
 alarms and the mean none.
