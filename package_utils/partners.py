@@ -18,8 +18,8 @@ Each item gets ``partners`` (candidate ids, nearest first), ``partner_distances`
 ``partner_status``: ``ok``, ``fewer_than_k`` (fewer eligible candidates than k; all of them are kept),
 ``no_landmarks`` or ``bad_landmarks`` (the item stays in the file, with no partners). ``--laa-paths`` adds
 ``best_match``, the partners' ``image_path`` strings as LAA-Net's BI loader reads them. With ``--candidates``,
-partner ids and paths refer to the items of that file (recorded as ``stats.partners.partner_source``); its image paths are made
-absolute when its ``data_root`` differs from the input's.
+partner ids and paths refer to the items of that file (recorded as ``stats.partners.partner_source``); its image
+paths are made absolute when its ``data_root`` differs from the input's.
 
 Metrics (distances in landmark pixels):
 
