@@ -5,6 +5,9 @@ Usage::
     python -m package_utils.landmarks --input datasets_df/processed/ff_c23/train \\
         --output processed_data/train_ff_68.json --landmarks 68 [--align rotate|similarity|none] [--save-aligned]
 
+``--align rotate|similarity`` always writes the aligned images (it implies ``--save-aligned``, with a warning
+when that flag is missing), so aligned landmarks always come with the pixels they describe.
+
 ``--input`` is a crop split folder (``<output>/<split>`` of the crop stage) or its ``crop_index.json``.
 The shape predictor runs on the face box the crop stage found (no second detection that can fail).
 RetinaFace boxes are shaped differently from the dlib HOG boxes the predictor was trained on, so they
@@ -16,6 +19,22 @@ atomically), so a killed run resumes; frames are handled one at a time, so memor
 names the settings (model, alignment, size, calibration); a cache whose crops changed is redone. Aligned
 images go to ``<split>/aligned/<tag without _saved>/<method>/<video>/``.
 The metadata file follows package_utils.metadata (schema version 1).
+
+Landmark check: every fit is compared with the detector's 5 keypoints (RetinaFace: eye, eye, nose tip, mouth
+corner, mouth corner, image-left first, which are the fit's eye centres = means of points 36-41 and 42-47, point
+30 and points 48 and 54). ``landmark_error`` is the mean distance of those 5 pairs divided by the keypoints'
+inter-ocular distance; ``landmark_ok`` is ``landmark_error <= max_landmark_error`` (default 0.25). A fit that
+fails is redone once from the box the keypoints imply (the dlib HOG box a face with these keypoints would
+get) and the fit closer to the keypoints is kept; ``landmark_fit`` records which (``detector_box`` /
+``keypoint_box``). Crops without keypoints (detectors dlib and none) get ``null`` for both, and so does
+``landmark_ok`` when a keypoint lies in the zero padding past the frame edge (RetinaFace's guesses there were
+wrong on the shared clips): quality unknown, and the loaders keep them.
+
+Why the mean and 0.25: on the 43 annotated faces of the dlib photos the 3 fits that are more than 0.3
+inter-ocular distances off score 0.29-0.73 and every other fit at most 0.22; the mean
+over 5 points is less swayed than the maximum by one misplaced RetinaFace keypoint (mouth corners of blurred
+faces): on 288 faces of the shared clips with a dlib-HOG-box reference fit, the maximum at 0.25 raised 10 false
+alarms and the mean none.
 """
 from __future__ import annotations
 
@@ -23,6 +42,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import shutil
 import sys
 import time
@@ -46,6 +66,17 @@ log = logging.getLogger("package_utils.landmarks")
 #: Means over 48 faces of the shared photos (std 0.06-0.09).
 RETINAFACE_TO_DLIB = np.array([-0.058, 0.162, 0.061, -0.030])
 
+#: The 5 RetinaFace keypoints (eye centres, nose tip, mouth corners) inside the dlib HOG box of the face, as
+#: fractions of the box side from its top-left corner: means over the 43 annotated faces of the dlib photos
+#: (std 0.04-0.09). A similarity fit of these onto a face's keypoints gives the box of the second fit.
+KEYPOINTS_IN_HOG_BOX = np.array([[0.3145, 0.3192], [0.6906, 0.3125], [0.4911, 0.5174], [0.3312, 0.7147],
+                                 [0.6970, 0.7067]])
+#: Default pass threshold of ``landmark_error`` (mean keypoint distance / inter-ocular distance).
+MAX_LANDMARK_ERROR = 0.25
+#: Part of every cache fingerprint: caches written before the landmark check (no quality fields) are redone.
+LANDMARK_CHECK_VERSION = 1
+LANDMARK_FITS = ("detector_box", "keypoint_box")
+
 DEFAULTS: dict[str, Any] = {
     "input": None,
     "output": None,
@@ -55,6 +86,7 @@ DEFAULTS: dict[str, Any] = {
     "save_aligned": False,
     "aligned_size": None,        # similarity output side (default: the crop size)
     "calibrate_box": True,       # map RetinaFace boxes onto dlib-like boxes before predicting
+    "max_landmark_error": MAX_LANDMARK_ERROR,  # landmark_ok threshold (mean keypoint distance / eye distance)
     "pretrained_dir": None,
     "workers": 1,
     "backend": "loky",
@@ -72,12 +104,15 @@ class LandmarkJob:
     aligned_size: int | None
     calibrate_box: bool
     pretrained_dir: str | None
+    max_landmark_error: float = MAX_LANDMARK_ERROR
 
     @property
     def geometry_tag(self) -> str:
-        """Names what decides landmarks and aligned pixels: model, alignment, its size, box calibration."""
+        """Names what decides landmarks and aligned pixels: model, alignment, its size, box calibration and
+        (when not the default) the landmark check's threshold, which decides when the second fit is kept."""
         size = f"{self.aligned_size}" if self.align == "similarity" and self.aligned_size else ""
-        return f"dlib{self.num_points}_{self.align}{size}{'' if self.calibrate_box else '_nocal'}"
+        threshold = "" if self.max_landmark_error == MAX_LANDMARK_ERROR else f"_err{self.max_landmark_error:g}"
+        return f"dlib{self.num_points}_{self.align}{size}{'' if self.calibrate_box else '_nocal'}{threshold}"
 
     @property
     def tag(self) -> str:
@@ -112,6 +147,65 @@ def predictor_box(frame: dict, detector: str, calibrate: bool, crop: np.ndarray)
     return box
 
 
+def keypoints_of_fit(landmarks: np.ndarray) -> np.ndarray:
+    """The fit's counterparts of RetinaFace's 5 keypoints: eye centres (36-41, 42-47), nose tip 30, mouth
+    corners 48 and 54 (image-left first, as RetinaFace orders them; checked on the annotated photos)."""
+    points = np.asarray(landmarks, dtype=np.float64)
+    return np.stack([points[36:42].mean(0), points[42:48].mean(0), points[30], points[48], points[54]])
+
+
+def landmark_error(landmarks: np.ndarray, keypoints: np.ndarray) -> float:
+    """Mean distance between the fit's 5 points and the detector's keypoints / the keypoints' eye distance.
+
+    The eye distance is floored at 1 pixel: a profile face (both eye keypoints on one spot) scores high.
+    """
+    keypoints = np.asarray(keypoints, dtype=np.float64)
+    eye_distance = max(float(np.linalg.norm(keypoints[1] - keypoints[0])), 1.0)
+    return float(np.linalg.norm(keypoints_of_fit(landmarks) - keypoints, axis=1).mean() / eye_distance)
+
+
+def keypoint_box(keypoints: np.ndarray) -> np.ndarray:
+    """The square box [x0, y0, x1, y1] a dlib HOG detection of a face with these 5 keypoints would have:
+    centre and side of the least-squares similarity of KEYPOINTS_IN_HOG_BOX onto them (the box itself stays
+    upright, as dlib's)."""
+    matrix = align.fit_similarity(KEYPOINTS_IN_HOG_BOX, np.asarray(keypoints, dtype=np.float64))
+    centre = matrix[:, :2] @ np.array([0.5, 0.5]) + matrix[:, 2]
+    half = math.sqrt(abs(np.linalg.det(matrix[:, :2]))) / 2
+    return np.concatenate([centre - half, centre + half])
+
+
+def keypoints_inside_frame(keypoints: np.ndarray, frame: dict, crop_size: int) -> bool:
+    """Whether every keypoint lies on frame pixels of the crop, not in the zero padding past the frame edge."""
+    padding = frame.get("padding") or [0, 0, 0, 0]
+    scale = crop_size / float(frame["box"][2] - frame["box"][0])
+    low = np.array(padding[:2], dtype=np.float64) * scale
+    high = crop_size - np.array(padding[2:], dtype=np.float64) * scale
+    points = np.asarray(keypoints, dtype=np.float64)
+    return bool(((points >= low) & (points <= high)).all())
+
+
+def checked_landmarks(predictor: LandmarkPredictor, crop: np.ndarray, frame: dict, detector: str,
+                      job: LandmarkJob) -> tuple[np.ndarray, dict]:
+    """The fit on the usual box, checked against the detector's keypoints and redone from the keypoint box
+    when it fails (the closer of the two is kept). Returns (landmarks, quality fields of the item)."""
+    landmarks = predictor.predict(crop, predictor_box(frame, detector, job.calibrate_box, crop))
+    keypoints = frame.get("keypoints")
+    if keypoints is None:  # dlib / none detectors: nothing independent to check against
+        return landmarks, {"landmark_error": None, "landmark_ok": None, "landmark_fit": "detector_box"}
+    error, fit = landmark_error(landmarks, keypoints), "detector_box"
+    if not keypoints_inside_frame(keypoints, frame, crop.shape[0]):
+        # RetinaFace guesses keypoints of faces cut by the frame edge into the zero padding: on the shared
+        # clips those guesses were the wrong ones, so the check cannot judge the fit (and must not refit to them)
+        return landmarks, {"landmark_error": round(error, 4), "landmark_ok": None, "landmark_fit": fit}
+    if error > job.max_landmark_error:
+        second = predictor.predict(crop, keypoint_box(keypoints))
+        second_error = landmark_error(second, keypoints)
+        if second_error < error:
+            landmarks, error, fit = second, second_error, "keypoint_box"
+    return landmarks, {"landmark_error": round(error, 4), "landmark_ok": error <= job.max_landmark_error,
+                       "landmark_fit": fit}
+
+
 def cache_path(job: LandmarkJob, record: dict) -> Path:
     return job.split_dir / "landmarks" / record["method"] / f"{record['name']}.{job.tag}.json"
 
@@ -122,7 +216,8 @@ def aligned_dir(job: LandmarkJob, record: dict) -> Path:
 
 def _crop_fingerprint(record: dict, job: LandmarkJob) -> str:
     """Changes when the crop stage redid the video (other crops) or the paths moved to another data root."""
-    text = json.dumps([record["frames"], relative_to_root(job.split_dir, job.data_root)], sort_keys=True)
+    text = json.dumps([record["frames"], relative_to_root(job.split_dir, job.data_root), LANDMARK_CHECK_VERSION],
+                      sort_keys=True)
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
@@ -149,7 +244,7 @@ def landmark_video(record: dict, job: LandmarkJob) -> dict:
         except ValueError as error:
             unreadable.append(str(error))
             continue
-        landmarks = predictor.predict(crop, predictor_box(frame, record["detector"], job.calibrate_box, crop))
+        landmarks, quality = checked_landmarks(predictor, crop, frame, record["detector"], job)
         height, width = crop.shape[:2]
         matrix = align.alignment_matrix(job.align, landmarks, width, height, job.aligned_size)
         image_path, aligned = frame["image_path"], landmarks
@@ -161,7 +256,7 @@ def landmark_video(record: dict, job: LandmarkJob) -> dict:
             image_path = relative_to_root(aligned_file, job.data_root)
             aligned = align.transform_points(landmarks, matrix)
         items.append(_item(record, frame, image_path, landmarks, aligned, job,
-                           matrix if job.save_aligned else None))
+                           matrix if job.save_aligned else None) | quality)
     result = {"video_id": record["video_id"], "status": "ok" if items else "skipped", "items": items,
               "unreadable": unreadable, "crop_fingerprint": fingerprint}
     if not items:
@@ -225,6 +320,13 @@ def run(config: dict) -> dict:
         raise ValueError(f"--landmarks must be 68 or 81, got {config['landmarks']}")
     if config["align"] not in align.ALIGN_MODES:
         raise ValueError(f"--align must be one of {align.ALIGN_MODES}, got {config['align']!r}")
+    if not (isinstance(config["max_landmark_error"], (int, float)) and config["max_landmark_error"] > 0):
+        raise ValueError(f"--max-landmark-error must be a number > 0, got {config['max_landmark_error']!r}")
+    if config["align"] != "none" and not config["save_aligned"]:
+        # Aligned landmarks must describe stored pixels: aligning means writing the aligned images.
+        log.warning("--align %s without --save-aligned: writing the aligned images anyway (--align implies "
+                    "--save-aligned; use --align none to keep the unaligned crops)", config["align"])
+        config = {**config, "save_aligned": True}
     split_dir, index = load_crop_index(Path(config["input"]).resolve())
     data_root = Path(config["data_root"] or index["data_root"]).resolve()
     _predictor(config["landmarks"], config["pretrained_dir"])  # fail now if the model file is missing
@@ -236,7 +338,7 @@ def run(config: dict) -> dict:
     job = LandmarkJob(split_dir=split_dir, data_root=data_root, num_points=config["landmarks"],
                       align=config["align"], save_aligned=config["save_aligned"],
                       aligned_size=config["aligned_size"], calibrate_box=config["calibrate_box"],
-                      pretrained_dir=config["pretrained_dir"])
+                      pretrained_dir=config["pretrained_dir"], max_landmark_error=float(config["max_landmark_error"]))
     leftovers = remove_leftovers(split_dir, ("landmarks/*/.*.tmp", "aligned/*/*/*/.*.tmp"))
     leftovers += remove_leftovers(output.parent, (f".{output.name}.*.tmp",))
     for path in leftovers:
@@ -258,13 +360,40 @@ def run(config: dict) -> dict:
         "videos": len(records), "failed": failed, "items": len(items),
         "videos_resumed": sum(bool(r.get("cached")) for r in results),
         "seconds": round(time.perf_counter() - started, 2),
+        **landmark_check_counts(items, job.max_landmark_error),
     }
+    check = summary["landmark_check"]
+    if check["checked"]:
+        log.info("landmark check (error <= %g): %d faces checked, %d failed the first fit, %d fixed by the "
+                 "keypoint-box fit, %d still failing; %d not checked (%d of them with keypoints past the frame edge)",
+                 job.max_landmark_error, check["checked"], check["failed_first_fit"], check["fixed_by_second_fit"],
+                 check["still_failing"], check["unchecked"], check["keypoints_outside_frame"])
     stage_config = {**config, "crop": index["config"]}
     document = metadata.new_document(items, data_root, stage_config, {"landmarks": summary,
                                                                       "crop": index.get("summary", {})})
     metadata.save(output, document)
     summary["index"] = str(output)
     return summary
+
+
+def landmark_check_counts(items: list[dict], threshold: float) -> dict:
+    """The summary of the landmark check: faces checked, failing the first fit, fixed by the second, still failing,
+    and not checked (no keypoints, or keypoints past the frame edge).
+
+    A first fit failed exactly when the second was kept or the face still fails (a failing first fit is
+    always refitted, and the second is kept only when it is closer to the keypoints).
+    """
+    checked = [item for item in items if item.get("landmark_ok") is not None]
+    second = sum(item["landmark_fit"] == "keypoint_box" for item in checked)
+    failing = sum(not item["landmark_ok"] for item in checked)
+    fixed = sum(item["landmark_fit"] == "keypoint_box" and item["landmark_ok"] for item in checked)
+    outside = sum(item.get("landmark_ok") is None and item.get("landmark_error") is not None for item in items)
+    return {"landmark_check": {
+        "max_landmark_error": threshold, "checked": len(checked), "unchecked": len(items) - len(checked),
+        "keypoints_outside_frame": outside,
+        "failed_first_fit": fixed + failing, "second_fit_kept": second, "fixed_by_second_fit": fixed,
+        "still_failing": failing,
+    }}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -275,8 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-root", help="folder the image paths are relative to (default: the crop index's)")
     parser.add_argument("--landmarks", type=int, choices=(68, 81))
     parser.add_argument("--align", choices=align.ALIGN_MODES)
-    parser.add_argument("--save-aligned", action="store_true", default=None, help="write aligned images")
+    parser.add_argument("--save-aligned", action="store_true", default=None,
+                        help="write aligned images (implied by --align rotate|similarity)")
     parser.add_argument("--aligned-size", type=int, help="side of similarity-aligned images")
+    parser.add_argument("--max-landmark-error", type=float,
+                        help=f"landmark_ok threshold: mean distance of the fit's eye centres, nose tip and mouth "
+                             f"corners to the detector's keypoints / their eye distance (default {MAX_LANDMARK_ERROR})")
     parser.add_argument("--pretrained-dir", help="folder holding shape_predictor_81_face_landmarks.dat")
     parser.add_argument("--workers", type=int)
     parser.add_argument("--backend", choices=("loky", "sequential", "dask"))
@@ -288,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
 _FLAG_TO_KEY = {"input": "input", "output": "output", "data_root": "data_root", "landmarks": "landmarks",
                 "align": "align", "save_aligned": "save_aligned", "aligned_size": "aligned_size",
                 "pretrained_dir": "pretrained_dir", "workers": "workers", "backend": "backend",
-                "scheduler": "scheduler"}
+                "scheduler": "scheduler", "max_landmark_error": "max_landmark_error"}
 
 
 def main(argv: list[str] | None = None) -> int:

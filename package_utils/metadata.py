@@ -36,6 +36,12 @@ Optional keys: ``crop_path`` (the unaligned crop), ``face_box`` (detector box in
 ``face_score``, ``keypoints`` (5 detector keypoints in crop pixels), ``face_index``, ``mask_path``,
 ``alignment`` and ``align_matrix`` (2x3, crop -> aligned image), ``partners`` (ids of blend partners)
 and ``best_match`` (their image paths, LAA-Net style), ``partner_distances``.
+
+Landmark check (package_utils.landmarks): ``landmark_error`` (mean distance of the fit's eye centres, nose tip
+and mouth corners to the detector's 5 keypoints / the keypoints' eye distance; null without keypoints),
+``landmark_ok`` (``landmark_error`` within the stage's threshold; null = not checked) and ``landmark_fit``
+(``detector_box`` or ``keypoint_box``: which fit was kept). Loaders and the partner search leave out items
+whose ``landmark_ok`` is false unless told otherwise; items without the keys count as not checked.
 """
 from __future__ import annotations
 
@@ -110,7 +116,15 @@ OPTIONAL_ITEM_KEYS: dict[str, tuple[Any, str]] = {
     "partner_distances": (lambda v: isinstance(v, list) and all(_is_num(x) for x in v), "a list of numbers"),
     "best_match": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of paths"),
     "partner_status": (lambda v: isinstance(v, str), "a string"),
+    "landmark_error": (lambda v: v is None or (_is_num(v) and v >= 0), "null or a number >= 0"),
+    "landmark_ok": (lambda v: v is None or isinstance(v, bool), "null, true or false"),
+    "landmark_fit": (lambda v: v in ("detector_box", "keypoint_box"), "detector_box or keypoint_box"),
 }
+
+
+def landmarks_failed(item: dict) -> bool:
+    """True when the landmark check ran and failed (``landmark_ok`` false); unchecked items pass."""
+    return item.get("landmark_ok") is False
 
 
 def validate_item(item: Any, index: int, source: str = "<metadata>") -> None:

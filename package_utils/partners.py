@@ -4,19 +4,22 @@ Usage::
 
     python -m package_utils.partners --input processed_data/train.json --output processed_data/train_bi.json \\
         --k 30 [--metric l2|laa] [--device cpu|cuda] [--block-size N] [--laa-paths] [--candidates other.json] \\
-        [--max-tile-mb 128] [--laa-kernel auto|fused|eager]
+        [--max-tile-mb 128] [--laa-kernel auto|fused|eager] [--pool real|all] [--keep-bad-landmarks]
 
 For every item with landmarks (``aligned_lms``, the points on ``image_path``'s pixels) the ``k`` nearest faces
 of **other videos** are found by brute force over every candidate frame (no sampling, unlike LAA-Net's 10,000
-random frames). Candidates are the items with landmarks of ``--candidates`` (default: the input itself); they
-should be train frames only, and a warning is logged when they are not.
+random frames). Candidates are the **real** items (label 0; BI blends two real faces) with landmarks of
+``--candidates`` (default: the input itself); ``--pool all`` searches every label. They should be train frames
+only, and a warning is logged when they are not. Items whose landmarks failed the landmark stage's keypoint
+check (``landmark_ok`` false) are neither queries nor candidates unless ``--keep-bad-landmarks``. The summary
+(``stats.partners``) says how many reals have fewer than k real partners.
 
 Each item gets ``partners`` (candidate ids, nearest first), ``partner_distances`` (rounded to 4 decimals) and
-``partner_status``: ``ok``, ``fewer_than_k`` (fewer eligible candidates than k; all of them are kept) or
-``no_landmarks`` (the item stays in the file, with no partners). ``--laa-paths`` adds ``best_match``, the
-partners' ``image_path`` strings as LAA-Net's BI loader reads them. With ``--candidates``, partner ids and
-paths refer to the items of that file (recorded as ``stats.partners.partner_source``); its image paths are made
-absolute when its ``data_root`` differs from the input's.
+``partner_status``: ``ok``, ``fewer_than_k`` (fewer eligible candidates than k; all of them are kept),
+``no_landmarks`` or ``bad_landmarks`` (the item stays in the file, with no partners). ``--laa-paths`` adds
+``best_match``, the partners' ``image_path`` strings as LAA-Net's BI loader reads them. With ``--candidates``,
+partner ids and paths refer to the items of that file (recorded as ``stats.partners.partner_source``); its image
+paths are made absolute when its ``data_root`` differs from the input's.
 
 Metrics (distances in landmark pixels):
 
@@ -53,6 +56,8 @@ __all__ = ["METRICS", "find_partners", "add_partners", "main"]
 log = logging.getLogger("package_utils.partners")
 
 METRICS = ("l2", "laa")
+#: Candidate pools: ``real`` (label 0 only: BI blends two real faces) or ``all`` labels.
+POOLS = ("real", "all")
 DEFAULT_BLOCK_SIZE = 1024
 #: Bound on the float32 distance tile(s) held at once, in MiB.
 DEFAULT_TILE_MB = 128.0
@@ -347,9 +352,16 @@ def find_partners(query_landmarks: np.ndarray, query_video: Sequence[str] | np.n
     return indices, distances.astype(np.float32)
 
 
-def _landmark_items(document: dict, source: str) -> tuple[list[int], np.ndarray]:
-    """Positions of the items with landmarks and their (n, L, 2) ``aligned_lms``; one L per file."""
-    positions = [i for i, item in enumerate(document["data"]) if item["aligned_lms"]]
+def _landmark_items(document: dict, source: str, keep_bad_landmarks: bool = False,
+                    labels: tuple[int, ...] | None = None) -> tuple[list[int], np.ndarray]:
+    """Positions of the items with landmarks and their (n, L, 2) ``aligned_lms``; one L per file.
+
+    Items whose landmarks failed the keypoint check are left out unless ``keep_bad_landmarks``; with
+    ``labels`` only items of those labels are kept.
+    """
+    positions = [i for i, item in enumerate(document["data"])
+                 if item["aligned_lms"] and (keep_bad_landmarks or not metadata.landmarks_failed(item))
+                 and (labels is None or item["label"] in labels)]
     counts = Counter(len(document["data"][i]["aligned_lms"]) for i in positions)
     if len(counts) > 1:
         examples = ", ".join(
@@ -366,13 +378,17 @@ def _landmark_items(document: dict, source: str) -> tuple[list[int], np.ndarray]
 def add_partners(document: dict, candidates: dict | None = None, *, k: int = 30, metric: str = "l2",
                  device: str = "cpu", block_size: int | None = None, max_tile_mb: float = DEFAULT_TILE_MB,
                  laa_kernel: str = "auto", laa_paths: bool = False, source: str = "<input>",
-                 candidate_source: str | None = None, progress: bool = False) -> dict:
+                 candidate_source: str | None = None, progress: bool = False, pool: str = "real",
+                 keep_bad_landmarks: bool = False) -> dict:
     """Fill ``partners``, ``partner_distances``, ``partner_status`` (and ``best_match``) in place.
 
     Args:
         document: metadata document whose items get partners.
         candidates: metadata document to search (default ``document``); ids refer to its items.
         k, metric, device, block_size, max_tile_mb, laa_kernel: as find_partners.
+        pool: ``real`` (BI blends two real faces: candidates are the label-0 items) or ``all``.
+        keep_bad_landmarks: also use items whose landmarks failed the keypoint check, as queries and as
+            candidates (by default they get ``partner_status`` ``bad_landmarks`` and are nobody's partner).
         laa_paths: also write ``best_match``, the partners' ``image_path`` strings.
         source: name of ``document`` in messages.
         candidate_source: name of ``candidates`` in messages and in ``stats.partners.partner_source``.
@@ -384,6 +400,8 @@ def add_partners(document: dict, candidates: dict | None = None, *, k: int = 30,
     Raises:
         MetadataError: a file mixes landmark counts, or the two files use different ones.
     """
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
     if candidates is None:
         candidates, candidate_source = document, source
     candidate_source = candidate_source or "<candidates>"
@@ -391,9 +409,12 @@ def add_partners(document: dict, candidates: dict | None = None, *, k: int = 30,
     if set(splits) - {"train"}:
         log.warning("%s: candidates include non-train frames (%s); blend partners should come from train "
                     "frames only", candidate_source, ", ".join(f"{s}: {c}" for s, c in sorted(splits.items())))
-    q_pos, q_points = _landmark_items(document, source)
-    c_pos, c_points = (q_pos, q_points) if candidates is document else _landmark_items(candidates,
-                                                                                       candidate_source)
+    q_pos, q_points = _landmark_items(document, source, keep_bad_landmarks)
+    pool_labels = (0,) if pool == "real" else None
+    if candidates is document and pool_labels is None:
+        c_pos, c_points = q_pos, q_points
+    else:
+        c_pos, c_points = _landmark_items(candidates, candidate_source, keep_bad_landmarks, pool_labels)
     if len(q_pos) and len(c_pos) and q_points.shape[1] != c_points.shape[1]:
         raise metadata.MetadataError(f"{source} has {q_points.shape[1]}-point landmarks but {candidate_source} "
                                      f"has {c_points.shape[1]}-point ones; use files of one landmark model")
@@ -415,7 +436,12 @@ def add_partners(document: dict, candidates: dict | None = None, *, k: int = 30,
             item["best_match"] = []
         else:
             item.pop("best_match", None)  # a previous run's paths would no longer match the partners
-    status = Counter({"no_landmarks": len(document["data"]) - len(q_pos)})
+    queried = set(q_pos)
+    for position, item in enumerate(document["data"]):
+        if position not in queried and item["aligned_lms"]:
+            item["partner_status"] = "bad_landmarks"
+    status = Counter(item["partner_status"] for position, item in enumerate(document["data"])
+                     if position not in queried)
     for row, position in enumerate(q_pos):
         width = int((indices[row] >= 0).sum())
         ids = [c_items[c_pos[j]]["id"] for j in indices[row, :width]]
@@ -427,11 +453,19 @@ def add_partners(document: dict, candidates: dict | None = None, *, k: int = 30,
         if laa_paths:
             item["best_match"] = [paths[i] for i in ids]
 
+    real_queries = [p for p in q_pos if document["data"][p]["label"] == 0]
+    reals_short = sum(1 for p in real_queries
+                      if sum(c_items[i]["label"] == 0 for i in document["data"][p]["partners"]) < k)
+    if reals_short:
+        log.warning("%s: %d of %d real faces have fewer than k=%d real blend partners", source, reals_short,
+                    len(real_queries), k)
     stats = {
-        "k": k, "metric": metric, "seconds": round(seconds, 3),
+        "k": k, "metric": metric, "pool": pool, "keep_bad_landmarks": keep_bad_landmarks,
+        "seconds": round(seconds, 3),
         "items_with_partners": sum(1 for p in q_pos if document["data"][p]["partners"]),
         "items_ok": status["ok"], "items_fewer_than_k": status["fewer_than_k"],
-        "items_no_landmarks": status["no_landmarks"],
+        "items_no_landmarks": status["no_landmarks"], "items_bad_landmarks": status["bad_landmarks"],
+        "reals": len(real_queries), "reals_fewer_than_k_real_partners": reals_short,
         "queries": len(q_pos), "candidates": len(c_pos), "candidate_splits": dict(sorted(splits.items())),
         "landmarks": int(q_points.shape[1]) if len(q_pos) else None,
         "partner_source": candidate_source, **info,
@@ -455,6 +489,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="laa tile kernel: fused (torch.compile), eager, or auto (fused, else eager)")
     parser.add_argument("--laa-paths", action="store_true", help="also write best_match (partner image paths)")
     parser.add_argument("--candidates", help="metadata JSON to search (train frames; default: --input)")
+    parser.add_argument("--pool", choices=POOLS, default="real",
+                        help="candidates: real faces (label 0) only, as BI blends two reals (default), or all")
+    parser.add_argument("--keep-bad-landmarks", action="store_true",
+                        help="also search with and for faces whose landmarks failed the landmark stage's check")
     parser.add_argument("--data-root", help="override the input's data_root header")
     return parser
 
@@ -471,22 +509,23 @@ def main(argv: list[str] | None = None) -> int:
         candidates = metadata.load(args.candidates) if args.candidates else None
         stats = add_partners(document, candidates, k=args.k, metric=args.metric, device=args.device,
                              block_size=args.block_size, max_tile_mb=args.max_tile_mb, laa_kernel=args.laa_kernel,
-                             laa_paths=args.laa_paths,
+                             laa_paths=args.laa_paths, pool=args.pool, keep_bad_landmarks=args.keep_bad_landmarks,
                              source=args.input, candidate_source=args.candidates, progress=True)
         document.setdefault("config", {})["partners"] = {
             "input": args.input, "output": args.output, "candidates": args.candidates, "k": args.k,
             "metric": args.metric, "device": args.device, "block_size": args.block_size,
             "max_tile_mb": args.max_tile_mb, "laa_kernel": args.laa_kernel, "laa_paths": args.laa_paths,
-            "tie_margin": TIE_MARGIN,
+            "tie_margin": TIE_MARGIN, "pool": args.pool, "keep_bad_landmarks": args.keep_bad_landmarks,
         }
         metadata.save(args.output, document)
     except (ValueError, FileNotFoundError) as error:
         log.error("%s", error)
         return 2
-    log.info("partners: %d queries x %d candidates, k=%d, %s, %.1f s: %d ok, %d fewer than k, %d without "
-             "landmarks -> %s", stats["queries"], stats["candidates"], stats["k"], stats["metric"],
-             stats["seconds"], stats["items_ok"], stats["items_fewer_than_k"], stats["items_no_landmarks"],
-             args.output)
+    log.info("partners: %d queries x %d candidates (%s pool), k=%d, %s, %.1f s: %d ok, %d fewer than k, %d without "
+             "landmarks, %d with failed landmarks; %d of %d reals have fewer than k real partners -> %s",
+             stats["queries"], stats["candidates"], stats["pool"], stats["k"], stats["metric"], stats["seconds"],
+             stats["items_ok"], stats["items_fewer_than_k"], stats["items_no_landmarks"],
+             stats["items_bad_landmarks"], stats["reals_fewer_than_k_real_partners"], stats["reals"], args.output)
     return 0
 
 

@@ -84,7 +84,8 @@ class FrameTable:
 
     Attributes:
         document: the loaded metadata document (``data_root`` resolved).
-        items: items kept (those with landmarks unless ``require_landmarks`` is False).
+        items: items kept (those with landmarks unless ``require_landmarks`` is False, and without failed
+            landmarks unless ``skip_bad_landmarks`` is False).
         landmarks: (N, L, 2) float32 landmarks on each item's ``image_path`` pixels.
         video_index: (N,) int64 index into ``videos`` of each item.
         videos: the distinct video ids, sorted.
@@ -111,23 +112,34 @@ class FrameTable:
 
 
 def load_frame_table(source: str | os.PathLike | dict, data_root: str | os.PathLike | None = None,
-                     labels: tuple[int, ...] | None = None, require_landmarks: bool = True) -> FrameTable:
+                     labels: tuple[int, ...] | None = None, require_landmarks: bool = True,
+                     skip_bad_landmarks: bool = True) -> FrameTable:
     """Read a metadata file (or take a loaded document) and index it by video.
 
     Args:
         labels: keep only these labels (SBI and BI train on reals only: ``(0,)``).
         require_landmarks: drop items without landmarks (logged with their count).
+        skip_bad_landmarks: with ``require_landmarks``, also drop items whose landmarks failed the landmark
+            stage's keypoint check (``landmark_ok`` false; logged): their points would shape wrong blend masks.
+            Items not checked (no ``landmark_ok``, or null) are kept.
     """
     document = source if isinstance(source, dict) else metadata.load(source, data_root)
     name = "<document>" if isinstance(source, dict) else str(source)
     data = document["data"]
+    skip_bad = require_landmarks and skip_bad_landmarks
     keep = [i for i, item in enumerate(data)
-            if (labels is None or item["label"] in labels) and (item["aligned_lms"] or not require_landmarks)]
+            if (labels is None or item["label"] in labels) and (item["aligned_lms"] or not require_landmarks)
+            and not (skip_bad and metadata.landmarks_failed(item))]
     dropped = sum(1 for item in data if not item["aligned_lms"]) if require_landmarks else 0
     if dropped:
         log.info("%s: %d items without landmarks left out", name, dropped)
+    failing = sum(1 for item in data if item["aligned_lms"] and metadata.landmarks_failed(item)) if skip_bad else 0
+    if failing:
+        log.info("%s: %d items whose landmarks failed the keypoint check left out (data.skip_bad_landmarks)",
+                 name, failing)
     if not keep:
-        raise ValueError(f"{name}: no usable items (labels {labels}, landmarks required: {require_landmarks})")
+        raise ValueError(f"{name}: no usable items (labels {labels}, landmarks required: {require_landmarks}, "
+                         f"failed landmarks skipped: {skip_bad})")
     items = [data[i] for i in keep]
     counts = {len(item["aligned_lms"]) for item in items if item["aligned_lms"]}
     if len(counts) > 1:

@@ -58,6 +58,7 @@ DEFAULTS: dict = {
         "val_frames_per_video": 8,
         "train_frame_sampling": "random",  # random: new frames each epoch (LAA-Net's intent) | even: fixed (SBI, FPG)
         "crop_protocol": "square",     # square: the whole stored crop | sbi: SBI's face-box window (training/data.py)
+        "skip_bad_landmarks": True,    # pseudo_fake: leave out faces whose landmarks failed the keypoint check
         "batch_size": 8,               # pseudo_fake + paired: reals per batch (the batch doubles)
         "val_batch_size": 0,           # 0 = batch_size
         "workers": 2,
@@ -195,7 +196,8 @@ class BatchSource:
         with_partner = synthetic and config["synthesis"]["method"] == "bi"
         root = data["data_root"]
         self.train_table = load_frame_table(_project_path(data["train"]), root, labels=labels,
-                                            require_landmarks=synthetic)
+                                            require_landmarks=synthetic,
+                                            skip_bad_landmarks=data["skip_bad_landmarks"])
         self.train_loader = build_loader(
             self.train_table, image_size=self.size, batch_size=data["batch_size"],
             frames_per_video=data["train_frames_per_video"], train=True, seed=self.seed, workers=data["workers"],
@@ -204,7 +206,8 @@ class BatchSource:
         self.val_loader = None
         if data["val"]:
             self.val_table = load_frame_table(_project_path(data["val"]), root, labels=labels,
-                                              require_landmarks=synthetic)
+                                              require_landmarks=synthetic,
+                                              skip_bad_landmarks=data["skip_bad_landmarks"])
             self.val_loader = build_loader(
                 self.val_table, image_size=self.size, batch_size=val_batch,
                 frames_per_video=data["val_frames_per_video"], train=False, seed=self.seed,

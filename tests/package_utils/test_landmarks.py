@@ -51,8 +51,8 @@ def saved(cropped: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def unsaved(cropped: Path) -> dict:
-    """Landmarks with rotate alignment but no aligned images."""
-    return run_landmarks(cropped / "out/test", cropped / "meta_unsaved.json", "--align", "rotate")
+    """Landmarks without alignment."""
+    return run_landmarks(cropped / "out/test", cropped / "meta_unsaved.json", "--align", "none")
 
 
 def test_one_item_per_crop(saved: dict, cropped: Path) -> None:
@@ -110,19 +110,29 @@ def test_saved_alignment_pairs_image_and_points(saved: dict, cropped: Path) -> N
         assert abs(align.eye_line_angle(item["aligned_lms"])) < 1.0
 
 
-def test_unsaved_alignment_keeps_crop_and_points(unsaved: dict) -> None:
-    """Without aligned images the landmarks must describe the crop (no LAA-Net style mismatch)."""
+def test_unaligned_items_keep_crop_and_points(unsaved: dict) -> None:
+    """Without alignment the landmarks describe the crop (no LAA-Net style mismatch)."""
     for item in unsaved["data"]:
         assert item["image_path"] == item["crop_path"]
         assert item["aligned_lms"] == item["orig_lms"]
         assert item["alignment"] == "none" and item["align_matrix"] is None
 
 
+def test_align_without_save_aligned_aligns_anyway(saved: dict, cropped: Path, caplog) -> None:
+    """--align rotate alone is no silent no-op: it writes the aligned images, says so, and records it."""
+    with caplog.at_level(logging.WARNING, logger="package_utils.landmarks"):
+        implied = run_landmarks(cropped / "out/test", cropped / "meta_implied.json", "--align", "rotate")
+    assert "--align rotate without --save-aligned: writing the aligned images anyway" in caplog.text
+    assert implied["data"] == saved["data"]
+    assert implied["config"]["save_aligned"] is True
+    assert all(item["alignment"] == "rotate" and "/aligned/" in item["image_path"] for item in implied["data"])
+
+
 def test_per_video_cache_files(saved: dict, unsaved: dict, cropped: Path) -> None:
     folder = cropped / "out/test/landmarks"
     names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.json"))
     assert names == sorted(f"{video}.{tag}.json" for video in ("real/group", "real/obama", "fake/dance")
-                           for tag in ("dlib68_rotate", "dlib68_rotate_saved"))
+                           for tag in ("dlib68_none", "dlib68_rotate_saved"))
 
 
 def test_rerun_resumes_from_cache(saved: dict, cropped: Path) -> None:
@@ -203,3 +213,94 @@ def test_face_crops_without_detector(tmp_path: Path, media_dir: Path) -> None:
         eyes = np.stack([points[36:42].mean(0), points[42:48].mean(0)])
         assert 0.25 * SIZE < np.linalg.norm(eyes[1] - eyes[0]) < 0.6 * SIZE  # a face filling the crop
         assert 0.2 * SIZE < points[:, 0].mean() < 0.8 * SIZE and 0.3 * SIZE < points[:, 1].mean() < 0.8 * SIZE
+
+
+# ------------------------------------------------------------------------------------------------ landmark check
+TURNED = "2007_007763.jpg"  # 7 annotated faces; RetinaFace-box fits of 3 turned heads are 0.4-0.9 eye distances off
+
+
+def annotation_error(item: dict, points, annotations) -> float:
+    """Mean distance of ``points`` (crop pixels) to the matching annotated face / its inter-ocular distance."""
+    box = np.array(item["box"], dtype=np.float64)
+    scale = SIZE / (box[2] - box[0])
+    face_in_frame = np.array(item["face_box"]) / scale + np.tile(box[:2], 2)
+    truth_box, truth = max(annotations, key=lambda t: box_iou(t[0], face_in_frame))
+    assert box_iou(truth_box, face_in_frame) > 0.4
+    truth = (truth - box[:2]) * scale
+    return float(np.linalg.norm(np.asarray(points) - truth, axis=1).mean()
+                 / np.linalg.norm(truth[36:42].mean(0) - truth[42:48].mean(0)))
+
+
+@pytest.fixture(scope="module")
+def turned(tmp_path_factory, media_dir: Path) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("turned")
+    link(media_dir / "photos/dlib/faces" / TURNED, root / "data/real/turned.jpg")
+    assert crop.main(["--input", str(root / "data"), "--output", str(root / "out"), "--data-root", str(root),
+                      "--crop-size", str(SIZE), "--faces", "all", "--backend", "sequential",
+                      "min_relative_area=0.0"]) == 0
+    return root, run_landmarks(root / "out/test", root / "meta.json")
+
+
+def test_check_catches_bad_fits_and_the_second_fit_fixes_them(turned, dlib_annotations) -> None:
+    """The first fit of each face is redone here: those the check fails are truly off (> 0.3 eye distances from
+    the annotation) and the others are not; every kept fit is within 0.2 and passes."""
+    root, document = turned
+    faces = dlib_annotations[TURNED]
+    assert len(document["data"]) == len(faces) == 7
+    predictor = landmarks._predictor(68, None)
+    caught = 0
+    for item in document["data"]:
+        image = cv2.imread(str(root / item["crop_path"]))
+        first = predictor.predict(image, landmarks.predictor_box(item, "retinaface", True, image))
+        first_fails = landmarks.landmark_error(first, item["keypoints"]) > landmarks.MAX_LANDMARK_ERROR
+        assert first_fails == (annotation_error(item, first, faces) > 0.3), item["image_path"]
+        assert item["landmark_fit"] == ("keypoint_box" if first_fails else "detector_box")
+        assert item["landmark_ok"] is True and item["landmark_error"] <= landmarks.MAX_LANDMARK_ERROR
+        assert annotation_error(item, item["orig_lms"], faces) < 0.2, item["image_path"]
+        caught += first_fails
+    assert caught == 3
+    assert document["stats"]["landmarks"]["landmark_check"] == {
+        "max_landmark_error": 0.25, "checked": 7, "unchecked": 0, "keypoints_outside_frame": 0,
+        "failed_first_fit": 3, "second_fit_kept": 3, "fixed_by_second_fit": 3, "still_failing": 0}
+
+
+def test_a_loose_threshold_keeps_the_bad_fits(turned, dlib_annotations) -> None:
+    """--max-landmark-error decides the flag and the refit, and keeps its own cache (no stale reuse)."""
+    root, _ = turned
+    loose = run_landmarks(root / "out/test", root / "meta_loose.json", "--max-landmark-error", "5")
+    assert loose["stats"]["landmarks"]["videos_resumed"] == 0
+    assert all(item["landmark_ok"] and item["landmark_fit"] == "detector_box" for item in loose["data"])
+    errors = sorted(annotation_error(item, item["orig_lms"], dlib_annotations[TURNED]) for item in loose["data"])
+    assert errors[-1] > 0.6 and errors[-4] < 0.3  # the 3 bad first fits are stored as they are
+
+
+def test_landmark_error_and_keypoint_box_on_annotated_points(dlib_annotations) -> None:
+    _, points = dlib_annotations[TURNED][1]
+    keypoints = landmarks.keypoints_of_fit(points)
+    eye_distance = np.linalg.norm(keypoints[1] - keypoints[0])
+    assert landmarks.landmark_error(points, keypoints) == 0.0
+    assert landmarks.landmark_error(points + [0.4 * eye_distance, 0.0], keypoints) == pytest.approx(0.4)
+    # the keypoint box lands near the annotated (HOG-like) face boxes: IoU median 0.81, at least 0.68 over 43 faces
+    overlaps = [box_iou(landmarks.keypoint_box(landmarks.keypoints_of_fit(points)), box)
+                for faces in dlib_annotations.values() for box, points in faces]
+    assert len(overlaps) == 43 and np.median(overlaps) > 0.75 and min(overlaps) > 0.6
+
+
+def test_keypoints_past_the_frame_edge_leave_quality_unknown(turned) -> None:
+    root, document = turned
+    item = dict(document["data"][0])
+    job = landmarks.LandmarkJob(root / "out/test", root, 68, "none", False, None, True, None)
+    image = cv2.imread(str(root / item["crop_path"]))
+    # the same face as if the frame ended left of its first eye keypoint
+    side = item["box"][2] - item["box"][0]
+    item["padding"] = [int((item["keypoints"][0][0] + 2) * side / SIZE), 0, 0, 0]
+    _, quality = landmarks.checked_landmarks(landmarks._predictor(68, None), image, item, "retinaface", job)
+    assert quality["landmark_ok"] is None and quality["landmark_error"] is not None
+
+
+def test_faces_without_keypoints_are_not_checked(tmp_path: Path, media_dir: Path) -> None:
+    link(media_dir / "photos/face_recognition/obama.jpg", tmp_path / "data/real/obama.jpg")
+    assert crop.main(["--input", str(tmp_path / "data"), "--output", str(tmp_path / "out"), "--data-root",
+                      str(tmp_path), "--crop-size", "128", "--detector", "dlib", "--backend", "sequential"]) == 0
+    [item] = run_landmarks(tmp_path / "out/test", tmp_path / "meta.json")["data"]
+    assert (item["landmark_error"], item["landmark_ok"], item["landmark_fit"]) == (None, None, "detector_box")

@@ -236,3 +236,58 @@ def test_cli_mixed_landmark_counts_name_the_file(tmp_path, caplog):
     message = " ".join(r.getMessage() for r in caplog.records)
     assert str(source) in message and "mix landmark counts" in message and "item 1 has 81" in message
     assert not output.exists()
+
+
+def reals_and_fakes(tmp_path, bad_real: int | None = None):
+    """4 real videos x 3 frames and 4 fake videos whose faces copy the reals' landmarks almost exactly, so that
+    any search that may use fakes picks them first. Returns (metadata path, items)."""
+    faces, _ = random_faces(n=12, seed=8)
+    reals = [make_item(f"r{i // 3}", i % 3, faces[i]) for i in range(12)]
+    fakes = [dict(make_item(f"f{i // 3}", i % 3, faces[i] + 0.01), label=1, fake_type=f"f{i // 3}",
+                  method="Deepfakes", video_id=f"ff/Deepfakes/f{i // 3}") for i in range(12)]
+    items = [item for pair in zip(reals, fakes) for item in pair]  # interleaved: ids do not follow labels
+    if bad_real is not None:
+        items[2 * bad_real].update(landmark_error=0.8, landmark_ok=False, landmark_fit="keypoint_box")
+    return write_document(tmp_path / "mixed_labels.json", items, tmp_path), items
+
+
+def test_default_pool_takes_partners_from_reals_only(tmp_path):
+    source, _ = reals_and_fakes(tmp_path)
+    output = tmp_path / "real_pool.json"
+    assert main(["--input", str(source), "--output", str(output), "--k", "9"]) == 0
+    document = metadata.load(output)
+    data = document["data"]
+    for item in data:
+        assert item["partners"] and all(data[j]["label"] == 0 for j in item["partners"])
+        assert all(data[j]["video_id"] != item["video_id"] for j in item["partners"])
+    stats = document["stats"]["partners"]
+    assert (stats["pool"], stats["candidates"], stats["reals"], stats["reals_fewer_than_k_real_partners"]) == (
+        "real", 12, 12, 0)
+
+    everything = tmp_path / "all_pool.json"
+    assert main(["--input", str(source), "--output", str(everything), "--k", "9", "--pool", "all"]) == 0
+    document = metadata.load(everything)
+    data = document["data"]
+    reals = [item for item in data if item["label"] == 0]
+    assert all(data[item["partners"][0]]["label"] == 1 for item in reals)  # the near copies win without the pool
+    assert document["stats"]["partners"]["reals_fewer_than_k_real_partners"] == 12
+
+
+def test_faces_with_failed_landmarks_are_skipped_unless_kept(tmp_path, caplog):
+    source, _ = reals_and_fakes(tmp_path, bad_real=0)
+    output = tmp_path / "skipped.json"
+    with caplog.at_level(logging.WARNING, logger="package_utils.partners"):
+        assert main(["--input", str(source), "--output", str(output), "--k", "9"]) == 0
+    document = metadata.load(output)
+    data = document["data"]
+    assert (data[0]["partner_status"], data[0]["partners"]) == ("bad_landmarks", [])
+    assert all(0 not in item["partners"] for item in data)
+    # reals of the 3 other videos now have 8 real candidates for k = 9
+    stats = document["stats"]["partners"]
+    assert (stats["items_bad_landmarks"], stats["reals_fewer_than_k_real_partners"]) == (1, 9)
+    assert "9 of 11 real faces have fewer than k=9 real blend partners" in caplog.text
+
+    kept = tmp_path / "kept.json"
+    assert main(["--input", str(source), "--output", str(kept), "--k", "9", "--keep-bad-landmarks"]) == 0
+    data = metadata.load(kept)["data"]
+    assert data[0]["partner_status"] == "ok" and any(0 in item["partners"] for item in data)

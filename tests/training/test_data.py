@@ -101,6 +101,24 @@ def test_label_filter_and_missing_landmarks(document, tmp_path):
         load_frame_table(loaded, labels=(1,))
 
 
+def test_faces_failing_the_landmark_check_are_left_out(document):
+    """landmark_ok false: out of the pseudo-fake tables (and out of the partner lists) unless asked to keep them;
+    unchecked faces (null) stay, and evaluation (no landmarks needed) keeps everything."""
+    loaded = metadata.load(document)
+    for position, ok in ((0, False), (6, False), (1, None), (2, True)):
+        loaded["data"][position].update(landmark_ok=ok, landmark_error=None if ok is None else 0.1 + (not ok),
+                                        landmark_fit="detector_box")
+    table = load_frame_table(loaded, labels=(0,))
+    assert len(table.items) == 13 and {0, 6}.isdisjoint(item["id"] for item in table.items)
+    assert {1, 2} <= {item["id"] for item in table.items}
+    # items 10-14 had partners 0-4 (the first video): the left-out item 0 is no partner any more
+    rows = [row for row, item in enumerate(table.items) if item["id"] >= 10]
+    assert (table.partners[rows] >= 0).sum(1).tolist() == [4] * 5
+    assert len(load_frame_table(loaded, labels=(0,), skip_bad_landmarks=False).items) == 15
+    assert len(load_frame_table(loaded, require_landmarks=False).items) == 15
+    assert trainer.DEFAULTS["data"]["skip_bad_landmarks"] is True
+
+
 # --- crop protocols -------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
