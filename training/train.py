@@ -34,6 +34,7 @@ from synthesis.bi import BIConfig
 from synthesis.geometry import GeometryConfig
 from synthesis.sbi import SBIConfig
 from training import comm
+from training.data import loader_generator
 from training.metrics import BinaryEvaluator
 from training.optim import SAM, build_optimizer, build_scheduler
 
@@ -235,6 +236,9 @@ class BatchSource:
         sampler = getattr(self.train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
+        # The workers' base seed from (seed, epoch): drawn from torch's global generator, it would shift the
+        # dropout and synthesis draws of a resumed run (persistent workers draw it once per process).
+        self.train_loader.generator = loader_generator(self.seed, epoch)
         for raw in self.train_loader:
             yield self._prepare(raw, generator, getattr(self, "train_table", None))
 

@@ -60,6 +60,18 @@ def test_batches_do_not_depend_on_the_number_of_workers(document):
             assert torch.equal(a[key], b[key]), key
 
 
+
+def test_loading_an_epoch_leaves_torchs_global_generator_alone(document):
+    # Dropout and synthesis draw from the global generator: a loader that drew its workers' seed there would
+    # make a resumed run (first iterator in epoch k) differ from the uninterrupted one (first in epoch 0).
+    table = load_frame_table(document)
+    for workers in (0, 1):
+        loader = build_loader(table, image_size=64, batch_size=4, frames_per_video=2, train=True, workers=workers)
+        torch.manual_seed(5)
+        before = torch.get_rng_state()
+        next(iter(loader))
+        assert torch.equal(torch.get_rng_state(), before), f"workers={workers}"
+
 def test_flip_mirrors_image_and_landmarks(document):
     table = load_frame_table(document)
     dataset = FaceFrames(table, image_size=160)
