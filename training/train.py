@@ -12,6 +12,7 @@ events in ``tb/``, and checkpoints that carry the model's name and arguments and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -28,7 +29,8 @@ from tqdm import tqdm
 
 import models
 from package_utils.config import ConfigError, build_config
-from package_utils.io_utils import PROJECT_ROOT, atomic_write_text
+from package_utils.io_utils import (PROJECT_ROOT, BadInputError, OutputBusyError, atomic_write_text,
+                                    output_lock, remove_leftovers, safe_name)
 from synthesis.batch import BatcherConfig, PseudoFakeBatcher
 from synthesis.bi import BIConfig
 from synthesis.geometry import GeometryConfig
@@ -122,6 +124,12 @@ def batcher_config(config: dict) -> BatcherConfig:
 
 def check_config(config: dict) -> None:
     """Errors that name the key, before any data is read."""
+    try:  # the run folder is <output_dir>/<experiment>: "../../x" would put it anywhere
+        safe_name(config["experiment"], "experiment")
+    except BadInputError as error:
+        raise ConfigError(f"{error}; name the run folder inside output_dir, e.g. experiment=laanet_sbi_1") from None
+    if not isinstance(config["output_dir"], str) or not config["output_dir"]:
+        raise ConfigError(f"output_dir must be a folder path, got {config['output_dir']!r}")
     name = config["model"]["name"]
     if name not in models.available():
         raise ConfigError(f"model.name: unknown model {name!r} (known: {', '.join(models.available())})")
@@ -412,8 +420,34 @@ def _parameter_groups(core: torch.nn.Module, optimizer_config: dict) -> list[dic
 
 
 def train(config: dict, on_step: Callable[[dict], None] | None = None) -> dict:
-    """Run the training the config describes; returns a summary (best metric, checkpoint paths, history)."""
+    """Run the training the config describes; returns a summary (best metric, checkpoint paths, history).
+
+    The main process holds the run folder's lock throughout (``package_utils.io_utils.output_lock``, freed
+    by the kernel when the process dies): a second run into the same experiment stops at once, before any
+    work, instead of interleaving its checkpoints and logs with this one's. A read-only or full run folder
+    is found at the same point.
+    """
     check_config(config)
+    comm.init_distributed()
+    run_dir = _project_path(config["output_dir"]) / config["experiment"]
+    with contextlib.ExitStack() as held:
+        refusal = None
+        if comm.is_main_process():
+            try:
+                held.enter_context(output_lock(run_dir, "run folder"))
+            except (OutputBusyError, OSError) as error:
+                refusal = error
+        # Every rank hears of it: the others would wait for rank 0 at their first collective otherwise.
+        reason = comm.broadcast_object(None if refusal is None else str(refusal))
+        if refusal is not None:
+            raise refusal
+        if reason is not None:
+            raise OutputBusyError(f"rank 0 could not take the run folder: {reason}")
+        return _train_in(run_dir, config, on_step)
+
+
+def _train_in(run_dir: Path, config: dict, on_step: Callable[[dict], None] | None) -> dict:
+    """The training itself, in a run folder this run holds (on the main process)."""
     rank, world, _, distributed_device = comm.init_distributed()
     # Under torchrun "auto" means this process's own GPU (or the CPU with gloo).
     device = distributed_device if world > 1 and config["device"] == "auto" else resolve_device(config["device"])
@@ -421,10 +455,9 @@ def train(config: dict, on_step: Callable[[dict], None] | None = None) -> dict:
         # The model is ~100x slower than the loader (benchmarks/train.py): it gets every core of this rank.
         # On a shared machine export OMP_WAIT_POLICY=PASSIVE (the scripts do) or idle threads spin.
         torch.set_num_threads(config["threads"] or max(1, (os.cpu_count() or 1) // world))
-    run_dir = _project_path(config["output_dir"]) / config["experiment"]
     main_process = comm.is_main_process()
     if main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(run_dir, [".*.tmp"])  # half-written files of a killed or failed run
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
     comm.seed_everything(config["seed"])
@@ -546,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = build_config(DEFAULTS, args.config, args.overrides)
         summary = train(config)
-    except (ConfigError, FileNotFoundError, ValueError) as error:
+    except (ConfigError, OSError, ValueError, OutputBusyError) as error:  # OSError: unwritable or full disk
         log.error("%s", error)
         return 2
     finally:
