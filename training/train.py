@@ -3,7 +3,8 @@
 The loop is explicit: per epoch, draw the frames, build each batch (pseudo-fakes on the device for SBI/BI
 methods), one optimiser step (two passes for SAM), then save ``last.pth``, validate, and keep ``best.pth``
 by validation AUC (never test data). Everything random is a function of (seed, epoch), so resuming from an
-epoch's checkpoint continues exactly as the uninterrupted run would have. Under ``torchrun`` each process
+epoch's checkpoint continues exactly as the uninterrupted run would have; ``last.pth`` saved before validation
+says the validation is pending, and a run stopped there validates that epoch first when resumed. Under ``torchrun`` each process
 trains on its shard with DistributedDataParallel; metrics are gathered across ranks.
 
 Outputs go to ``<output_dir>/<experiment>/``: ``config.yaml`` (resolved), ``log.jsonl``, TensorBoard
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -29,8 +31,8 @@ from tqdm import tqdm
 
 import models
 from package_utils.config import ConfigError, build_config
-from package_utils.io_utils import (PROJECT_ROOT, BadInputError, OutputBusyError, atomic_write_text,
-                                    output_lock, remove_leftovers, safe_name)
+from package_utils.io_utils import (PROJECT_ROOT, BadInputError, OutputBusyError, atomic_write_bytes,
+                                    atomic_write_text, output_lock, remove_leftovers, safe_name)
 from synthesis.batch import BatcherConfig, PseudoFakeBatcher
 from synthesis.bi import BIConfig
 from synthesis.geometry import GeometryConfig
@@ -361,10 +363,11 @@ def save_checkpoint(path: Path, core: torch.nn.Module, config: dict, **state) ->
     content = {"format": models.CHECKPOINT_FORMAT, "version": 1,
                "model": {"name": core.model_name, "args": core.model_args},
                "state_dict": core.state_dict(), "config": config, "torch": str(torch.__version__), **state}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(content, temporary)
-    os.replace(temporary, path)
+    # Serialised in memory, then written like every other output: a full disk is an OSError naming the file
+    # ("no space left on device", not torch's "basic_ios::clear") and the half-written temp file is removed.
+    buffer = io.BytesIO()
+    torch.save(content, buffer)
+    atomic_write_bytes(path, buffer.getbuffer())
 
 
 def _scalar(value):
@@ -478,6 +481,7 @@ def _train_in(run_dir: Path, config: dict, on_step: Callable[[dict], None] | Non
     scaler = torch.amp.GradScaler(device.type) if config["precision"] == "fp16" else None
 
     start_epoch, best, history = 0, {"auc": None, "epoch": None}, []
+    pending = None  # the summary of an epoch whose validation a stopped run did not finish
     resume = config["train"]["resume"]
     if resume == "auto":
         resume = run_dir / "last.pth" if (run_dir / "last.pth").is_file() else None
@@ -489,9 +493,31 @@ def _train_in(run_dir: Path, config: dict, on_step: Callable[[dict], None] | Non
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         start_epoch, best, history = checkpoint["epoch"] + 1, checkpoint["best"], checkpoint.get("history", [])
+        pending = checkpoint.get("validation_pending")
         log.info("resumed from %s at epoch %d", resume, start_epoch)
 
+    def validate_epoch(model: torch.nn.Module, summary: dict, state: dict) -> None:
+        """Validate the epoch's weights, keep best.pth, then clear the pending validation in last.pth."""
+        nonlocal best
+        metrics = validate(model, source, device, config["precision"], config["train"]["val_flip"], config["seed"])
+        frame = metrics["frame"]
+        summary.update({f"val_{k}": frame[k] for k in ("auc", "ap", "acc", "eer")})
+        improved = not math.isnan(frame["auc"]) and (best["auc"] is None or frame["auc"] > best["auc"])
+        if improved:
+            best = {"auc": frame["auc"], "epoch": summary["epoch"]}
+        history.append(summary)
+        if main_process:  # best.pth first: stopped in between, the validation is still pending and redone alike
+            if improved:
+                save_checkpoint(run_dir / "best.pth", core, config, best=best, history=history, metrics=metrics,
+                                **state)
+            save_checkpoint(run_dir / "last.pth", core, config, best=best, history=history, **state)
+
     run_log = RunLog(run_dir, main_process)
+    if pending is not None:  # the previous run stopped while validating this epoch, whose weights are loaded
+        log.info("epoch %d: validating, which the previous run did not finish", pending["epoch"] + 1)
+        validate_epoch(core, pending, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                       "epoch": pending["epoch"]})
+        run_log.write(pending, pending["epoch"], "epoch")
     frozen_epochs = config["train"]["freeze_backbone_epochs"]
     max_steps = config["train"]["max_steps_per_epoch"]
     steps_per_epoch = min(len(source), max_steps) if max_steps else len(source)
@@ -536,24 +562,15 @@ def _train_in(run_dir: Path, config: dict, on_step: Callable[[dict], None] | Non
         summary = {"epoch": epoch, "lr": lr, "seconds": round(time.time() - started, 1),
                    **{f"train_{k}": v / done for k, v in totals.items()}}
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch}
-        if main_process:  # saved before validation: a failing validation still leaves the epoch's weights
-            save_checkpoint(run_dir / "last.pth", core, config, best=best, history=history, **state)
-        if source.val_loader is not None and (epoch + 1) % config["train"]["val_every"] == 0:
-            metrics = validate(model, source, device, config["precision"], config["train"]["val_flip"],
-                               config["seed"])
-            frame = metrics["frame"]
-            summary.update({f"val_{k}": frame[k] for k in ("auc", "ap", "acc", "eer")})
-            improved = not math.isnan(frame["auc"]) and (best["auc"] is None or frame["auc"] > best["auc"])
-            if improved:
-                best = {"auc": frame["auc"], "epoch": epoch}
+        validating = source.val_loader is not None and (epoch + 1) % config["train"]["val_every"] == 0
+        if not validating:
             history.append(summary)
-            if main_process:
-                save_checkpoint(run_dir / "last.pth", core, config, best=best, history=history, **state)
-                if improved:
-                    save_checkpoint(run_dir / "best.pth", core, config, best=best, history=history,
-                                    metrics=metrics, **state)
-        else:
-            history.append(summary)
+        if main_process:  # saved before validation: a kill or failure there leaves the epoch's weights and the
+            # note that its validation is pending, which the resumed run does first
+            save_checkpoint(run_dir / "last.pth", core, config, best=best, history=history,
+                            validation_pending=summary if validating else None, **state)
+        if validating:
+            validate_epoch(model, summary, state)
         run_log.write(summary, epoch, "epoch")
         if main_process:
             log.info("epoch %d/%d: %s", epoch + 1, epochs,

@@ -12,8 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+import models
 from package_utils.config import ConfigError, build_config
 from package_utils.io_utils import OutputBusyError
 from training import train as trainer
@@ -25,13 +27,19 @@ class Stop(Exception):
     """Stands in for a kill at a chosen point of the run."""
 
 
-def tiny_config(face_metadata, tmp_path, *overrides: str) -> dict:
-    """The shipped tiny config on the real-face fixture: 64 px, 2 steps of 3 faces per epoch."""
-    base = [f"data.train={face_metadata}", f"data.val={face_metadata}", f"output_dir={tmp_path}",
+TINY = CONFIGS / "tiny_laanet_sbi.yaml"
+
+
+def tiny_overrides(face_metadata, output_dir, *overrides: str) -> list[str]:
+    """Overrides of the shipped tiny config for the real-face fixture: 64 px, 2 steps of 3 faces per epoch."""
+    return [f"data.train={face_metadata}", f"data.val={face_metadata}", f"output_dir={output_dir}",
             "model.args.input_size=64", "synthesis.heatmap_size=16", "data.workers=0", "data.batch_size=3",
             "data.train_frames_per_video=2", "data.val_frames_per_video=2", "train.log_every=1", "device=cpu",
-            "threads=1", "train.max_steps_per_epoch=2"]
-    return build_config(trainer.DEFAULTS, CONFIGS / "tiny_laanet_sbi.yaml", base + list(overrides))
+            "threads=1", "train.max_steps_per_epoch=2", *overrides]
+
+
+def tiny_config(face_metadata, output_dir, *overrides: str) -> dict:
+    return build_config(trainer.DEFAULTS, TINY, tiny_overrides(face_metadata, output_dir, *overrides))
 
 
 def stop_at(epoch: int, step: int):
@@ -62,8 +70,8 @@ def test_an_experiment_name_cannot_leave_output_dir(face_metadata, tmp_path, cap
     config = tiny_config(face_metadata, output_dir, "experiment=../../escaped")
     with pytest.raises(ConfigError, match=r"experiment '\.\./\.\./escaped' is not a plain name"):
         trainer.train(config)
-    overrides = [f"data.train={face_metadata}", f"output_dir={output_dir}", "experiment=../../escaped"]
-    assert trainer.main(["--config", str(CONFIGS / "tiny_laanet_sbi.yaml"), *overrides]) == 2
+    overrides = tiny_overrides(face_metadata, output_dir, "experiment=../../escaped")
+    assert trainer.main(["--config", str(TINY), *overrides]) == 2
     assert "not a plain name" in caplog.text and "Traceback" not in caplog.text
     assert not (tmp_path / "escaped").exists() and not output_dir.exists()
 
@@ -104,3 +112,74 @@ def test_an_unwritable_or_full_run_folder_stops_the_run_before_any_work(face_met
         trainer.train(config)
     assert str(tmp_path / "unwritable") in str(caught.value)
     assert built == [] and not (tmp_path / "unwritable" / "config.yaml").exists()
+
+
+def test_a_full_disk_while_saving_says_so_and_leaves_no_half_written_checkpoint(face_metadata, tmp_path,
+                                                                                 monkeypatch, caplog):
+    run = tmp_path / "full"
+    run.mkdir()
+    (run / ".last.pth.4242.tmp").write_bytes(b"half a checkpoint of a killed run")
+    real_fsync, saves = os.fsync, []
+
+    def fsync_on_a_disk_that_fills_up(fd: int) -> None:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if ".last.pth." in name:
+            saves.append(name)
+            if len(saves) == 2:  # epoch 2's checkpoint: its bytes are in the temp file, the disk is full
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr("package_utils.io_utils.os.fsync", fsync_on_a_disk_that_fills_up)
+    overrides = tiny_overrides(face_metadata, tmp_path, "experiment=full", "train.epochs=2", "data.val=")
+    assert trainer.main(["--config", str(TINY), *overrides]) == 2
+    assert f"{run / 'last.pth'}: no space left on device" in caplog.text and "basic_ios" not in caplog.text
+    assert sorted(p.name for p in run.iterdir() if p.name.endswith(".tmp")) == []
+    assert models.read_weight_file(run / "last.pth")["epoch"] == 0  # the previous checkpoint is whole
+    monkeypatch.setattr("package_utils.io_utils.os.fsync", real_fsync)  # space freed: the run resumes
+    summary = trainer.train(tiny_config(face_metadata, tmp_path, "experiment=full", "train.epochs=2", "data.val=",
+                                        "train.resume=auto"))
+    assert [h["epoch"] for h in summary["history"]] == [0, 1]
+
+
+VALIDATED_RUN = ("train.epochs=3", "scheduler.name=step", "scheduler.milestones=[1]",
+                 "synthesis.geometry.enabled=false")
+
+
+@pytest.fixture(scope="module")
+def straight_validated_run(face_metadata, tmp_path_factory) -> dict:
+    """3 epochs with validation, uninterrupted (its val AUC rises: 0.50, 0.56, 0.58, best.pth is epoch 3)."""
+    return trainer.train(tiny_config(face_metadata, tmp_path_factory.mktemp("straight"), *VALIDATED_RUN))
+
+
+@pytest.mark.parametrize("killed", [2, 3], ids=["in-epoch-2", "in-the-last-epoch"])
+def test_a_validation_stopped_midway_runs_on_resume_and_best_pth_is_the_uninterrupted_one(
+        face_metadata, straight_validated_run, tmp_path, monkeypatch, killed):
+    common = VALIDATED_RUN
+    straight = straight_validated_run
+    validations, real_validate = [], trainer.validate
+
+    def validate_killed_in_epoch_2(*args, **kwargs):
+        validations.append(1)
+        if len(validations) == killed:
+            raise Stop(f"killed while validating epoch {killed}")
+        return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "validate", validate_killed_in_epoch_2)
+    with pytest.raises(Stop):
+        trainer.train(tiny_config(face_metadata, tmp_path, "experiment=resumed", *common))
+    run = tmp_path / "resumed"
+    assert torch.load(run / "last.pth", weights_only=True)["validation_pending"]["epoch"] == killed - 1
+    monkeypatch.setattr(trainer, "validate", real_validate)
+    resumed = trainer.train(tiny_config(face_metadata, tmp_path, "experiment=resumed", "train.resume=auto", *common))
+
+    assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2]
+    for a, b in zip(straight["history"], resumed["history"]):
+        assert a["val_auc"] == pytest.approx(b["val_auc"]) and a["train_loss"] == pytest.approx(b["train_loss"])
+    epoch_records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in epoch_records if "val_auc" in r] == [0, 1, 2]
+    best_straight = torch.load(straight["best_checkpoint"], weights_only=True)
+    best_resumed = torch.load(run / "best.pth", weights_only=True)
+    assert best_resumed["best"] == pytest.approx(best_straight["best"]) == resumed["best"]
+    for key, tensor in best_straight["state_dict"].items():
+        assert torch.allclose(tensor.float(), best_resumed["state_dict"][key].float(), atol=1e-6), key
+    assert torch.load(run / "last.pth", weights_only=True).get("validation_pending") is None
