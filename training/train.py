@@ -375,15 +375,43 @@ def _scalar(value):
 
 
 class RunLog:
-    """JSONL + TensorBoard on the main process; nothing elsewhere."""
+    """JSONL + TensorBoard on the main process; nothing elsewhere.
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    A run starting at ``first_epoch`` (0, or the epoch after the checkpoint it resumes) first drops what an
+    earlier run in this folder logged from there on, so that re-run steps appear once: ``log.jsonl`` loses
+    those records (and a line a kill cut short), TensorBoard hides events from ``first_step`` on
+    (``purge_step``). ``redone_summary``: an epoch whose summary is redone too (its validation was pending).
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, first_epoch: int = 0, first_step: int = 0,
+                 redone_summary: int | None = None):
         self.enabled = enabled
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(run_dir / "tb"))
             self.path = run_dir / "log.jsonl"
+            self._drop_from(first_epoch, first_epoch if redone_summary is None else redone_summary)
+            self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=first_step)
+
+    def _drop_from(self, first_epoch: int, first_summary: int) -> None:
+        if not self.path.is_file():
+            return
+        kept, dropped = [], 0
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+                epoch = record["epoch"]  # train records have a "step", epoch summaries do not
+                keep = epoch < (first_epoch if "step" in record else first_summary)
+            except (ValueError, TypeError, KeyError):
+                keep = False
+            if keep:
+                kept.append(line + "\n")
+            else:
+                dropped += 1
+        if dropped:
+            log.info("%s: %d records from epoch %d on dropped (this run writes them again)", self.path, dropped,
+                     min(first_epoch, first_summary) + 1)
+            atomic_write_text(self.path, "".join(kept))
 
     def write(self, record: dict, step: int, prefix: str) -> None:
         if not self.enabled:
@@ -512,15 +540,16 @@ def _train_in(run_dir: Path, config: dict, on_step: Callable[[dict], None] | Non
                                 **state)
             save_checkpoint(run_dir / "last.pth", core, config, best=best, history=history, **state)
 
-    run_log = RunLog(run_dir, main_process)
+    max_steps = config["train"]["max_steps_per_epoch"]
+    steps_per_epoch = min(len(source), max_steps) if max_steps else len(source)
+    run_log = RunLog(run_dir, main_process, start_epoch, start_epoch * steps_per_epoch,
+                     None if pending is None else pending["epoch"])
     if pending is not None:  # the previous run stopped while validating this epoch, whose weights are loaded
         log.info("epoch %d: validating, which the previous run did not finish", pending["epoch"] + 1)
         validate_epoch(core, pending, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                        "epoch": pending["epoch"]})
         run_log.write(pending, pending["epoch"], "epoch")
     frozen_epochs = config["train"]["freeze_backbone_epochs"]
-    max_steps = config["train"]["max_steps_per_epoch"]
-    steps_per_epoch = min(len(source), max_steps) if max_steps else len(source)
     loss_weights = config["loss"]
     model, wrapped_frozen = None, None
     for epoch in range(start_epoch, epochs):

@@ -183,3 +183,26 @@ def test_a_validation_stopped_midway_runs_on_resume_and_best_pth_is_the_uninterr
     for key, tensor in best_straight["state_dict"].items():
         assert torch.allclose(tensor.float(), best_resumed["state_dict"][key].float(), atol=1e-6), key
     assert torch.load(run / "last.pth", weights_only=True).get("validation_pending") is None
+
+
+def test_steps_a_resumed_run_repeats_are_logged_once(face_metadata, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    common = ("experiment=logged", "train.epochs=2", "data.val=")
+    with pytest.raises(Stop):  # stopped in epoch 2 after its 2 steps were logged, before its checkpoint
+        trainer.train(tiny_config(face_metadata, tmp_path, *common), on_step=stop_at(1, 1))
+    run = tmp_path / "logged"
+    with open(run / "log.jsonl", "a", encoding="utf-8") as handle:
+        handle.write('{"epoch": 1, "step": 3, "lo')  # and a line the kill cut short
+    resumed = []
+    trainer.train(tiny_config(face_metadata, tmp_path, "train.resume=auto", *common), on_step=resumed.append)
+
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "step" in r] == [0, 1, 2, 3]
+    assert [r["epoch"] for r in records if "step" not in r] == [0, 1]
+    assert [r["loss"] for r in records if r.get("epoch") == 1 and "step" in r] == [r["loss"] for r in resumed]
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    losses = events.Scalars("train/loss")
+    assert [e.step for e in losses] == [0, 1, 2, 3]
+    assert [e.value for e in losses[2:]] == pytest.approx([r["loss"] for r in resumed])
