@@ -145,13 +145,19 @@ def load_frame_table(source: str | os.PathLike | dict, data_root: str | os.PathL
     frames_of_video = [[] for _ in videos]
     for position in sorted(range(len(items)), key=lambda p: (items[p]["frame_index"], items[p].get("face_index", 0))):
         frames_of_video[video_index[position]].append(position)
-    partners = _partner_positions(data, keep, items)
+    partners = _partner_positions(data, keep, items, name)
     return FrameTable(document, items, landmarks, video_index, videos,
                       [np.asarray(f, dtype=np.int64) for f in frames_of_video], partners, name)
 
 
-def _partner_positions(data: list[dict], keep: list[int], items: list[dict]) -> np.ndarray | None:
-    """Partner ids (positions in the full document) -> positions in ``items``; partners left out become -1."""
+def _partner_positions(data: list[dict], keep: list[int], items: list[dict],
+                       source: str = "<document>") -> np.ndarray | None:
+    """Partner ids (positions in the full document) -> positions in ``items``; partners left out become -1.
+
+    Raises:
+        ValueError: an id is not a position in the document (a negative one would pick another face from the
+            end, a large one would crash a loader worker); the message names the file and the item.
+    """
     if not any("partners" in item for item in items):
         return None
     position_of = np.full(len(data), -1, dtype=np.int64)
@@ -159,7 +165,13 @@ def _partner_positions(data: list[dict], keep: list[int], items: list[dict]) -> 
     width = max(len(item.get("partners", [])) for item in items)
     table = np.full((len(items), max(1, width)), -1, dtype=np.int64)
     for row, item in enumerate(items):
-        ids = np.asarray(item.get("partners", []), dtype=np.int64)
+        listed = item.get("partners", [])
+        outside = [i for i in listed if not 0 <= i < len(data)]  # before numpy: 10**30 does not fit int64
+        if outside:
+            raise ValueError(f"{source}: item {item.get('id', row)} ({item.get('image_path')}): partner id "
+                             f"{outside[0]} is not an item of this file (0..{len(data) - 1}); rebuild the "
+                             "partners with python -m package_utils.partners")
+        ids = np.asarray(listed, dtype=np.int64)
         if len(ids):
             table[row, :len(ids)] = position_of[ids]
     return table

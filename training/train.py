@@ -4,8 +4,8 @@ The loop is explicit: per epoch, draw the frames, build each batch (pseudo-fakes
 methods), one optimiser step (two passes for SAM), then save ``last.pth``, validate, and keep ``best.pth``
 by validation AUC (never test data). Everything random is a function of (seed, epoch), so resuming from an
 epoch's checkpoint continues exactly as the uninterrupted run would have; ``last.pth`` saved before validation
-says the validation is pending, and a run stopped there validates that epoch first when resumed. Under ``torchrun`` each process
-trains on its shard with DistributedDataParallel; metrics are gathered across ranks.
+says the validation is pending, and a run stopped there validates that epoch first when resumed. Under
+``torchrun`` each process trains on its shard with DistributedDataParallel; metrics are gathered across ranks.
 
 Outputs go to ``<output_dir>/<experiment>/``: ``config.yaml`` (resolved), ``log.jsonl``, TensorBoard
 events in ``tb/``, and checkpoints that carry the model's name and arguments and the config.
@@ -124,8 +124,32 @@ def batcher_config(config: dict) -> BatcherConfig:
                          return_sources=synthesis["return_sources"])
 
 
+#: The smallest value of each whole-number setting (0 where it means "the model's", "all" or "off").
+MINIMUM_VALUES = {"train.epochs": 1, "train.freeze_backbone_epochs": 0, "train.max_steps_per_epoch": 0,
+                  "train.log_every": 1, "train.val_every": 1, "data.image_size": 0, "data.batch_size": 1,
+                  "data.val_batch_size": 0, "data.workers": 0, "data.train_frames_per_video": 1,
+                  "data.val_frames_per_video": 1, "threads": 0, "eval.frames_per_video": 1, "eval.batch_size": 1}
+#: Settings that may also be null (all frames of every video).
+NULLABLE = {"data.train_frames_per_video", "data.val_frames_per_video"}
+
+
+def check_values(config: dict) -> None:
+    """Numbers in their range and a data root that is a path: one ConfigError naming the key."""
+    for key, minimum in MINIMUM_VALUES.items():
+        section, _, name = key.rpartition(".")
+        value = (config[section] if section else config)[name]
+        if value is None and key in NULLABLE:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ConfigError(f"{key} must be a whole number >= {minimum}, got {value!r}")
+    root = config["data"]["data_root"]
+    if root is not None and (not isinstance(root, str) or not root):
+        raise ConfigError(f"data.data_root must be a folder path or null, got {root!r}")
+
+
 def check_config(config: dict) -> None:
     """Errors that name the key, before any data is read."""
+    check_values(config)
     try:  # the run folder is <output_dir>/<experiment>: "../../x" would put it anywhere
         safe_name(config["experiment"], "experiment")
     except BadInputError as error:
@@ -515,13 +539,21 @@ def _train_in(run_dir: Path, config: dict, on_step: Callable[[dict], None] | Non
         resume = run_dir / "last.pth" if (run_dir / "last.pth").is_file() else None
     if resume:
         checkpoint = models.read_weight_file(resume)
-        if checkpoint.get("model", {}).get("name") != core.model_name:
-            raise ConfigError(f"train.resume: {resume} holds model {checkpoint.get('model')}, not {core.model_name}")
-        core.load_state_dict(checkpoint["state_dict"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
+        try:
+            parts = {key: models.checkpoint_entry(checkpoint, key, kind, resume) for key, kind in (
+                ("model", dict), ("state_dict", dict), ("optimizer", dict), ("scheduler", dict), ("epoch", int),
+                ("best", dict))}
+            if parts["model"].get("name") != core.model_name:
+                raise ValueError(f"{resume} holds model {parts['model'].get('name')!r}, not {core.model_name!r}")
+            models.fit_weights(core, parts["state_dict"], resume, strict=True)
+            optimizer.load_state_dict(parts["optimizer"])
+            scheduler.load_state_dict(parts["scheduler"])
+            pending = checkpoint.get("validation_pending")
+            if pending is not None:  # an epoch's summary, with its epoch
+                models.checkpoint_entry(pending, "epoch", int, resume)
+        except (ValueError, KeyError, RuntimeError) as error:  # torch's own: optimizer groups of another model
+            raise ConfigError(f"train.resume: {error}") from None
         start_epoch, best, history = checkpoint["epoch"] + 1, checkpoint["best"], checkpoint.get("history", [])
-        pending = checkpoint.get("validation_pending")
         log.info("resumed from %s at epoch %d", resume, start_epoch)
 
     def validate_epoch(model: torch.nn.Module, summary: dict, state: dict) -> None:

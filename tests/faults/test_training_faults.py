@@ -206,3 +206,105 @@ def test_steps_a_resumed_run_repeats_are_logged_once(face_metadata, tmp_path):
     losses = events.Scalars("train/loss")
     assert [e.step for e in losses] == [0, 1, 2, 3]
     assert [e.value for e in losses[2:]] == pytest.approx([r["loss"] for r in resumed])
+
+
+# --- hostile settings, configs and checkpoints: one clear line each, no traceback, nothing trained ---------------
+
+def error_lines(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epochs=0", "train.epochs must be a whole number >= 1, got 0"),
+    ("train.epochs=-1", "train.epochs must be a whole number >= 1, got -1"),
+    ("data.image_size=-5", "data.image_size must be a whole number >= 0, got -5"),
+    ("train.val_every=0", "train.val_every must be a whole number >= 1, got 0"),
+    ("data.data_root=5", "data.data_root must be a folder path or null, got 5"),
+    ("model.args.dropout=!!python/object/apply:os.system [touch {out}/pwned]", "could not determine a constructor"),
+    ("data.batch_size=[1, 2", "the value is not valid YAML (expected ',' or ']'"),
+])
+def test_a_bad_setting_is_one_line_naming_it(face_metadata, tmp_path, caplog, override, message):
+    override = override.format(out=tmp_path)
+    argv = ["--config", str(TINY), *tiny_overrides(face_metadata, tmp_path, "experiment=bad", override)]
+    assert trainer.main(argv) == 2
+    assert len(error_lines(caplog)) == 1 and message in error_lines(caplog)[0], error_lines(caplog)
+    assert "Traceback" not in caplog.text and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_config_file_that_is_not_utf8_is_named(face_metadata, tmp_path, caplog):
+    config = tmp_path / "mine.yaml"
+    config.write_bytes(f"# réglages de Hélène\n_base_: {TINY}\n".encode("latin-1"))
+    assert trainer.main(["--config", str(config), *tiny_overrides(face_metadata, tmp_path / "runs")]) == 2
+    assert error_lines(caplog) == [f"{config}: not UTF-8 text (byte 0xe9 at offset 3); save the file as UTF-8"]
+
+
+def test_blend_partners_outside_the_file_are_one_line_naming_file_and_item(face_metadata, tmp_path, caplog):
+    from package_utils import metadata
+
+    document = metadata.load(face_metadata)
+    document["data"][7]["partners"] = [-2, 0]  # -2 used to blend with a face from the end of the file
+    crafted = tmp_path / "partners.json"
+    metadata.save(crafted, document)
+    argv = ["--config", str(TINY), *tiny_overrides(crafted, tmp_path / "runs", "synthesis.method=bi",
+                                                   "synthesis.pairing=mixed", "data.val=")]
+    assert trainer.main(argv) == 2
+    assert error_lines(caplog) == [f"{crafted}: item 7 (v1/002.png): partner id -2 is not an item of this file "
+                                   "(0..14); rebuild the partners with python -m package_utils.partners"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(face_metadata, tmp_path_factory):
+    """The tiny config's model and config, as a checkpoint of it would describe them."""
+    config = tiny_config(face_metadata, tmp_path_factory.mktemp("unused"))
+    torch.manual_seed(0)
+    return models.build(config["model"]["name"], **config["model"]["args"]), config
+
+
+def write_checkpoint(path: Path, model, config, drop: str | None = None, nan: bool = False) -> Path:
+    """A checkpoint as training.train writes it after epoch 1, without key ``drop`` or with a NaN weight."""
+    trainer.save_checkpoint(path, model, config, optimizer={}, scheduler={}, epoch=0,
+                            best={"auc": None, "epoch": None}, history=[])
+    content = torch.load(path, weights_only=True)
+    if drop:
+        del content[drop]
+    if nan:
+        content["state_dict"] = dict(content["state_dict"])
+        key = next(k for k, v in content["state_dict"].items() if v.is_floating_point())
+        content["state_dict"][key] = torch.full_like(content["state_dict"][key], float("nan"))
+    torch.save(content, path)
+    return path
+
+
+@pytest.mark.parametrize("drop, nan, message", [
+    ("optimizer", False, "the checkpoint's 'optimizer' is unusable (it is missing)"),
+    ("state_dict", False, "the checkpoint's 'state_dict' is unusable (it is missing)"),
+    ("epoch", False, "the checkpoint's 'epoch' is unusable (it is missing)"),
+    (None, True, "weight tensor(s) hold NaN or infinite values"),
+])
+def test_resuming_from_a_broken_checkpoint_is_one_line(face_metadata, tiny_model, tmp_path, caplog, drop, nan,
+                                                       message):
+    last = write_checkpoint(tmp_path / "run" / "last.pth", *tiny_model, drop=drop, nan=nan)
+    argv = ["--config", str(TINY), *tiny_overrides(face_metadata, tmp_path, "experiment=run", "train.resume=auto")]
+    assert trainer.main(argv) == 2
+    assert len(error_lines(caplog)) == 1 and error_lines(caplog)[0].startswith(f"train.resume: {last}")
+    assert message in error_lines(caplog)[0] and "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize("drop, nan, message", [
+    ("state_dict", False, "the checkpoint's 'state_dict' is unusable (it is missing)"),
+    ("model", False, "the checkpoint's 'model' is unusable (it is missing)"),
+    (None, True, "weight tensor(s) hold NaN or infinite values"),
+])
+def test_evaluating_or_inferring_with_a_broken_checkpoint_is_one_line(labelled_face_metadata, media_dir, tiny_model,
+                                                                      tmp_path, caplog, capsys, drop, nan, message):
+    from training import evaluate, infer
+
+    weights = write_checkpoint(tmp_path / "best.pth", *tiny_model, drop=drop, nan=nan)
+    assert evaluate.main(["--weights", str(weights), "--test", str(labelled_face_metadata)]) == 2
+    assert len(error_lines(caplog)) == 1 and error_lines(caplog)[0].startswith(f"{weights}: ")
+    assert message in error_lines(caplog)[0]
+    photo = media_dir / "photos/face_recognition/obama.jpg"
+    assert infer.main(["--weights", str(weights), str(photo), "--out", str(tmp_path / "pictures")]) == 2
+    printed = capsys.readouterr().err.strip().splitlines()
+    assert len(printed) == 1 and printed[0].startswith(f"error: {weights}: ") and message in printed[0]
+    assert not (tmp_path / "eval").exists() and not list((tmp_path / "pictures").glob("*.png"))

@@ -97,6 +97,18 @@ def test_partners_come_from_the_partner_list(document):
         assert table.video_index[partner] != table.video_index[position]
 
 
+
+@pytest.mark.parametrize("bad", [-1, 15, 10 ** 30], ids=["negative", "one-past-the-end", "huge"])
+def test_partner_ids_outside_the_file_are_named(document, tmp_path, bad):
+    # A negative id used to pick a face from the end of the file, a large one crashed a loader worker.
+    loaded = metadata.load(document)
+    loaded["data"][3]["partners"] = [5, bad]
+    path = tmp_path / "crafted.json"
+    metadata.save(path, loaded)
+    with pytest.raises(ValueError, match=f"crafted.json: item 3 \\(v0/003.png\\): partner id {bad} is not an item "
+                                         "of this file \\(0..14\\)"):
+        load_frame_table(path)
+
 def test_shards_cover_the_epoch_without_overlap(document):
     table = load_frame_table(document)
     shards = [list(VideoFrameSampler(table, frames_per_video=4, seed=5, num_replicas=2, rank=r)) for r in (0, 1)]
