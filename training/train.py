@@ -32,7 +32,8 @@ from tqdm import tqdm
 import models
 from package_utils.config import ConfigError, build_config
 from package_utils.io_utils import (PROJECT_ROOT, BadInputError, OutputBusyError, atomic_write_bytes,
-                                    atomic_write_text, output_lock, remove_leftovers, safe_name)
+                                    atomic_write_text, explain_os_error, output_lock, remove_leftovers,
+                                    safe_name)
 from synthesis.batch import BatcherConfig, PseudoFakeBatcher
 from synthesis.bi import BIConfig
 from synthesis.geometry import GeometryConfig
@@ -440,8 +441,11 @@ class RunLog:
     def write(self, record: dict, step: int, prefix: str) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps({k: _scalar(v) for k, v in record.items()}) + "\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({k: _scalar(v) for k, v in record.items()}) + "\n")
+        except OSError as error:  # a full disk names the file
+            raise explain_os_error(error, self.path) from error
         for key, value in record.items():
             if isinstance(value, (int, float)) and key not in ("epoch", "step") and _scalar(value) is not None:
                 self.writer.add_scalar(f"{prefix}/{key}", value, step)
