@@ -355,6 +355,17 @@ class FaceFrames(Dataset):
         return sample
 
 
+def loader_generator(seed: int, epoch: int = 0) -> torch.Generator:
+    """The generator a DataLoader draws its workers' base seed from, a function of (seed, epoch).
+
+    Without one the loader draws from torch's global generator, once per epoch without persistent workers
+    and once per process with them: a resumed run would then see dropout and synthesis draws shifted
+    against the uninterrupted run. (The workers themselves draw nothing: the sampler decides everything.)
+    """
+    state = np.random.SeedSequence([seed, epoch, 3]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & (2 ** 63 - 1))
+
+
 def build_loader(table: FrameTable, *, image_size: int, batch_size: int, frames_per_video: int | None,
                  train: bool, seed: int = 0, workers: int = 2, with_partner: bool = False,
                  flip_probability: float = 0.5, num_replicas: int = 1, rank: int = 0,
@@ -377,13 +388,3 @@ def build_loader(table: FrameTable, *, image_size: int, batch_size: int, frames_
         drop_last=train if drop_last is None else drop_last, persistent_workers=workers > 0, pin_memory=False,
         generator=loader_generator(seed))
 
-
-def loader_generator(seed: int, epoch: int = 0) -> torch.Generator:
-    """The generator a DataLoader draws its workers' base seed from, a function of (seed, epoch).
-
-    Without one the loader draws from torch's global generator, once per epoch without persistent workers
-    and once per process with them: a resumed run would then see dropout and synthesis draws shifted
-    against the uninterrupted run. (The workers themselves draw nothing: the sampler decides everything.)
-    """
-    state = np.random.SeedSequence([seed, epoch, 3]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state) & (2 ** 63 - 1))
