@@ -387,4 +387,3 @@ def build_loader(table: FrameTable, *, image_size: int, batch_size: int, frames_
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
         drop_last=train if drop_last is None else drop_last, persistent_workers=workers > 0, pin_memory=False,
         generator=loader_generator(seed))
-
