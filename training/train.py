@@ -581,9 +581,13 @@ def _train_in(run_dir: Path, config: dict, on_step: Callable[[dict], None] | Non
     run_log = RunLog(run_dir, main_process, start_epoch, start_epoch * steps_per_epoch,
                      None if pending is None else pending["epoch"])
     if pending is not None:  # the previous run stopped while validating this epoch, whose weights are loaded
-        log.info("epoch %d: validating, which the previous run did not finish", pending["epoch"] + 1)
-        validate_epoch(core, pending, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                       "epoch": pending["epoch"]})
+        if source.val_loader is None:
+            log.warning("epoch %d: its validation was pending, but data.val is empty now", pending["epoch"] + 1)
+            history.append(pending)
+        else:
+            log.info("epoch %d: validating, which the previous run did not finish", pending["epoch"] + 1)
+            validate_epoch(core, pending, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                           "epoch": pending["epoch"]})
         run_log.write(pending, pending["epoch"], "epoch")
     frozen_epochs = config["train"]["freeze_backbone_epochs"]
     loss_weights = config["loss"]
