@@ -95,14 +95,30 @@ def extract_state_dict(content: dict, source: str = "<weights>") -> dict[str, to
     return tensors
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
-    """Load a weight file into ``model`` (ours, or an official release the model knows how to convert).
+def checkpoint_entry(content: dict, key: str, kind: type | tuple[type, ...], path: str | os.PathLike):
+    """``content[key]`` of a checkpoint, checked to be a ``kind``; else a ValueError naming the file and key."""
+    value = content.get(key) if isinstance(content, dict) else None
+    if isinstance(value, kind):
+        return value
+    found = "it is missing" if not isinstance(content, dict) or key not in content else f"a {type(value).__name__}"
+    raise ValueError(f"{path}: the checkpoint's {key!r} is unusable ({found}); the file is incomplete or not "
+                     "one written by training.train")
 
-    With ``strict`` every key must match in name and shape; the error lists what is missing or unexpected.
-    """
-    state = extract_state_dict(read_weight_file(path), str(path))
-    if hasattr(model, "convert_state_dict"):
-        state = model.convert_state_dict(state)
+
+def check_finite(state: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """NaN or infinite weights make every score NaN: refuse them when the file is loaded, naming the tensors."""
+    broken = [key for key, tensor in state.items() if isinstance(tensor, torch.Tensor)
+              and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if broken:
+        raise ValueError(f"{source}: {len(broken)} weight tensor(s) hold NaN or infinite values ("
+                         f"{', '.join(broken[:4])}{' ...' if len(broken) > 4 else ''}); the weights are broken "
+                         "(a diverged training?)")
+
+
+def fit_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike,
+                strict: bool = True) -> nn.Module:
+    """Load ``state`` into ``model`` after checking names, shapes and values; errors name the file."""
+    check_finite(state, path)
     own = model.state_dict()
     mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                   for k, v in state.items() if k in own and own[k].shape != v.shape]
@@ -118,15 +134,31 @@ def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True)
     return model
 
 
+def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
+    """Load a weight file into ``model`` (ours, or an official release the model knows how to convert).
+
+    With ``strict`` every key must match in name and shape; the error lists what is missing or unexpected.
+    Non-finite weights are refused.
+    """
+    state = extract_state_dict(read_weight_file(path), str(path))
+    if hasattr(model, "convert_state_dict"):
+        state = model.convert_state_dict(state)
+    return fit_weights(model, state, path, strict)
+
+
 def build_from_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     """Rebuild the model a checkpoint of ours describes and load its weights; returns (model, checkpoint)."""
     content = read_weight_file(path)
     if not isinstance(content, dict) or content.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a checkpoint written by training.train (no model description inside); "
                          "build the model by name and use load_weights instead")
-    args = content["model"]["args"]
+    described = checkpoint_entry(content, "model", dict, path)
+    name, args = checkpoint_entry(described, "name", str, path), checkpoint_entry(described, "args", dict, path)
+    state = checkpoint_entry(content, "state_dict", dict, path)
     # The checkpoint holds every weight: the trunk's initial weights need not exist where it is rebuilt.
-    model = build(content["model"]["name"], **{k: v for k, v in args.items() if k != "backbone_weights"})
+    try:
+        model = build(name, **{k: v for k, v in args.items() if k != "backbone_weights"})
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{path}: the checkpoint's model cannot be built here ({error})") from None
     model.model_args = dict(args)
-    model.load_state_dict(content["state_dict"])
-    return model, content
+    return fit_weights(model, state, path, strict=True), content

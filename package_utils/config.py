@@ -79,6 +79,9 @@ def read_yaml(path: str | os.PathLike, defaults: Mapping | None = None, _seen: t
             content = yaml.safe_load(handle) or {}
         except yaml.YAMLError as error:
             raise ConfigError(f"{path}: not valid YAML ({error})") from None
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
+                              f"{error.start}); save the file as UTF-8") from None
     if not isinstance(content, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     base_name = content.pop("_base_", None)
@@ -99,7 +102,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key:
         raise ConfigError(f"override '{text}' has an empty key")
-    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+    try:
+        return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as error:  # unclosed brackets or quotes; tags such as !!python/object are refused
+        reason = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"override '{text}': the value is not valid YAML ({reason}); quote it to pass a "
+                          "string") from None
 
 
 def build_config(defaults: Mapping, path: str | os.PathLike | None = None,

@@ -157,13 +157,19 @@ def load_frame_table(source: str | os.PathLike | dict, data_root: str | os.PathL
     frames_of_video = [[] for _ in videos]
     for position in sorted(range(len(items)), key=lambda p: (items[p]["frame_index"], items[p].get("face_index", 0))):
         frames_of_video[video_index[position]].append(position)
-    partners = _partner_positions(data, keep, items)
+    partners = _partner_positions(data, keep, items, name)
     return FrameTable(document, items, landmarks, video_index, videos,
                       [np.asarray(f, dtype=np.int64) for f in frames_of_video], partners, name)
 
 
-def _partner_positions(data: list[dict], keep: list[int], items: list[dict]) -> np.ndarray | None:
-    """Partner ids (positions in the full document) -> positions in ``items``; partners left out become -1."""
+def _partner_positions(data: list[dict], keep: list[int], items: list[dict],
+                       source: str = "<document>") -> np.ndarray | None:
+    """Partner ids (positions in the full document) -> positions in ``items``; partners left out become -1.
+
+    Raises:
+        ValueError: an id is not a position in the document (a negative one would pick another face from the
+            end, a large one would crash a loader worker); the message names the file and the item.
+    """
     if not any("partners" in item for item in items):
         return None
     position_of = np.full(len(data), -1, dtype=np.int64)
@@ -171,7 +177,13 @@ def _partner_positions(data: list[dict], keep: list[int], items: list[dict]) -> 
     width = max(len(item.get("partners", [])) for item in items)
     table = np.full((len(items), max(1, width)), -1, dtype=np.int64)
     for row, item in enumerate(items):
-        ids = np.asarray(item.get("partners", []), dtype=np.int64)
+        listed = item.get("partners", [])
+        outside = [i for i in listed if not 0 <= i < len(data)]  # before numpy: 10**30 does not fit int64
+        if outside:
+            raise ValueError(f"{source}: item {item.get('id', row)} ({item.get('image_path')}): partner id "
+                             f"{outside[0]} is not an item of this file (0..{len(data) - 1}); rebuild the "
+                             "partners with python -m package_utils.partners")
+        ids = np.asarray(listed, dtype=np.int64)
         if len(ids):
             table[row, :len(ids)] = position_of[ids]
     return table
@@ -355,6 +367,17 @@ class FaceFrames(Dataset):
         return sample
 
 
+def loader_generator(seed: int, epoch: int = 0) -> torch.Generator:
+    """The generator a DataLoader draws its workers' base seed from, a function of (seed, epoch).
+
+    Without one the loader draws from torch's global generator, once per epoch without persistent workers
+    and once per process with them: a resumed run would then see dropout and synthesis draws shifted
+    against the uninterrupted run. (The workers themselves draw nothing: the sampler decides everything.)
+    """
+    state = np.random.SeedSequence([seed, epoch, 3]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & (2 ** 63 - 1))
+
+
 def build_loader(table: FrameTable, *, image_size: int, batch_size: int, frames_per_video: int | None,
                  train: bool, seed: int = 0, workers: int = 2, with_partner: bool = False,
                  flip_probability: float = 0.5, num_replicas: int = 1, rank: int = 0,
@@ -374,4 +397,5 @@ def build_loader(table: FrameTable, *, image_size: int, batch_size: int, frames_
                                 num_replicas=num_replicas, rank=rank, margin_range=margin_range)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-        drop_last=train if drop_last is None else drop_last, persistent_workers=workers > 0, pin_memory=False)
+        drop_last=train if drop_last is None else drop_last, persistent_workers=workers > 0, pin_memory=False,
+        generator=loader_generator(seed))

@@ -29,11 +29,12 @@ from tqdm import tqdm
 
 import models
 from package_utils.config import ConfigError, build_config
+from package_utils.io_utils import check_writable
 from training import comm
 from training.data import build_loader, load_frame_table, trained_crop_protocol
 from training.metrics import BinaryEvaluator, format_metrics, plot_roc, write_metrics_json, write_video_csv
-from training.train import (DEFAULTS, _project_path, predict_logits, resolve_device, to_memory_format,
-                            uses_channels_last)
+from training.train import (DEFAULTS, _project_path, check_values, predict_logits, resolve_device,
+                            to_memory_format, uses_channels_last)
 
 log = logging.getLogger("training.evaluate")
 
@@ -43,7 +44,12 @@ def load_model(weights: str | Path, config: dict | None) -> tuple[torch.nn.Modul
     content = models.read_weight_file(weights)
     if isinstance(content, dict) and content.get("format") == models.CHECKPOINT_FORMAT:
         model, checkpoint = models.build_from_checkpoint(weights)
-        return model, checkpoint["config"]
+        if isinstance(checkpoint.get("config"), dict):
+            return model, checkpoint["config"]
+        if config is None:
+            raise ConfigError(f"{weights}: the checkpoint holds no training config; give --config for the data "
+                              "and evaluation settings")
+        return model, config
     if config is None:
         raise ConfigError(f"{weights}: not one of our checkpoints; give --config naming the model to build")
     model = models.build(config["model"]["name"], **config["model"]["args"])
@@ -94,6 +100,10 @@ def score_frames(model: torch.nn.Module, json_path: Path, data_root: str | None,
         images = to_memory_format((raw["image"].to(device).float() / 255.0 - mean) / std, channels_last)
         scores.append(torch.sigmoid(predict_logits(model, images, device, precision, flip)).cpu().numpy())
         positions.append(raw["item"].numpy())
+    broken = int((~np.isfinite(np.concatenate(scores))).sum()) if scores else 0
+    if broken:
+        raise FloatingPointError(f"{json_path}: the model scores {broken} face(s) NaN or infinite; its weights or "
+                                 "these inputs are broken, no metric would mean anything")
     gathered = comm.all_gather((np.concatenate(positions), np.concatenate(scores)))
     position = np.concatenate([g[0] for g in gathered])
     score = np.concatenate([g[1] for g in gathered])
@@ -190,7 +200,11 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
     settings = config if config is not None else build_config(with_defaults(model_config), None, args.overrides)
     if model_config is not config:  # our checkpoint: score with the crops it was trained on
         settings["data"]["crop_protocol"] = checkpoint_crop_protocol(settings, model_config, args.overrides)
+    check_values(settings)
     _, world, _, distributed_device = comm.init_distributed()
+    out_dir = Path(args.out) if args.out else Path(args.weights).resolve().parent / "eval"
+    if comm.is_main_process():
+        check_writable(out_dir, "evaluation output folder")  # before scoring, not after
     device_name = args.device or settings["device"]
     device = distributed_device if world > 1 and device_name == "auto" else resolve_device(device_name)
     model = model.to(device).eval()
@@ -202,7 +216,6 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
     tests = args.test or settings["eval"]["test"]
     if not tests:
         raise ConfigError("no test set: pass --test <metadata.json> or set eval.test in the config")
-    out_dir = Path(args.out) if args.out else Path(args.weights).resolve().parent / "eval"
     results: dict[str, dict] = {}
     for test in tests:
         path = _project_path(test)
@@ -244,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         run(build_parser().parse_args(argv))
-    except (ConfigError, FileNotFoundError, ValueError) as error:
+    except (ConfigError, OSError, ValueError, FloatingPointError) as error:  # OSError: unwritable output
         log.error("%s", error)
         return 2
     finally:

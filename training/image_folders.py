@@ -396,7 +396,7 @@ def build_image_loader(entries: Sequence[Entry], train: bool, batch_size: int, w
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     common = {"num_workers": workers, "collate_fn": collate_images, "persistent_workers": workers > 0,
-              "pin_memory": False}
+              "pin_memory": False, "generator": torch.Generator().manual_seed(seed)}  # not torch's global one
     if train:
         dataset = ImageFolderDataset(entries, True, None, load_size, crop_size, mean, std)
         sampler = TrainImageSampler(len(dataset), load_size, crop_size, flip_probability, seed)

@@ -47,7 +47,8 @@ from package_utils.config import parse_override
 from package_utils.crop import DEFAULTS as CROP_DEFAULTS
 from package_utils.crop import _get_detector, cut_with_padding, resize_square, square_box, to_crop_coords
 from package_utils.detectors import Face, choose_faces
-from package_utils.io_utils import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, BadInputError, atomic_write_image, read_image
+from package_utils.io_utils import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, BadInputError, atomic_write_image,
+                                    check_writable, read_image)
 from package_utils.video import MediaReader, sample_indices
 from training.data import CROP_PROTOCOLS, cut_window, sbi_window, trained_crop_protocol
 
@@ -113,7 +114,7 @@ def load_model_and_config(weights: str | os.PathLike, model_name: str | None = N
             raise ValueError(f"{weights}: the checkpoint stores its model arguments; drop --model-arg")
         del content  # build_from_checkpoint reads the file itself; do not hold two copies
         model, checkpoint = models.build_from_checkpoint(weights)
-        config = checkpoint.get("config")
+        config = checkpoint.get("config") if isinstance(checkpoint.get("config"), dict) else None
     else:
         del content
         if model_name is None:
@@ -206,6 +207,9 @@ def score_crops(model: nn.Module, crops: Sequence[np.ndarray], flip: bool = True
         images = torch.cat([images, images.flip(-1)])
     outputs = model(images)
     logits = outputs["logit"].float().reshape(-1)
+    if not bool(torch.isfinite(logits).all()):
+        raise FloatingPointError("the model's fake logit is NaN or infinite for this face; its weights are broken "
+                                 "(a diverged training?) or it does not take this input")
     heatmaps = outputs.get("heatmap")
     if flip:
         logits = (logits[:count] + logits[count:]) / 2
@@ -464,7 +468,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         model, config = load_model_and_config(args.weights, args.model, parse_model_args(args.model_arg),
                                               resolve_device(args.device))
         detector = build_face_detector(args.detector)
-    except (ValueError, FileNotFoundError) as error:
+        check_writable(args.out, "picture folder")  # before any scoring, not after it
+    except (ValueError, OSError) as error:  # OSError: FileNotFoundError, an unwritable --out
         print(f"error: {error}", file=sys.stderr)
         return 2
     args.crop_size = args.crop_size or None
@@ -482,9 +487,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 scored = run_image(args, model, detector, path, image)
             else:
                 scored = run_video(args, model, detector, path)
-        except BadInputError as error:
+        except (BadInputError, OSError) as error:  # OSError: an unreadable input, a picture the disk refused
             print(f"error: {error}", file=sys.stderr)
             scored = False
+        except FloatingPointError as error:  # the model's fault: every input would fail alike
+            print(f"error: {path}: {error}", file=sys.stderr)
+            return 2
         all_scored = all_scored and scored
     return 0 if all_scored else 1
 

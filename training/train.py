@@ -3,8 +3,9 @@
 The loop is explicit: per epoch, draw the frames, build each batch (pseudo-fakes on the device for SBI/BI
 methods), one optimiser step (two passes for SAM), then save ``last.pth``, validate, and keep ``best.pth``
 by validation AUC (never test data). Everything random is a function of (seed, epoch), so resuming from an
-epoch's checkpoint continues exactly as the uninterrupted run would have. Under ``torchrun`` each process
-trains on its shard with DistributedDataParallel; metrics are gathered across ranks.
+epoch's checkpoint continues exactly as the uninterrupted run would have; ``last.pth`` saved before validation
+says the validation is pending, and a run stopped there validates that epoch first when resumed. Under
+``torchrun`` each process trains on its shard with DistributedDataParallel; metrics are gathered across ranks.
 
 Outputs go to ``<output_dir>/<experiment>/``: ``config.yaml`` (resolved), ``log.jsonl``, TensorBoard
 events in ``tb/``, and checkpoints that carry the model's name and arguments and the config.
@@ -12,7 +13,9 @@ events in ``tb/``, and checkpoints that carry the model's name and arguments and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -28,12 +31,15 @@ from tqdm import tqdm
 
 import models
 from package_utils.config import ConfigError, build_config
-from package_utils.io_utils import PROJECT_ROOT, atomic_write_text
+from package_utils.io_utils import (PROJECT_ROOT, BadInputError, OutputBusyError, atomic_write_bytes,
+                                    atomic_write_text, explain_os_error, output_lock, remove_leftovers,
+                                    safe_name)
 from synthesis.batch import BatcherConfig, PseudoFakeBatcher
 from synthesis.bi import BIConfig
 from synthesis.geometry import GeometryConfig
 from synthesis.sbi import SBIConfig
 from training import comm
+from training.data import loader_generator
 from training.metrics import BinaryEvaluator
 from training.optim import SAM, build_optimizer, build_scheduler
 
@@ -120,8 +126,38 @@ def batcher_config(config: dict) -> BatcherConfig:
                          return_sources=synthesis["return_sources"])
 
 
+#: The smallest value of each whole-number setting (0 where it means "the model's", "all" or "off").
+MINIMUM_VALUES = {"train.epochs": 1, "train.freeze_backbone_epochs": 0, "train.max_steps_per_epoch": 0,
+                  "train.log_every": 1, "train.val_every": 1, "data.image_size": 0, "data.batch_size": 1,
+                  "data.val_batch_size": 0, "data.workers": 0, "data.train_frames_per_video": 1,
+                  "data.val_frames_per_video": 1, "threads": 0, "eval.frames_per_video": 1, "eval.batch_size": 1}
+#: Settings that may also be null (all frames of every video).
+NULLABLE = {"data.train_frames_per_video", "data.val_frames_per_video"}
+
+
+def check_values(config: dict) -> None:
+    """Numbers in their range and a data root that is a path: one ConfigError naming the key."""
+    for key, minimum in MINIMUM_VALUES.items():
+        section, _, name = key.rpartition(".")
+        value = (config[section] if section else config)[name]
+        if value is None and key in NULLABLE:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ConfigError(f"{key} must be a whole number >= {minimum}, got {value!r}")
+    root = config["data"]["data_root"]
+    if root is not None and (not isinstance(root, str) or not root):
+        raise ConfigError(f"data.data_root must be a folder path or null, got {root!r}")
+
+
 def check_config(config: dict) -> None:
     """Errors that name the key, before any data is read."""
+    check_values(config)
+    try:  # the run folder is <output_dir>/<experiment>: "../../x" would put it anywhere
+        safe_name(config["experiment"], "experiment")
+    except BadInputError as error:
+        raise ConfigError(f"{error}; name the run folder inside output_dir, e.g. experiment=laanet_sbi_1") from None
+    if not isinstance(config["output_dir"], str) or not config["output_dir"]:
+        raise ConfigError(f"output_dir must be a folder path, got {config['output_dir']!r}")
     name = config["model"]["name"]
     if name not in models.available():
         raise ConfigError(f"model.name: unknown model {name!r} (known: {', '.join(models.available())})")
@@ -238,6 +274,9 @@ class BatchSource:
         sampler = getattr(self.train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
+        # The workers' base seed from (seed, epoch): drawn from torch's global generator, it would shift the
+        # dropout and synthesis draws of a resumed run (persistent workers draw it once per process).
+        self.train_loader.generator = loader_generator(self.seed, epoch)
         for raw in self.train_loader:
             yield self._prepare(raw, generator, getattr(self, "train_table", None))
 
@@ -352,10 +391,11 @@ def save_checkpoint(path: Path, core: torch.nn.Module, config: dict, **state) ->
     content = {"format": models.CHECKPOINT_FORMAT, "version": 1,
                "model": {"name": core.model_name, "args": core.model_args},
                "state_dict": core.state_dict(), "config": config, "torch": str(torch.__version__), **state}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(content, temporary)
-    os.replace(temporary, path)
+    # Serialised in memory, then written like every other output: a full disk is an OSError naming the file
+    # ("no space left on device", not torch's "basic_ios::clear") and the half-written temp file is removed.
+    buffer = io.BytesIO()
+    torch.save(content, buffer)
+    atomic_write_bytes(path, buffer.getbuffer())
 
 
 def _scalar(value):
@@ -363,21 +403,52 @@ def _scalar(value):
 
 
 class RunLog:
-    """JSONL + TensorBoard on the main process; nothing elsewhere."""
+    """JSONL + TensorBoard on the main process; nothing elsewhere.
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    A run starting at ``first_epoch`` (0, or the epoch after the checkpoint it resumes) first drops what an
+    earlier run in this folder logged from there on, so that re-run steps appear once: ``log.jsonl`` loses
+    those records (and a line a kill cut short), TensorBoard hides events from ``first_step`` on
+    (``purge_step``). ``redone_summary``: an epoch whose summary is redone too (its validation was pending).
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, first_epoch: int = 0, first_step: int = 0,
+                 redone_summary: int | None = None):
         self.enabled = enabled
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(run_dir / "tb"))
             self.path = run_dir / "log.jsonl"
+            self._drop_from(first_epoch, first_epoch if redone_summary is None else redone_summary)
+            self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=first_step)
+
+    def _drop_from(self, first_epoch: int, first_summary: int) -> None:
+        if not self.path.is_file():
+            return
+        kept, dropped = [], 0
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+                epoch = record["epoch"]  # train records have a "step", epoch summaries do not
+                keep = epoch < (first_epoch if "step" in record else first_summary)
+            except (ValueError, TypeError, KeyError):
+                keep = False
+            if keep:
+                kept.append(line + "\n")
+            else:
+                dropped += 1
+        if dropped:
+            log.info("%s: %d records from epoch %d on dropped (this run writes them again)", self.path, dropped,
+                     min(first_epoch, first_summary) + 1)
+            atomic_write_text(self.path, "".join(kept))
 
     def write(self, record: dict, step: int, prefix: str) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps({k: _scalar(v) for k, v in record.items()}) + "\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({k: _scalar(v) for k, v in record.items()}) + "\n")
+        except OSError as error:  # a full disk names the file
+            raise explain_os_error(error, self.path) from error
         for key, value in record.items():
             if isinstance(value, (int, float)) and key not in ("epoch", "step") and _scalar(value) is not None:
                 self.writer.add_scalar(f"{prefix}/{key}", value, step)
@@ -411,8 +482,34 @@ def _parameter_groups(core: torch.nn.Module, optimizer_config: dict) -> list[dic
 
 
 def train(config: dict, on_step: Callable[[dict], None] | None = None) -> dict:
-    """Run the training the config describes; returns a summary (best metric, checkpoint paths, history)."""
+    """Run the training the config describes; returns a summary (best metric, checkpoint paths, history).
+
+    The main process holds the run folder's lock throughout (``package_utils.io_utils.output_lock``, freed
+    by the kernel when the process dies): a second run into the same experiment stops at once, before any
+    work, instead of interleaving its checkpoints and logs with this one's. A read-only or full run folder
+    is found at the same point.
+    """
     check_config(config)
+    comm.init_distributed()
+    run_dir = _project_path(config["output_dir"]) / config["experiment"]
+    with contextlib.ExitStack() as held:
+        refusal = None
+        if comm.is_main_process():
+            try:
+                held.enter_context(output_lock(run_dir, "run folder"))
+            except (OutputBusyError, OSError) as error:
+                refusal = error
+        # Every rank hears of it: the others would wait for rank 0 at their first collective otherwise.
+        reason = comm.broadcast_object(None if refusal is None else str(refusal))
+        if refusal is not None:
+            raise refusal
+        if reason is not None:
+            raise OutputBusyError(f"rank 0 could not take the run folder: {reason}")
+        return _train_in(run_dir, config, on_step)
+
+
+def _train_in(run_dir: Path, config: dict, on_step: Callable[[dict], None] | None) -> dict:
+    """The training itself, in a run folder this run holds (on the main process)."""
     rank, world, _, distributed_device = comm.init_distributed()
     # Under torchrun "auto" means this process's own GPU (or the CPU with gloo).
     device = distributed_device if world > 1 and config["device"] == "auto" else resolve_device(config["device"])
@@ -420,10 +517,9 @@ def train(config: dict, on_step: Callable[[dict], None] | None = None) -> dict:
         # The model is ~100x slower than the loader (benchmarks/train.py): it gets every core of this rank.
         # On a shared machine export OMP_WAIT_POLICY=PASSIVE (the scripts do) or idle threads spin.
         torch.set_num_threads(config["threads"] or max(1, (os.cpu_count() or 1) // world))
-    run_dir = _project_path(config["output_dir"]) / config["experiment"]
     main_process = comm.is_main_process()
     if main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(run_dir, [".*.tmp"])  # half-written files of a killed or failed run
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
     comm.seed_everything(config["seed"])
@@ -444,23 +540,59 @@ def train(config: dict, on_step: Callable[[dict], None] | None = None) -> dict:
     scaler = torch.amp.GradScaler(device.type) if config["precision"] == "fp16" else None
 
     start_epoch, best, history = 0, {"auc": None, "epoch": None}, []
+    pending = None  # the summary of an epoch whose validation a stopped run did not finish
     resume = config["train"]["resume"]
     if resume == "auto":
         resume = run_dir / "last.pth" if (run_dir / "last.pth").is_file() else None
     if resume:
         checkpoint = models.read_weight_file(resume)
-        if checkpoint.get("model", {}).get("name") != core.model_name:
-            raise ConfigError(f"train.resume: {resume} holds model {checkpoint.get('model')}, not {core.model_name}")
-        core.load_state_dict(checkpoint["state_dict"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
+        try:
+            parts = {key: models.checkpoint_entry(checkpoint, key, kind, resume) for key, kind in (
+                ("model", dict), ("state_dict", dict), ("optimizer", dict), ("scheduler", dict), ("epoch", int),
+                ("best", dict))}
+            if parts["model"].get("name") != core.model_name:
+                raise ValueError(f"{resume} holds model {parts['model'].get('name')!r}, not {core.model_name!r}")
+            models.fit_weights(core, parts["state_dict"], resume, strict=True)
+            optimizer.load_state_dict(parts["optimizer"])
+            scheduler.load_state_dict(parts["scheduler"])
+            pending = checkpoint.get("validation_pending")
+            if pending is not None:  # an epoch's summary, with its epoch
+                models.checkpoint_entry(pending, "epoch", int, resume)
+        except (ValueError, KeyError, RuntimeError) as error:  # torch's own: optimizer groups of another model
+            raise ConfigError(f"train.resume: {error}") from None
         start_epoch, best, history = checkpoint["epoch"] + 1, checkpoint["best"], checkpoint.get("history", [])
         log.info("resumed from %s at epoch %d", resume, start_epoch)
 
-    run_log = RunLog(run_dir, main_process)
-    frozen_epochs = config["train"]["freeze_backbone_epochs"]
+    def validate_epoch(model: torch.nn.Module, summary: dict, state: dict) -> None:
+        """Validate the epoch's weights, keep best.pth, then clear the pending validation in last.pth."""
+        nonlocal best
+        metrics = validate(model, source, device, config["precision"], config["train"]["val_flip"], config["seed"])
+        frame = metrics["frame"]
+        summary.update({f"val_{k}": frame[k] for k in ("auc", "ap", "acc", "eer")})
+        improved = not math.isnan(frame["auc"]) and (best["auc"] is None or frame["auc"] > best["auc"])
+        if improved:
+            best = {"auc": frame["auc"], "epoch": summary["epoch"]}
+        history.append(summary)
+        if main_process:  # best.pth first: stopped in between, the validation is still pending and redone alike
+            if improved:
+                save_checkpoint(run_dir / "best.pth", core, config, best=best, history=history, metrics=metrics,
+                                **state)
+            save_checkpoint(run_dir / "last.pth", core, config, best=best, history=history, **state)
+
     max_steps = config["train"]["max_steps_per_epoch"]
     steps_per_epoch = min(len(source), max_steps) if max_steps else len(source)
+    run_log = RunLog(run_dir, main_process, start_epoch, start_epoch * steps_per_epoch,
+                     None if pending is None else pending["epoch"])
+    if pending is not None:  # the previous run stopped while validating this epoch, whose weights are loaded
+        if source.val_loader is None:
+            log.warning("epoch %d: its validation was pending, but data.val is empty now", pending["epoch"] + 1)
+            history.append(pending)
+        else:
+            log.info("epoch %d: validating, which the previous run did not finish", pending["epoch"] + 1)
+            validate_epoch(core, pending, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                           "epoch": pending["epoch"]})
+        run_log.write(pending, pending["epoch"], "epoch")
+    frozen_epochs = config["train"]["freeze_backbone_epochs"]
     loss_weights = config["loss"]
     model, wrapped_frozen = None, None
     for epoch in range(start_epoch, epochs):
@@ -502,24 +634,15 @@ def train(config: dict, on_step: Callable[[dict], None] | None = None) -> dict:
         summary = {"epoch": epoch, "lr": lr, "seconds": round(time.time() - started, 1),
                    **{f"train_{k}": v / done for k, v in totals.items()}}
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch}
-        if main_process:  # saved before validation: a failing validation still leaves the epoch's weights
-            save_checkpoint(run_dir / "last.pth", core, config, best=best, history=history, **state)
-        if source.val_loader is not None and (epoch + 1) % config["train"]["val_every"] == 0:
-            metrics = validate(model, source, device, config["precision"], config["train"]["val_flip"],
-                               config["seed"])
-            frame = metrics["frame"]
-            summary.update({f"val_{k}": frame[k] for k in ("auc", "ap", "acc", "eer")})
-            improved = not math.isnan(frame["auc"]) and (best["auc"] is None or frame["auc"] > best["auc"])
-            if improved:
-                best = {"auc": frame["auc"], "epoch": epoch}
+        validating = source.val_loader is not None and (epoch + 1) % config["train"]["val_every"] == 0
+        if not validating:
             history.append(summary)
-            if main_process:
-                save_checkpoint(run_dir / "last.pth", core, config, best=best, history=history, **state)
-                if improved:
-                    save_checkpoint(run_dir / "best.pth", core, config, best=best, history=history,
-                                    metrics=metrics, **state)
-        else:
-            history.append(summary)
+        if main_process:  # saved before validation: a kill or failure there leaves the epoch's weights and the
+            # note that its validation is pending, which the resumed run does first
+            save_checkpoint(run_dir / "last.pth", core, config, best=best, history=history,
+                            validation_pending=summary if validating else None, **state)
+        if validating:
+            validate_epoch(model, summary, state)
         run_log.write(summary, epoch, "epoch")
         if main_process:
             log.info("epoch %d/%d: %s", epoch + 1, epochs,
@@ -545,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = build_config(DEFAULTS, args.config, args.overrides)
         summary = train(config)
-    except (ConfigError, FileNotFoundError, ValueError) as error:
+    except (ConfigError, OSError, ValueError, OutputBusyError) as error:  # OSError: unwritable or full disk
         log.error("%s", error)
         return 2
     finally:

@@ -1,6 +1,7 @@
 """YAML configs: _base_ inheritance, typed key=value overrides, and errors naming the key and the file."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,23 @@ def test_malformed_overrides() -> None:
     with pytest.raises(ConfigError, match="empty key"):
         parse_override("=3")
     assert parse_override("crop.size=") == (["crop", "size"], "")
+
+
+@pytest.mark.parametrize("override, reason", [
+    ("crop.size=!!python/object/apply:os.system [echo hi]", "could not determine a constructor"),
+    ("crop.size=[1, 2", "expected ',' or ']'"),
+    ("crop.size='abc", "found unexpected end of stream")])
+def test_overrides_that_are_not_plain_yaml_are_one_clear_error(override: str, reason: str) -> None:
+    with pytest.raises(ConfigError, match=f"override '{re.escape(override)}': the value is not valid YAML") as caught:
+        parse_override(override)
+    assert reason in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_config_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("# Réglages\nnum_frames: 4\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=f"{re.escape(str(path))}: not UTF-8 text \\(byte 0xe9"):
+        build_config(DEFAULTS, path)
 
 
 def test_set_if_given() -> None:

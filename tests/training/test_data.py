@@ -60,6 +60,18 @@ def test_batches_do_not_depend_on_the_number_of_workers(document):
             assert torch.equal(a[key], b[key]), key
 
 
+
+def test_loading_an_epoch_leaves_torchs_global_generator_alone(document):
+    # Dropout and synthesis draw from the global generator: a loader that drew its workers' seed there would
+    # make a resumed run (first iterator in epoch k) differ from the uninterrupted one (first in epoch 0).
+    table = load_frame_table(document)
+    for workers in (0, 1):
+        loader = build_loader(table, image_size=64, batch_size=4, frames_per_video=2, train=True, workers=workers)
+        torch.manual_seed(5)
+        before = torch.get_rng_state()
+        next(iter(loader))
+        assert torch.equal(torch.get_rng_state(), before), f"workers={workers}"
+
 def test_flip_mirrors_image_and_landmarks(document):
     table = load_frame_table(document)
     dataset = FaceFrames(table, image_size=160)
@@ -84,6 +96,18 @@ def test_partners_come_from_the_partner_list(document):
         assert partner in table.partners[position] and margins is None
         assert table.video_index[partner] != table.video_index[position]
 
+
+
+@pytest.mark.parametrize("bad", [-1, 15, 10 ** 30], ids=["negative", "one-past-the-end", "huge"])
+def test_partner_ids_outside_the_file_are_named(document, tmp_path, bad):
+    # A negative id used to pick a face from the end of the file, a large one crashed a loader worker.
+    loaded = metadata.load(document)
+    loaded["data"][3]["partners"] = [5, bad]
+    path = tmp_path / "crafted.json"
+    metadata.save(path, loaded)
+    with pytest.raises(ValueError, match=f"crafted.json: item 3 \\(v0/003.png\\): partner id {bad} is not an item "
+                                         "of this file \\(0..14\\)"):
+        load_frame_table(path)
 
 def test_shards_cover_the_epoch_without_overlap(document):
     table = load_frame_table(document)

@@ -221,4 +221,27 @@ def test_official_weights_take_the_protocol_of_the_config(boxed_test_set, labell
     assert _scores(tmp_path / "a" / "test_t_68")[0] == "sbi"
     # A test set without detector boxes cannot be cut that way: a clear error, not 1.5x crops.
     assert evaluate.main([*common, "--test", str(labelled_face_metadata), "--out", str(tmp_path / "b")]) == 2
-    assert not (tmp_path / "b").exists()
+    assert not list((tmp_path / "b").iterdir())  # made and proven writable before scoring; nothing written
+
+
+def test_nan_scores_are_an_error_not_metrics(labelled_face_metadata, checkpoint, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(evaluate, "predict_logits",
+                        lambda model, images, *args: torch.full((len(images),), float("nan")))
+    out = tmp_path / "eval"
+    code = evaluate.main(["--weights", str(checkpoint), "--test", str(labelled_face_metadata), "--out", str(out),
+                          "eval.frames_per_video=1"])
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert code == 2 and errors == [f"{labelled_face_metadata}: the model scores 5 face(s) NaN or infinite; its "
+                                    "weights or these inputs are broken, no metric would mean anything"]
+    assert not list(out.rglob("metrics.json"))
+
+
+def test_an_unusable_output_folder_is_found_before_scoring(labelled_face_metadata, checkpoint, tmp_path, monkeypatch,
+                                                           caplog):
+    (tmp_path / "a_file").write_text("")
+    scored = []
+    monkeypatch.setattr(evaluate, "score_frames", lambda *args, **kwargs: scored.append(args))
+    code = evaluate.main(["--weights", str(checkpoint), "--test", str(labelled_face_metadata),
+                          "--out", str(tmp_path / "a_file" / "eval")])
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert code == 2 and scored == [] and len(errors) == 1 and str(tmp_path / "a_file") in errors[0]

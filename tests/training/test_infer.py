@@ -155,7 +155,7 @@ def test_image_without_face_exits_1_with_a_message(tiny, media_dir, tmp_path, ca
     code, out, err = run_main(capsys, "--weights", weights, grey, "--out", tmp_path / "out")
     assert code == 1
     assert f"{grey}: no face found" in err and "--detector none" in err
-    assert not FACE_LINE.search(out) and not (tmp_path / "out").exists()
+    assert not FACE_LINE.search(out) and not list((tmp_path / "out").iterdir())  # made before scoring, left empty
 
     dogs = media_dir / "photos/dlib/faces/dogs.jpg"  # MANIFEST: no human face; dlib HOG finds none
     code, out, err = run_main(capsys, "--weights", weights, "--detector", "dlib", dogs, "--out", tmp_path / "out")
@@ -301,3 +301,26 @@ def test_heatmap_colour_scale_top_maps_that_value_to_the_hottest_colour():
     assert scaled[200, 200, 2] > scaled[200, 200, 0]
     with pytest.raises(ValueError, match="heatmap_top"):
         infer.render_picture(face, heatmap_top=0.0)
+
+
+def test_a_model_scoring_nan_is_an_error_not_a_nan_probability(tiny, face_crop_file, monkeypatch, tmp_path, capsys):
+    model, weights = tiny
+    broken = models.build("laanet", **TINY_ARGS).eval()
+    broken.load_state_dict(model.state_dict())
+    broken.register_forward_hook(lambda module, inputs, outputs: {**outputs, "logit": outputs["logit"] * float("nan")})
+    with pytest.raises(FloatingPointError, match="NaN or infinite"):
+        infer.predict_image(broken, read_image(face_crop_file), None)
+    monkeypatch.setattr(infer, "load_model_and_config", lambda *args, **kwargs: (broken, None))
+    code, out, err = run_main(capsys, "--weights", weights, "--detector", "none", face_crop_file, "--out", tmp_path)
+    assert code == 2 and "nan" not in out
+    assert err.splitlines() == [f"error: {face_crop_file}: the model's fake logit is NaN or infinite for this face; "
+                                "its weights are broken (a diverged training?) or it does not take this input"]
+
+
+def test_an_unusable_picture_folder_is_found_before_any_scoring(tiny, face_crop_file, monkeypatch, tmp_path, capsys):
+    model, weights = tiny
+    (tmp_path / "a_file").write_text("")
+    scored = []
+    monkeypatch.setattr(infer, "predict_image", lambda *args, **kwargs: scored.append(args))
+    code, _, err = run_main(capsys, "--weights", weights, face_crop_file, "--out", tmp_path / "a_file" / "pictures")
+    assert code == 2 and scored == [] and str(tmp_path / "a_file") in err and len(err.splitlines()) == 1

@@ -85,6 +85,14 @@ def test_sam_takes_the_base_step_with_the_perturbed_gradient():
     assert torch.allclose(weight.detach(), expected, atol=1e-6)
 
 
+
+def test_a_full_disk_while_logging_names_the_log(tmp_path):
+    run_log = trainer.RunLog(tmp_path, enabled=True)
+    (tmp_path / "log.jsonl").symlink_to("/dev/full")  # every write: ENOSPC, a full disk for real
+    with pytest.raises(OSError, match=f"{tmp_path / 'log.jsonl'}: no space left on device"):
+        run_log.write({"epoch": 0, "step": 0, "loss": 1.0}, 0, "train")
+    run_log.close()
+
 def test_tiny_config_trains_on_real_faces_and_the_loss_falls(face_metadata, tmp_path):
     # Plain Adam on a fixed set of faces: every loss term must fall over the epochs (the sparse heatmap focal
     # term slowest). Without the geometric augmentation, whose crops and erasing make 12 steps too noisy.
