@@ -36,8 +36,8 @@ import numpy as np
 from package_utils import datasets
 from package_utils.config import run_stage
 from package_utils.detectors import Face, build_detector, choose_faces
-from package_utils.io_utils import (DEFAULT_DATA_ROOT, IMAGE_EXTENSIONS, BadInputError, atomic_write_json,
-                                    read_finished_json, relative_to_root, remove_leftovers, replace_dir)
+from package_utils.io_utils import (DEFAULT_DATA_ROOT, IMAGE_EXTENSIONS, BadInputError, atomic_write_json, inside,
+                                    read_finished_json, relative_to_root, remove_leftovers, replace_dir, safe_name)
 from package_utils.parallel import run_jobs
 from package_utils.video import MediaReader, sample_indices
 
@@ -168,6 +168,11 @@ def record_path_for(output: Path, entry: datasets.VideoEntry) -> Path:
 
 def crop_video(entry: datasets.VideoEntry, job: CropJob) -> dict:
     """Crop one video; returns its record (``status`` ok / skipped / cached). Idempotent and resumable."""
+    # method and name become folder and file names: a crafted "../x" must not write or delete outside the split
+    safe_name(entry.method, "method", entry.path)
+    safe_name(entry.name, "video name", entry.path)
+    for folder in ("records", "frames", "masks"):  # nor may a planted symlink lead out of it
+        inside(job.output / entry.split / folder / entry.rel_dir, job.output / entry.split, f"{folder} folder")
     record_path = record_path_for(job.output, entry)
     settings = job.settings
     if record_path.is_file():

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath, PurePosixPath
 from typing import Any, Iterator, Sequence
 
-from package_utils.io_utils import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from package_utils.io_utils import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, safe_name, safe_relative
 from package_utils.metadata import SPLITS
 
 logger = logging.getLogger(__name__)
@@ -429,6 +429,8 @@ def _read_ff_pairs(root: Path, split: str, split_file: str | os.PathLike | None)
                 or not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in pair)):
             raise ValueError(f"{path}: item {i} is {pair!r}, expected a pair of video ids like [\"000\", \"003\"]")
         a, b = (v if isinstance(v, str) else f"{v:03d}" for v in pair)
+        for video_id in (a, b):  # ids become file and folder names: "../x" must not leave the dataset
+            safe_name(video_id, "video id", f"{path}: item {i}")
         pairs.append((a, b))
     return pairs
 
@@ -504,6 +506,7 @@ def _read_cdf_test_list(path: Path) -> dict[str, tuple[int, int]]:
             raise ValueError(f"{path}:{lineno}: expected '<flag> <folder>/<file>.mp4' with flag 1 = real, "
                              f"0 = fake; got {line!r}")
         rel = str(PurePosixPath(fields[1].replace("\\", "/")))  # drops "./" so train can match test paths
+        safe_relative(rel, "video path", f"{path}:{lineno}")  # no absolute path, no ".." out of the dataset
         if rel in listed:
             logger.warning("%s:%d: %s listed again, first listing kept", path, lineno, rel)
             continue
@@ -561,7 +564,7 @@ def _dfdc_entries(root: Path, split: str, methods: Sequence[str] | None,
         listed = set()
         for lineno, raw, label_text in _read_list_rows(labels_path, required_label=True):
             label = _parse_label(label_text, f"{labels_path}:{lineno}")
-            path = video_dir / raw
+            path = video_dir / safe_relative(raw.replace("\\", "/"), "video path", f"{labels_path}:{lineno}")
             listed.add(path.name)
             collector.add(path, "test", path.stem, label, listed=True)
         unlisted = [p for p in _media_files(video_dir, VIDEO_EXTENSIONS) if p.name not in listed]
@@ -588,6 +591,7 @@ def _dfdc_entries(root: Path, split: str, methods: Sequence[str] | None,
             label = {"FAKE": 1, "REAL": 0}.get(str(label_text).upper())
             if label is None:
                 raise ValueError(f"{meta_path}: {file_name}: label {label_text!r} is not FAKE or REAL")
+            safe_name(file_name, "video file name", meta_path)
             collector.add(part / file_name, part.name, Path(file_name).stem, label, listed=True)
     return collector.finish(base)
 
@@ -607,7 +611,7 @@ def _dfdcp_entries(root: Path, split: str, methods: Sequence[str] | None,
             raise ValueError(f"{json_path}: {key}: expected an object with 'label' and 'set', got {info!r}")
         if str(info.get("set", "")).lower() != split:
             continue
-        rel = PurePosixPath(key.replace("\\", "/"))
+        rel = PurePosixPath(safe_relative(key.replace("\\", "/"), "video path", json_path))
         if len(rel.parts) < 2:
             raise ValueError(f"{json_path}: {key}: expected '<folder>/.../<file>.mp4'")
         label = _parse_label(info.get("label"), f"{json_path}: {key}")

@@ -129,7 +129,7 @@ def safe_relative(value: Any, what: str, source: str | os.PathLike = "") -> str:
     if not isinstance(value, str) or not value or value.startswith(("/", "\\")) or "\0" in value:
         raise BadInputError(f"{where}{what} {value!r} must be a relative path inside its folder")
     for part in value.split("/"):
-        safe_name(part, what, source)
+        safe_name(part, f"{what} {value!r}: part", source)
     return value
 
 

@@ -36,8 +36,9 @@ from package_utils import align, metadata
 from package_utils.config import run_stage
 from package_utils.crop import CROP_INDEX_NAME
 from package_utils.detectors import DlibHogDetector, LandmarkPredictor, choose_faces
-from package_utils.io_utils import (PROJECT_ROOT, atomic_write_image, atomic_write_json, read_finished_json,
-                                    read_image, relative_to_root, remove_leftovers)
+from package_utils.io_utils import (PROJECT_ROOT, BadInputError, atomic_write_image, atomic_write_json, inside,
+                                    read_finished_json, read_image, relative_to_root, remove_leftovers, safe_name,
+                                    safe_relative)
 from package_utils.parallel import run_jobs
 
 log = logging.getLogger("package_utils.landmarks")
@@ -132,6 +133,10 @@ def _cached_result(path: Path, fingerprint: str) -> dict | None:
 
 def landmark_video(record: dict, job: LandmarkJob) -> dict:
     """Landmarks (and alignment) for every crop of one video; cached per video for resume."""
+    check_record(record, str(record.get("video_id")))
+    # the cache and the aligned folder (deleted below) must stay in their areas, symlinks included
+    inside(cache_path(job, record), job.split_dir / "landmarks", "landmark cache")
+    inside(aligned_dir(job, record), job.split_dir / "aligned", "aligned folder")
     path = cache_path(job, record)
     fingerprint = _crop_fingerprint(record, job)
     if path.is_file():
@@ -202,6 +207,20 @@ def _item(record: dict, frame: dict, image_path: str, landmarks: np.ndarray, ali
     }
 
 
+def check_record(record: Any, where: str) -> None:
+    """A crop record's names become folder and file names and its image paths are read: none may leave its
+    folder (a crafted ``..`` would write, or with --save-aligned delete, outside the split)."""
+    if not isinstance(record, dict) or not isinstance(record.get("frames"), list):
+        raise BadInputError(f"{where}: not a crop record (an object with a 'frames' list)")
+    safe_name(record.get("method"), "method", where)
+    safe_name(record.get("name"), "video name", where)
+    for number, frame in enumerate(record["frames"]):
+        if not isinstance(frame, dict):
+            raise BadInputError(f"{where}: frame {number} is not an object")
+        safe_name(frame.get("file_name"), f"frame {number} file_name", where)
+        safe_relative(frame.get("image_path"), f"frame {number} image_path", where)
+
+
 def load_crop_index(source: Path) -> tuple[Path, dict]:
     """(split folder, crop index) from a split folder or a crop_index.json path."""
     index_path = source / CROP_INDEX_NAME if source.is_dir() else source
@@ -215,6 +234,8 @@ def load_crop_index(source: Path) -> tuple[Path, dict]:
             raise ValueError(f"{index_path}: not valid JSON ({error})") from None
     if index.get("kind") != "crop_index" or not isinstance(index.get("records"), list):
         raise ValueError(f"{index_path}: not a crop index (missing kind=crop_index / records)")
+    for number, record in enumerate(index["records"]):
+        check_record(record, f"{index_path}: record {number}")
     return index_path.parent, index
 
 

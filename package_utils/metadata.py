@@ -71,13 +71,24 @@ def _is_points(value: Any) -> bool:
     )
 
 
+def _is_inside_path(value: Any) -> bool:
+    """A non-empty path relative to the data root that cannot leave it (no leading '/', drive or '..')."""
+    if not isinstance(value, str) or not value or "\0" in value:
+        return False
+    parts = value.replace("\\", "/").split("/")
+    return not (parts[0] == "" or ":" in parts[0] or ".." in parts)
+
+
+INSIDE_PATH = "a path relative to data_root that stays inside it (no leading '/', no '..')"
+
+
 def _is_box(value: Any) -> bool:
     return isinstance(value, list) and len(value) == 4 and all(_is_num(v) for v in value)
 
 
 # key -> (check, description) for the required item keys
 REQUIRED_ITEM_KEYS: dict[str, tuple[Any, str]] = {
-    "image_path": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "image_path": (_is_inside_path, INSIDE_PATH),
     "file_name": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
     "id": (_is_int, "an int"),
     "fake_type": (lambda v: isinstance(v, str), "a string"),
@@ -94,12 +105,12 @@ REQUIRED_ITEM_KEYS: dict[str, tuple[Any, str]] = {
 }
 
 OPTIONAL_ITEM_KEYS: dict[str, tuple[Any, str]] = {
-    "crop_path": (lambda v: isinstance(v, str), "a string"),
+    "crop_path": (_is_inside_path, INSIDE_PATH),
     "face_box": (lambda v: v is None or _is_box(v), "null or [x0, y0, x1, y1]"),
     "face_score": (lambda v: v is None or _is_num(v), "null or a number"),
     "keypoints": (lambda v: v is None or (_is_points(v) and len(v) == 5), "null or 5 [x, y] points"),
     "face_index": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
-    "mask_path": (lambda v: v is None or isinstance(v, str), "null or a string"),
+    "mask_path": (lambda v: v is None or _is_inside_path(v), f"null or {INSIDE_PATH}"),
     "alignment": (lambda v: v in ("rotate", "similarity", "none"), "rotate, similarity or none"),
     "align_matrix": (
         lambda v: v is None or (isinstance(v, list) and len(v) == 2 and all(
@@ -205,6 +216,10 @@ def load(path: str | os.PathLike, data_root: str | os.PathLike | None = None) ->
 
 
 def resolve(document: dict, relative_path: str) -> Path:
-    """Absolute path of an item path (``image_path``, ``mask_path`` ...) of ``document``."""
-    path = Path(relative_path)
-    return path if path.is_absolute() else Path(document["data_root"]) / path
+    """Absolute path of an item path (``image_path``, ``mask_path`` ...) of ``document``.
+
+    Raises MetadataError for a path that is absolute or climbs out of the data root with ``..``.
+    """
+    if not _is_inside_path(relative_path):
+        raise MetadataError(f"{relative_path!r} is not {INSIDE_PATH} {document['data_root']}")
+    return Path(document["data_root"]) / relative_path

@@ -346,3 +346,39 @@ def test_duplicate_ids_are_rejected(tmp_path: Path) -> None:
     touch(tmp_path / "real/a.jpg")
     with pytest.raises(ValueError, match="duplicate video id folder/real/a"):
         list_entries("folder", tmp_path, "test")
+
+
+# ---------------------------------------------------------------------------------------------------- crafted lists
+
+
+def test_split_lists_cannot_select_files_outside_the_dataset(tmp_path: Path, ff_root: Path, cdf_root: Path) -> None:
+    """Absolute paths and '..' in official split/label files are refused with file and line, never followed."""
+    secret = touch(tmp_path / "secret.mp4")
+    cases = []
+    ff_split = tmp_path / "ff_split.json"
+    ff_split.write_text(json.dumps([["006", "007"], ["../../../secret", "006"]]))
+    cases.append((lambda: list_entries("ff", ff_root, "test", split_file=ff_split), "ff_split.json: item 1"))
+    listing = cdf_root / "List_of_testing_videos.txt"
+    for number, line in enumerate(("1 Celeb-real/../../secret.mp4", f"1 {secret}")):
+        crafted = tmp_path / f"cdf_list_{number}.txt"
+        crafted.write_text(listing.read_text() + line + "\n")
+        cases.append((lambda crafted=crafted: list_entries("cdf", cdf_root, "test", split_file=crafted),
+                      f"{crafted.name}:5"))
+    dfdc = tmp_path / "dfdc"
+    touch(dfdc / "test/videos/aaa.mp4")
+    (dfdc / "test/labels.csv").write_text("filename,label\naaa.mp4,1\n../../secret.mp4,0\n")
+    cases.append((lambda: list_entries("dfdc", dfdc, "test"), "labels.csv:3"))
+    part = dfdc / "dfdc_train_part_0"
+    touch(part / "x.mp4")
+    (part / "metadata.json").write_text(json.dumps({"x.mp4": {"label": "REAL"}, "../../secret.mp4": {"label": "FAKE"}}))
+    cases.append((lambda: list_entries("dfdc", dfdc, "train"), "metadata.json"))
+    dfdcp = tmp_path / "dfdcp"
+    touch(dfdcp / "original_videos/1/1_0.mp4")
+    (dfdcp / "dataset.json").write_text(json.dumps({"original_videos/1/1_0.mp4": {"label": "real", "set": "test"},
+                                                    "original_videos/../../secret.mp4": {"label": "fake", "set": "test"}}))
+    cases.append((lambda: list_entries("dfdcp", dfdcp, "test"), "dataset.json"))
+    for listing_entries, where in cases:
+        with pytest.raises(ValueError, match="secret") as error:
+            listing_entries()
+        message = str(error.value)
+        assert where in message and ("inside its folder" in message or "not a plain name" in message), message

@@ -57,7 +57,9 @@ def test_load_with_other_data_root_resolves_paths(tmp_path: Path, document: dict
     loaded = metadata.load(path, data_root=tmp_path / "moved")
     first = loaded["data"][0]["image_path"]
     assert metadata.resolve(loaded, first) == (tmp_path / "moved" / first).resolve()
-    assert metadata.resolve(loaded, "/abs/x.png") == Path("/abs/x.png")
+    for escaping in ("/abs/x.png", "../x.png", "a/../../x.png"):  # an item path never leaves the data root
+        with pytest.raises(MetadataError, match="stays inside"):
+            metadata.resolve(loaded, escaping)
 
 
 @pytest.mark.parametrize("change, index, key", [
@@ -72,8 +74,12 @@ def test_load_with_other_data_root_resolves_paths(tmp_path: Path, document: dict
     (lambda d: d["data"][2].update(keypoints=[[1.0, 2.0]] * 4), 2, "keypoints"),
     (lambda d: d["data"][1].update(landmark_model="mediapipe"), 1, "landmark_model"),
     (lambda d: d["data"][1].update(id=7), 1, "id"),
+    (lambda d: d["data"][0].update(image_path="/etc/passwd"), 0, "image_path"),
+    (lambda d: d["data"][2].update(image_path="out/../../../secret.png"), 2, "image_path"),
+    (lambda d: d["data"][1].update(crop_path="C:/x.png"), 1, "crop_path"),
+    (lambda d: d["data"][1].update(mask_path="..\\x.png"), 1, "mask_path"),
 ], ids=["missing", "label-type", "label-value", "frame-index", "lms-count", "aligned-count", "pair-count", "box",
-        "keypoints", "model", "id-mismatch"])
+        "keypoints", "model", "id-mismatch", "absolute-path", "climbing-path", "drive-path", "backslash-path"])
 def test_item_errors_name_file_item_and_key(tmp_path: Path, document: dict, change, index: int, key: str) -> None:
     path = saved_with(tmp_path, document, change)
     with pytest.raises(MetadataError) as error:
