@@ -37,7 +37,8 @@ from package_utils import datasets
 from package_utils.config import run_stage
 from package_utils.detectors import Face, build_detector, choose_faces
 from package_utils.io_utils import (DEFAULT_DATA_ROOT, IMAGE_EXTENSIONS, BadInputError, atomic_write_json, inside,
-                                    read_finished_json, relative_to_root, remove_leftovers, replace_dir, safe_name)
+                                    output_lock, read_finished_json, relative_to_root, remove_leftovers, replace_dir,
+                                    safe_name)
 from package_utils.parallel import run_jobs
 from package_utils.video import MediaReader, sample_indices
 
@@ -162,6 +163,17 @@ def _cached_record(record_path: Path, settings: dict) -> dict | None:
     return read_finished_json(record_path, "settings", settings, log, "record")
 
 
+def _missing_outputs(record: dict, job: CropJob, record_path: Path) -> list[str]:
+    """Crop and mask files a finished record names but the disk lacks (deleted, or lost to an interrupted
+    run); when there are any the video is redone instead of trusting the record."""
+    missing = [path for frame in record.get("frames", []) for path in (frame.get("image_path"), frame.get("mask_path"))
+               if path is not None and not (job.data_root / path).is_file()]
+    if missing:
+        log.warning("%s: %d of its crop/mask files are missing (e.g. %s), video redone", record_path, len(missing),
+                    missing[0])
+    return missing
+
+
 def record_path_for(output: Path, entry: datasets.VideoEntry) -> Path:
     return output / entry.split / "records" / f"{entry.rel_dir}.json"
 
@@ -177,7 +189,7 @@ def crop_video(entry: datasets.VideoEntry, job: CropJob) -> dict:
     settings = job.settings
     if record_path.is_file():
         cached = _cached_record(record_path, settings)
-        if cached is not None:
+        if cached is not None and not _missing_outputs(cached, job, record_path):
             return cached
 
     split_dir = job.output / entry.split
@@ -315,6 +327,15 @@ def run(config: dict) -> dict:
         raise ValueError(f"faces must be largest or all, got {config['faces']!r}")
     if config["device"] == "cuda":
         log.warning("face detection runs on the CPU (onnxruntime CPU build); --device cuda is ignored here")
+    if config["split"] not in datasets.SPLITS:
+        raise ValueError(f"split must be one of {', '.join(datasets.SPLITS)}, got {config['split']!r}")
+    # one writer per split folder: a second run would delete this one's unfinished crops as leftovers
+    with output_lock(output / config["split"], "crop split folder"):
+        return _crop_split(config, output, data_root)
+
+
+def _crop_split(config: dict, output: Path, data_root: Path) -> dict:
+    """The crop stage proper, run while this process holds the split folder's lock."""
     entries = list_inputs(config)
     detector = dict(config["detector"])
     if config["dataset"] == "dfw" and detector["name"] != "none":

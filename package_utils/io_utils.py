@@ -142,15 +142,16 @@ def inside(path: str | os.PathLike, folder: str | os.PathLike, what: str = "path
 
 
 @contextmanager
-def output_lock(folder: str | os.PathLike, what: str = "output folder") -> Iterator[Path]:
+def output_lock(folder: str | os.PathLike, what: str = "output folder", lock_name: str = ".lock",
+                target: str | os.PathLike | None = None) -> Iterator[Path]:
     """Hold an exclusive lock on ``folder`` for the duration of a run: one writer per output.
 
-    The lock is an ``fcntl`` lock on ``<folder>/.lock``: the kernel drops it when the process dies (SIGKILL
-    included), so a killed run never leaves a stale lock. A second run into the same folder stops at once
-    with a message naming the folder and the holder.
+    The lock is an ``fcntl`` lock on ``<folder>/<lock_name>``: the kernel drops it when the process dies
+    (SIGKILL included), so a killed run never leaves a stale lock. A second run into the same folder stops
+    at once with a message naming the folder (or ``target``) and the holder.
     """
     folder = check_writable(folder, what)
-    lock_path = folder / ".lock"
+    lock_path = folder / lock_name
     handle = open(lock_path, "a+", encoding="utf-8")
     try:
         try:
@@ -158,8 +159,8 @@ def output_lock(folder: str | os.PathLike, what: str = "output folder") -> Itera
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
-            raise OutputBusyError(f"{folder}: another run is writing into this {what} ({holder}); wait for it "
-                                  f"to finish or choose another output") from None
+            raise OutputBusyError(f"{target or folder}: another run is writing into this {what} ({holder}); "
+                                  f"wait for it to finish or choose another output") from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
@@ -167,6 +168,13 @@ def output_lock(folder: str | os.PathLike, what: str = "output folder") -> Itera
         yield folder
     finally:
         handle.close()  # closing releases the lock; the file stays (removing it would race a waiting run)
+
+
+def output_file_lock(path: str | os.PathLike, what: str = "output file"):
+    """``output_lock`` for one output file (``.<name>.lock`` beside it): runs writing other files of the same
+    folder go on side by side, a second run writing this file stops at once."""
+    path = Path(path)
+    return output_lock(path.parent, what, lock_name=f".{path.name}.lock", target=path)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -37,8 +37,8 @@ from package_utils.config import run_stage
 from package_utils.crop import CROP_INDEX_NAME
 from package_utils.detectors import DlibHogDetector, LandmarkPredictor, choose_faces
 from package_utils.io_utils import (PROJECT_ROOT, BadInputError, atomic_write_image, atomic_write_json, inside,
-                                    read_finished_json, read_image, relative_to_root, remove_leftovers, safe_name,
-                                    safe_relative)
+                                    output_file_lock, output_lock, read_finished_json, read_image, relative_to_root,
+                                    remove_leftovers, safe_name, safe_relative)
 from package_utils.parallel import run_jobs
 
 log = logging.getLogger("package_utils.landmarks")
@@ -258,6 +258,14 @@ def run(config: dict) -> dict:
                       align=config["align"], save_aligned=config["save_aligned"],
                       aligned_size=config["aligned_size"], calibrate_box=config["calibrate_box"],
                       pretrained_dir=config["pretrained_dir"])
+    # one writer per landmark area of a split (caches and aligned images) and per metadata file
+    with output_lock(split_dir / "landmarks", "landmark folder"), output_file_lock(output, "metadata file"):
+        return _landmark_split(config, index, job, output)
+
+
+def _landmark_split(config: dict, index: dict, job: LandmarkJob, output: Path) -> dict:
+    """The landmarks stage proper, run while this process holds its output locks."""
+    split_dir, data_root, records, split = job.split_dir, job.data_root, index["records"], index["config"]["split"]
     leftovers = remove_leftovers(split_dir, ("landmarks/*/.*.tmp", "aligned/*/*/*/.*.tmp"))
     leftovers += remove_leftovers(output.parent, (f".{output.name}.*.tmp",))
     for path in leftovers:

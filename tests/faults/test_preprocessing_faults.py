@@ -4,13 +4,18 @@ outside its folder. Inputs are a few real photos and short clips of the shared m
 from __future__ import annotations
 
 import json
-import logging
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from conftest import REPO_ROOT
 from package_utils import crop, landmarks, metadata, partners
+from package_utils.io_utils import output_file_lock, output_lock
 
 SIZE = 64
 #: Two photos and a short clip (66 frames, 2 sampled): three quick "videos" with one face each.
@@ -64,9 +69,11 @@ def cropped(tmp_path_factory, media_dir: Path) -> Path:
 
 @pytest.fixture
 def cropped_copy(cropped: Path, tmp_path: Path) -> Path:
-    """A private copy of the cropped tree (links kept), below ``tmp_path / 'root'``."""
+    """A private copy of the cropped tree (links kept), below ``tmp_path / 'root'``, as if cropped there."""
     root = tmp_path / "root"
     shutil.copytree(cropped, root, symlinks=True)
+    for path in root.rglob("*.json"):
+        path.write_text(path.read_text().replace(str(cropped), str(root)))
     return root
 
 
@@ -145,3 +152,103 @@ def test_metadata_paths_leaving_the_data_root_are_refused(cropped_copy: Path, tm
         assert partners.main(["--input", str(crafted), "--output", str(tmp_path / "bi.json"), "--k", "1"]) == 2
         assert f"{crafted}: item 1: key 'image_path'" in caplog.text
         assert not (tmp_path / "bi.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------ 2. one writer
+def normalised(value, root: Path):
+    """JSON minus timings, with ``root`` replaced, so runs in different folders compare equal."""
+    if isinstance(value, dict):
+        return {k: normalised(v, root) for k, v in value.items() if k not in ("seconds", "cached")}
+    if isinstance(value, list):
+        return [normalised(v, root) for v in value]
+    return value.replace(str(root), "<root>") if isinstance(value, str) else value
+
+
+def crop_output(root: Path) -> dict[str, object]:
+    """Every file of a crop output: crop bytes and records/index content (timings and counters dropped)."""
+    files = {}
+    for path in sorted((root / "out/test").rglob("*")):
+        if not path.is_file() or path.name == ".lock":
+            continue
+        rel = path.relative_to(root / "out/test").as_posix()
+        if path.suffix == ".json":
+            content = normalised(json.loads(path.read_text()), root)
+            if rel == crop.CROP_INDEX_NAME:
+                content = content["records"]  # the summary counts resumed videos, the config names the run
+            files[rel] = content
+        else:
+            files[rel] = path.read_bytes()
+    return files
+
+
+SLOW_CROP = """
+import sys, time
+from package_utils import crop
+real = crop.crop_video
+def slow(entry, job):  # a long run: each video takes a second more
+    record = real(entry, job)
+    time.sleep(1.0)
+    return record
+crop.crop_video = slow
+sys.exit(crop.main(sys.argv[1:]))
+"""
+
+
+def test_second_crop_run_into_the_same_split_is_refused(cropped: Path, tmp_path: Path, media_dir: Path) -> None:
+    """Two crop runs into one output, started about a second apart: the second stops at once with a message
+    naming the folder and the holder, the first finishes with every video, crop and index entry."""
+    root = tmp_path / "root"
+    make_dataset(root, media_dir)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    args = crop_args(root, "--backend", "sequential")
+    first = subprocess.Popen([sys.executable, "-c", SLOW_CROP, *args], cwd=REPO_ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        lock = root / "out/test/.lock"
+        deadline = time.monotonic() + 60
+        while f"pid {first.pid} " not in (lock.read_text() if lock.is_file() else ""):
+            assert first.poll() is None and time.monotonic() < deadline, "the first run never took the lock"
+            time.sleep(0.05)
+        second = subprocess.run([sys.executable, "-m", "package_utils.crop", *args], cwd=REPO_ROOT, env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert first.poll() is None, "the first run must still be running while the second one tries"
+    finally:
+        first_err = first.communicate(timeout=120)[1]
+    assert second.returncode == 2, second.stderr
+    assert f"{root / 'out/test'}: another run is writing into this crop split folder (pid {first.pid}" \
+        in second.stderr
+    assert "Traceback" not in second.stderr
+    assert first.returncode == 0, first_err
+    assert crop_output(root) == crop_output(cropped), "the first run's output must be whole"
+
+
+def test_landmark_and_partner_outputs_take_one_writer(cropped_copy: Path, tmp_path: Path, caplog) -> None:
+    """While another run holds a landmark folder or a metadata file, a second run stops before any work."""
+    meta = tmp_path / "meta.json"
+    split = cropped_copy / "out/test"
+    with output_lock(split / "landmarks", "landmark folder"):
+        assert landmarks.main(landmark_args(cropped_copy, meta)) == 2
+    assert "another run is writing into this landmark folder" in caplog.text
+    assert not meta.exists() and not list((split / "landmarks").glob("*/*.json"))
+    with output_file_lock(meta, "metadata file"):  # another landmark run writing the same file from elsewhere
+        assert landmarks.main(landmark_args(cropped_copy, meta)) == 2
+    assert f"{meta}: another run is writing into this metadata file" in caplog.text
+    assert landmarks.main(landmark_args(cropped_copy, meta)) == 0
+    caplog.clear()
+    with output_file_lock(tmp_path / "bi.json", "metadata file"):
+        assert partners.main(["--input", str(meta), "--output", str(tmp_path / "bi.json"), "--k", "1"]) == 2
+    assert f"{tmp_path / 'bi.json'}: another run is writing into this metadata file" in caplog.text
+    assert not (tmp_path / "bi.json").exists()
+    assert partners.main(["--input", str(meta), "--output", str(tmp_path / "bi.json"), "--k", "1"]) == 0
+
+
+def test_finished_record_with_missing_crops_is_redone(cropped_copy: Path, caplog) -> None:
+    """A record says ok but a crop is gone (deleted, or lost to a concurrent run): the video is redone."""
+    split = cropped_copy / "out/test"
+    expected = crop_output(cropped_copy)
+    (split / "frames/real/dance/065.png").unlink()
+    run_crop(cropped_copy)
+    assert "1 of its crop/mask files are missing" in caplog.text and "dance.json" in caplog.text
+    assert crop_output(cropped_copy) == expected
+    index = json.loads((split / crop.CROP_INDEX_NAME).read_text())
+    assert index["summary"]["resumed"] == 2 and len(index["records"]) == 3

@@ -65,7 +65,7 @@ def snapshot(root: Path, output: str = "out", drop: tuple[str, ...] = ("seconds"
     """Every file below the output: PNG bytes, JSON content minus timing fields."""
     files = {}
     for path in sorted((root / output).rglob("*")):
-        if path.is_file():
+        if path.is_file() and path.name != ".lock":  # the lock file names the pid that held it
             rel = path.relative_to(root / output).as_posix()
             files[rel] = normalise(json.loads(path.read_text()), root, drop) if path.suffix == ".json" \
                 else path.read_bytes()
@@ -316,7 +316,8 @@ def small_dataset(tmp_path: Path, media_dir: Path) -> Path:
 
 def stamps(root: Path) -> dict[str, tuple[int, bytes]]:
     return {p.relative_to(root).as_posix(): (p.stat().st_mtime_ns, p.read_bytes())
-            for p in sorted((root / "out/test").rglob("*")) if p.is_file() and p.name != crop.CROP_INDEX_NAME}
+            for p in sorted((root / "out/test").rglob("*"))
+            if p.is_file() and p.name not in (crop.CROP_INDEX_NAME, ".lock")}  # the lock names its holder's pid
 
 
 def test_rerun_skips_finished_videos(small_dataset: Path) -> None:
