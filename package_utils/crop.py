@@ -46,6 +46,13 @@ log = logging.getLogger("package_utils.crop")
 
 CROP_INDEX_NAME = "crop_index.json"
 RECORD_VERSION = 1
+#: Why a skipped video is or is not tried again on the next run (stored in its record).
+SKIP_IS_FINAL = {"retried_on_rerun": False,
+                 "retry_note": "the media cannot be used (corrupt, empty, frameless or without a face): redone only "
+                               "when the source file (size, modification time) or the settings change"}
+SKIP_IS_TEMPORARY = {"retried_on_rerun": True,
+                     "retry_note": "the source could not be read (an OS error such as a permission or a lost "
+                                   "mount): tried again on every run until it can be read"}
 #: What a killed run can leave in a split folder: temp files of atomic writes and unfinished crop folders.
 LEFTOVER_PATTERNS = (".*.tmp", "records/*/.*.tmp", "frames/*/*.partial", "masks/*/*.partial")
 
@@ -163,6 +170,41 @@ def _cached_record(record_path: Path, settings: dict) -> dict | None:
     return read_finished_json(record_path, "settings", settings, log, "record")
 
 
+def source_signature(path: Path) -> dict | None:
+    """Size and modification time of a source (summed / latest over an image folder's files): a replaced or
+    edited source no longer matches its record. None when the source cannot be read."""
+    try:
+        if not path.is_dir():
+            stat = path.stat()
+            return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        stats = [child.stat() for child in sorted(path.iterdir()) if child.is_file()]
+        return {"files": len(stats), "size": sum(s.st_size for s in stats),
+                "mtime_ns": max([path.stat().st_mtime_ns] + [s.st_mtime_ns for s in stats])}
+    except OSError:
+        return None
+
+
+def _require_readable(path: Path) -> None:
+    """Raise the OSError of a source that cannot be read now (the decoders would call it corrupt)."""
+    if path.is_dir():
+        os.listdir(path)
+    else:
+        with open(path, "rb") as handle:
+            handle.read(1)
+
+
+def _outdated(record: dict, entry: datasets.VideoEntry, record_path: Path) -> bool:
+    """A finished record that must be redone: its skip was temporary, or the source changed since."""
+    if record.get("retried_on_rerun"):
+        log.info("%s: skipped last time for a temporary reason (%s), trying again", entry.path, record.get("reason"))
+        return True
+    if record.get("source_signature") != source_signature(entry.path):
+        log.info("%s: source changed since %s was written (size or modification time), video redone", entry.path,
+                 record_path)
+        return True
+    return False
+
+
 def _missing_outputs(record: dict, job: CropJob, record_path: Path) -> list[str]:
     """Crop and mask files a finished record names but the disk lacks (deleted, or lost to an interrupted
     run); when there are any the video is redone instead of trusting the record."""
@@ -189,7 +231,8 @@ def crop_video(entry: datasets.VideoEntry, job: CropJob) -> dict:
     settings = job.settings
     if record_path.is_file():
         cached = _cached_record(record_path, settings)
-        if cached is not None and not _missing_outputs(cached, job, record_path):
+        if cached is not None and not _outdated(cached, entry, record_path) \
+                and not _missing_outputs(cached, job, record_path):
             return cached
 
     split_dir = job.output / entry.split
@@ -201,13 +244,20 @@ def crop_video(entry: datasets.VideoEntry, job: CropJob) -> dict:
         "source": str(entry.path), "detector": job.detector["name"], "crop_size": job.size,
         "crop_scale": job.scale, "settings": settings,
     }
+    record["source_signature"] = source_signature(entry.path)  # taken before reading: a later change redoes it
     started = time.perf_counter()
     allow_image = entry.dataset in ("folder", "dfw") or entry.path.suffix.lower() in IMAGE_EXTENSIONS
     try:
+        _require_readable(entry.path)
         reader = MediaReader(entry.path, allow_image=allow_image, threads=job.threads)
     except BadInputError as error:
-        record.update(status="skipped", reason=str(error), frames=[], frames_without_face=[])
+        record.update(status="skipped", reason=str(error), frames=[], frames_without_face=[], **SKIP_IS_FINAL)
         atomic_write_json(record_path, record)  # deterministic problem: do not retry on resume
+        return record
+    except OSError as error:  # unreadable for now (permissions, a lost mount): tried again on every run
+        record.update(status="skipped", reason=f"{entry.path}: cannot be read ({error})", frames=[],
+                      frames_without_face=[], **SKIP_IS_TEMPORARY)
+        atomic_write_json(record_path, record)
         return record
 
     indices = sample_indices(reader.info.frame_count, job.num_frames)
@@ -273,6 +323,7 @@ def crop_video(entry: datasets.VideoEntry, job: CropJob) -> dict:
                   frames_not_decoded=missing, seconds=round(time.perf_counter() - started, 3))
     if not frames:
         record["reason"] = "no face found in any sampled frame" if decoded else "no frame could be decoded"
+        record.update(SKIP_IS_FINAL)
     atomic_write_json(record_path, record)
     return record
 
@@ -359,7 +410,8 @@ def _crop_split(config: dict, output: Path, data_root: Path) -> dict:
             log.error("%s: failed: %s", entry.path, record["reason"])
             log.debug("%s", record.get("traceback"))
         elif record.get("status") == "skipped" and not record.get("cached"):
-            log.warning("%s: skipped: %s", entry.path, record.get("reason"))
+            log.warning("%s: skipped: %s%s", entry.path, record.get("reason"),
+                        "; tried again on the next run" if record.get("retried_on_rerun") else "")
     summary = summarize(records)
     summary["seconds"] = round(time.perf_counter() - started, 2)
     index = {"kind": "crop_index", "data_root": str(data_root), "config": config, "summary": summary,

@@ -122,9 +122,20 @@ def aligned_dir(job: LandmarkJob, record: dict) -> Path:
 
 
 def _crop_fingerprint(record: dict, job: LandmarkJob) -> str:
-    """Changes when the crop stage redid the video (other crops) or the paths moved to another data root."""
-    text = json.dumps([record["frames"], relative_to_root(job.split_dir, job.data_root)], sort_keys=True)
+    """Changes when the crop stage redid the video (other crops), the paths moved to another data root, or a
+    crop file changed, vanished or came back (its size and modification time are part of it)."""
+    text = json.dumps([record["frames"], relative_to_root(job.split_dir, job.data_root),
+                       [_file_stamp(job.data_root / frame["image_path"]) for frame in record["frames"]]],
+                      sort_keys=True)
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+def _file_stamp(path: Path) -> list[int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 def _cached_result(path: Path, fingerprint: str) -> dict | None:
@@ -141,7 +152,7 @@ def landmark_video(record: dict, job: LandmarkJob) -> dict:
     fingerprint = _crop_fingerprint(record, job)
     if path.is_file():
         cached = _cached_result(path, fingerprint)
-        if cached is not None:
+        if cached is not None and not cached.get("unreadable"):  # unreadable crops may be readable now: retry
             return cached
     if job.save_aligned:  # aligned images of an earlier, unfinished or outdated run of this video
         shutil.rmtree(aligned_dir(job, record), ignore_errors=True)

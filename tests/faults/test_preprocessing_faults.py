@@ -3,6 +3,7 @@ full or read-only outputs, symlink loops, kills. Each scenario asserts nothing i
 outside its folder. Inputs are a few real photos and short clips of the shared media, 2 frames, 64 px crops."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -252,3 +253,107 @@ def test_finished_record_with_missing_crops_is_redone(cropped_copy: Path, caplog
     assert crop_output(cropped_copy) == expected
     index = json.loads((split / crop.CROP_INDEX_NAME).read_text())
     assert index["summary"]["resumed"] == 2 and len(index["records"]) == 3
+
+
+# ------------------------------------------------------------------------------------------------ 3. temporary
+def test_unreadable_source_is_retried_on_every_run(cropped: Path, tmp_path: Path, media_dir: Path, monkeypatch,
+                                                   caplog) -> None:
+    """A source that cannot be read (PermissionError; simulated, as tests run as root) is skipped, logged on every
+    run and tried again; once readable it is cropped exactly as in a run that never saw the problem."""
+    root = tmp_path / "root"
+    make_dataset(root, media_dir)
+    unreadable = root / "data/real/dance.mp4"
+
+    def refuse(path, *args, **kwargs):
+        if Path(path) == unreadable:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(crop, "open", refuse, raising=False)
+    for _ in range(2):
+        caplog.clear()
+        run_crop(root)
+        record = json.loads((root / "out/test/records/real/dance.json").read_text())
+        assert record["status"] == "skipped" and "Permission denied" in record["reason"]
+        assert record["retried_on_rerun"] is True and "tried again" in record["retry_note"]
+        assert f"{unreadable}: skipped" in caplog.text and "tried again on the next run" in caplog.text
+    monkeypatch.undo()
+    run_crop(root)
+    assert crop_output(root) == crop_output(cropped)
+
+
+def test_corrupt_source_stays_skipped_until_it_is_replaced(tmp_path: Path, media_dir: Path, caplog) -> None:
+    """A corrupt file is a final skip (not retried, not logged again); replacing the file redoes it."""
+    root = tmp_path / "root"
+    make_dataset(root, media_dir, {"real/obama.jpg": SOURCES["real/obama.jpg"]})
+    broken = root / "data/fake/clip.mp4"
+    broken.parent.mkdir()
+    broken.write_bytes((media_dir / "fakes/sber-swap/dance.mp4").read_bytes()[:5000])
+    run_crop(root)
+    record = json.loads((root / "out/test/records/fake/clip.json").read_text())
+    assert record["status"] == "skipped" and record["retried_on_rerun"] is False
+    assert "redone only when the source file" in record["retry_note"]
+    caplog.clear()
+    run_crop(root)
+    assert "clip.mp4: skipped" not in caplog.text
+    assert json.loads((root / "out/test" / crop.CROP_INDEX_NAME).read_text())["summary"]["resumed"] == 2
+    shutil.copy(media_dir / "fakes/sber-swap/mark.webp.mp4", broken)  # the user fixes the file
+    run_crop(root)
+    record = json.loads((root / "out/test/records/fake/clip.json").read_text())
+    assert record["status"] == "ok" and len(record["frames"]) == 2
+    assert record["source_signature"]["size"] == broken.stat().st_size
+
+
+def test_replaced_source_is_cropped_again(cropped_copy: Path, media_dir: Path) -> None:
+    """The crop record is keyed on the source's size and modification time, not only its name."""
+    source = cropped_copy / "data/fake/alex.png"
+    source.unlink()
+    shutil.copy(media_dir / "photos/face_recognition/biden.jpg", source)
+    before = (cropped_copy / "out/test/frames/fake/alex/000.png").read_bytes()
+    run_crop(cropped_copy)
+    assert (cropped_copy / "out/test/frames/fake/alex/000.png").read_bytes() != before
+    index = json.loads((cropped_copy / "out/test" / crop.CROP_INDEX_NAME).read_text())
+    assert index["summary"]["resumed"] == 2
+
+
+def test_landmarks_of_restored_crops_come_back(cropped_copy: Path, tmp_path: Path, caplog) -> None:
+    """Crops missing, then unreadable, then restored byte-identical with their old modification times: the
+    landmark stage drops the video while they are bad and has it back, as before, once they are restored."""
+    meta = tmp_path / "meta.json"
+    assert landmarks.main(landmark_args(cropped_copy, meta)) == 0
+    complete = metadata.load(meta)["data"]
+    frames = cropped_copy / "out/test/frames/real/dance"
+    saved = tmp_path / "saved"
+    shutil.copytree(frames, saved)  # copy2: bytes and modification times
+    shutil.rmtree(frames)
+    assert landmarks.main(landmark_args(cropped_copy, meta)) == 0
+    assert [i["video_id"] for i in metadata.load(meta)["data"]].count("folder/real/dance") == 0
+    assert "dance/000.png: no such file" in caplog.text
+    shutil.copytree(saved, frames)
+    for crop_file in frames.iterdir():  # same size and time, other bytes: unreadable
+        crop_file.write_bytes(b"\0" * crop_file.stat().st_size)
+        shutil.copystat(saved / crop_file.name, crop_file)
+    assert landmarks.main(landmark_args(cropped_copy, meta)) == 0
+    assert [i["video_id"] for i in metadata.load(meta)["data"]].count("folder/real/dance") == 0
+    for crop_file in frames.iterdir():
+        shutil.copy2(saved / crop_file.name, crop_file)
+    assert landmarks.main(landmark_args(cropped_copy, meta)) == 0
+    document = metadata.load(meta)
+    assert document["data"] == complete
+    assert document["stats"]["landmarks"]["videos_resumed"] == 2
+
+
+def test_changed_crop_file_invalidates_its_landmarks(cropped_copy: Path, tmp_path: Path) -> None:
+    """A crop rewritten in place (same name, other pixels) is not described by the cached landmarks."""
+    import cv2
+
+    meta = tmp_path / "meta.json"
+    assert landmarks.main(landmark_args(cropped_copy, meta)) == 0
+    before = {i["image_path"]: i["orig_lms"] for i in metadata.load(meta)["data"]}
+    crop_file = cropped_copy / "out/test/frames/real/obama/000.png"
+    cv2.imwrite(str(crop_file), cv2.flip(cv2.imread(str(crop_file)), 1))
+    assert landmarks.main(landmark_args(cropped_copy, meta)) == 0
+    document = metadata.load(meta)
+    assert document["stats"]["landmarks"]["videos_resumed"] == 2
+    after = {i["image_path"]: i["orig_lms"] for i in document["data"]}
+    assert after["out/test/frames/real/obama/000.png"] != before["out/test/frames/real/obama/000.png"]
