@@ -282,16 +282,35 @@ def _media_files(folder: Path, extensions: set[str], recursive: bool = False) ->
                  and p.suffix.lower() in extensions]
         return sorted(files)
     files = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+    for dirpath, dirnames, filenames in _walk_once(folder):
         dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
         files.extend(Path(dirpath) / f for f in filenames
                      if not _is_hidden(f) and Path(f).suffix.lower() in extensions)
     return sorted(files)
 
 
+def _walk_once(folder: Path) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk`` that follows symlinked folders (linked datasets) but enters each real folder once and never
+    climbs back into the folder's own ancestors, so a link loop (``ln -s .. loop``) cannot list videos again."""
+    top = os.path.realpath(folder)
+    seen = {top}
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        kept = []
+        for name in sorted(dirnames):  # sorted: which of two links to one folder is kept does not vary
+            real = os.path.realpath(os.path.join(dirpath, name))
+            if real in seen or os.path.commonpath([top, real]) == real:
+                logger.warning("%s: links back to %s, which is already listed; not followed",
+                               os.path.join(dirpath, name), real)
+                continue
+            seen.add(real)
+            kept.append(name)
+        dirnames[:] = kept
+        yield dirpath, dirnames, filenames
+
+
 def _image_sequence_dirs(folder: Path) -> Iterator[Path]:
     """Every folder at or below ``folder`` that directly holds image files (one face sequence each)."""
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+    for dirpath, dirnames, filenames in _walk_once(folder):
         dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
         if any(not _is_hidden(f) and Path(f).suffix.lower() in IMAGE_EXTENSIONS for f in filenames):
             yield Path(dirpath)

@@ -357,3 +357,15 @@ def test_changed_crop_file_invalidates_its_landmarks(cropped_copy: Path, tmp_pat
     assert document["stats"]["landmarks"]["videos_resumed"] == 2
     after = {i["image_path"]: i["orig_lms"] for i in document["data"]}
     assert after["out/test/frames/real/obama/000.png"] != before["out/test/frames/real/obama/000.png"]
+
+
+# ------------------------------------------------------------------------------------------------ 4. link loops
+def test_symlink_loop_in_the_input_lists_each_video_once(cropped: Path, tmp_path: Path, media_dir: Path) -> None:
+    root = tmp_path / "root"
+    make_dataset(root, media_dir)
+    (root / "data/real/loop").symlink_to("..")
+    run_crop(root)
+    assert sorted(p.relative_to(root / "out/test/records").as_posix()
+                  for p in (root / "out/test/records").rglob("*.json")) == ["fake/alex.json", "real/dance.json",
+                                                                            "real/obama.json"]
+    assert crop_output(root) == crop_output(cropped)

@@ -382,3 +382,25 @@ def test_split_lists_cannot_select_files_outside_the_dataset(tmp_path: Path, ff_
             listing_entries()
         message = str(error.value)
         assert where in message and ("inside its folder" in message or "not a plain name" in message), message
+
+
+def test_symlink_loops_are_followed_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``ln -s .. loop`` inside a video folder and two links to one folder: each real folder is listed once;
+    a linked folder elsewhere (a dataset on another disk) is still followed."""
+    root = tmp_path / "folder"
+    touch(root / "real/a.mp4")
+    touch(root / "fake/b.mp4")
+    touch(tmp_path / "other_disk/c.mp4")
+    (root / "real/loop").symlink_to("..")
+    (root / "real/self").symlink_to(".")
+    (root / "fake/linked").symlink_to(tmp_path / "other_disk")
+    (root / "fake/linked_again").symlink_to(tmp_path / "other_disk")
+    with caplog.at_level(logging.WARNING, logger="package_utils.datasets"):
+        entries = list_entries("folder", root, "test")
+    assert ids(entries) == ["folder/fake/b", "folder/fake/linked__c", "folder/real/a"]
+    assert "real/loop: links back to" in caplog.text and "fake/linked_again: links back to" in caplog.text
+    dfw = tmp_path / "dfw"
+    touch(dfw / "real_test/seq1/0001.png")
+    touch(dfw / "fake_test/seq2/0001.png")
+    (dfw / "real_test/seq1/up").symlink_to("../..")
+    assert ids(list_entries("dfw", dfw, "test")) == ["dfw/fake/seq2", "dfw/real/seq1"]
