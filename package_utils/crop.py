@@ -38,7 +38,7 @@ from package_utils.config import run_stage
 from package_utils.detectors import Face, build_detector, choose_faces
 from package_utils.io_utils import (DEFAULT_DATA_ROOT, IMAGE_EXTENSIONS, BadInputError, atomic_write_json, inside,
                                     output_lock, read_finished_json, relative_to_root, remove_leftovers, replace_dir,
-                                    safe_name)
+                                    safe_name, write_image)
 from package_utils.parallel import run_jobs
 from package_utils.video import MediaReader, sample_indices
 
@@ -291,8 +291,7 @@ def crop_video(entry: datasets.VideoEntry, job: CropJob) -> dict:
             patch, pad = cut_with_padding(frame, box)
             crop = resize_square(patch, job.size)
             file_name = f"{index:03d}.png" if job.faces == "largest" else f"{index:03d}_{face_index}.png"
-            if not cv2.imwrite(str(tmp_frames / file_name), crop):
-                raise OSError(f"{tmp_frames / file_name}: could not write the crop")
+            write_image(tmp_frames / file_name, crop)  # a full disk says so (cv2.imwrite only returns False)
             item = {
                 "frame_index": int(index), "face_index": face_index, "file_name": file_name,
                 "image_path": relative_to_root(frames_dir / file_name, job.data_root),
@@ -305,7 +304,7 @@ def crop_video(entry: datasets.VideoEntry, job: CropJob) -> dict:
             if mask_frames is not None and index in mask_frames:
                 tmp_masks.mkdir(parents=True, exist_ok=True)
                 mask_patch, _ = cut_with_padding(mask_frames[index], box)
-                cv2.imwrite(str(tmp_masks / file_name), resize_square(mask_patch, job.size))
+                write_image(tmp_masks / file_name, resize_square(mask_patch, job.size))
                 item["mask_path"] = relative_to_root(masks_dir / file_name, job.data_root)
             frames.append(item)
 

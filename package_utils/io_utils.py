@@ -60,13 +60,20 @@ def _temp_path(path: Path) -> Path:
     return Path(tmp)
 
 
+class ExplainedOSError(OSError):
+    """An OSError whose text is just its message (no "[Errno 28]" prefix): one line a person can act on."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 def explain_os_error(error: OSError, path: str | os.PathLike) -> OSError:
     """The same error with a message a person can act on (names the file; says "no space left on device")."""
     if error.errno == errno.ENOSPC:
-        return OSError(errno.ENOSPC, f"{path}: no space left on device; free some space and rerun "
-                                     f"(finished work is kept and the run resumes)")
+        return ExplainedOSError(errno.ENOSPC, f"{path}: no space left on device; free some space and rerun "
+                                              f"(finished work is kept and the run resumes)")
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return OSError(error.errno, f"{path}: not writable ({os.strerror(error.errno)})")
+        return ExplainedOSError(error.errno, f"{path}: not writable ({os.strerror(error.errno)})")
     return error
 
 
@@ -192,6 +199,21 @@ def atomic_write_image(path: str | os.PathLike, image: np.ndarray, params: list[
     if not ok:
         raise OSError(f"{path}: OpenCV could not encode a {image.shape} {image.dtype} image")
     atomic_write_bytes(path, buffer.tobytes())
+
+
+def write_image(path: str | os.PathLike, image: np.ndarray, params: list[int] | None = None) -> None:
+    """Encode ``image`` by the file's extension and write it, not atomically: for files inside a folder that is
+    moved into place once complete (crop folders). A failed write leaves no partial file and says why."""
+    path = Path(path)
+    ok, buffer = cv2.imencode(path.suffix or ".png", image, params or [])
+    if not ok:
+        raise OSError(f"{path}: OpenCV could not encode a {image.shape} {image.dtype} image")
+    try:
+        with open(path, "wb") as handle:
+            handle.write(buffer.tobytes())
+    except OSError as error:
+        path.unlink(missing_ok=True)
+        raise explain_os_error(error, path) from error
 
 
 def replace_dir(tmp_dir: Path, final_dir: Path) -> None:

@@ -36,9 +36,9 @@ from package_utils import align, metadata
 from package_utils.config import run_stage
 from package_utils.crop import CROP_INDEX_NAME
 from package_utils.detectors import DlibHogDetector, LandmarkPredictor, choose_faces
-from package_utils.io_utils import (PROJECT_ROOT, BadInputError, atomic_write_image, atomic_write_json, inside,
-                                    output_file_lock, output_lock, read_finished_json, read_image, relative_to_root,
-                                    remove_leftovers, safe_name, safe_relative)
+from package_utils.io_utils import (PROJECT_ROOT, BadInputError, atomic_write_image, atomic_write_json,
+                                    check_writable, inside, output_file_lock, output_lock, read_finished_json,
+                                    read_image, relative_to_root, remove_leftovers, safe_name, safe_relative)
 from package_utils.parallel import run_jobs
 
 log = logging.getLogger("package_utils.landmarks")
@@ -269,6 +269,8 @@ def run(config: dict) -> dict:
                       align=config["align"], save_aligned=config["save_aligned"],
                       aligned_size=config["aligned_size"], calibrate_box=config["calibrate_box"],
                       pretrained_dir=config["pretrained_dir"])
+    if job.save_aligned:  # found before the work, not at the first aligned image
+        check_writable(split_dir / "aligned", "aligned image folder")
     # one writer per landmark area of a split (caches and aligned images) and per metadata file
     with output_lock(split_dir / "landmarks", "landmark folder"), output_file_lock(output, "metadata file"):
         return _landmark_split(config, index, job, output)

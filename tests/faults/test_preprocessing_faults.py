@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT
-from package_utils import crop, landmarks, metadata, partners
+from package_utils import crop, io_utils, landmarks, metadata, partners
 from package_utils.io_utils import output_file_lock, output_lock
 
 SIZE = 64
@@ -369,3 +370,125 @@ def test_symlink_loop_in_the_input_lists_each_video_once(cropped: Path, tmp_path
                   for p in (root / "out/test/records").rglob("*.json")) == ["fake/alex.json", "real/dance.json",
                                                                             "real/obama.json"]
     assert crop_output(root) == crop_output(cropped)
+
+
+# ------------------------------------------------------------------------------------------------ 5. full, read-only
+def refuse_temp_files_in(monkeypatch, folder: Path, code: int) -> None:
+    """The kernel's answer for a read-only, forbidden or full ``folder`` (tests run as root: modes do not bite)."""
+    real_mkstemp = io_utils.tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == folder:
+            raise OSError(code, os.strerror(code))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(io_utils.tempfile, "mkstemp", mkstemp)
+
+
+class _FullFile:
+    """A file on a full disk: it opens, every write fails with ENOSPC."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.close()
+
+    def write(self, data) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+
+def disk_fills_after(monkeypatch, writes: int) -> None:
+    """Files written through io_utils succeed ``writes`` times, then the disk is full."""
+    done = []
+
+    def opener(path, mode="r", *args, **kwargs):
+        handle = open(path, mode, *args, **kwargs)
+        if "w" not in mode:
+            return handle
+        done.append(path)
+        return handle if len(done) <= writes else _FullFile(handle)
+
+    monkeypatch.setattr(io_utils, "open", opener, raising=False)
+
+
+def error_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+
+
+@pytest.mark.parametrize("code, wording", [(errno.EROFS, "not writable (Read-only file system)"),
+                                           (errno.ENOSPC, "no space left on device")])
+def test_unwritable_crop_output_is_found_before_any_work(tmp_path: Path, media_dir: Path, monkeypatch, caplog,
+                                                         code: int, wording: str) -> None:
+    root = tmp_path / "root"
+    make_dataset(root, media_dir)
+    refuse_temp_files_in(monkeypatch, root / "out/test", code)
+    with caplog.at_level(logging.INFO):
+        run_crop(root, expect=2)
+    assert error_lines(caplog) == [next(line for line in error_lines(caplog) if wording in line)]
+    assert str(root / "out/test") in error_lines(caplog)[0]
+    assert "cropping" not in caplog.text and not (root / "out/test/records").exists()
+
+
+@pytest.mark.parametrize("where", ["metadata folder", "landmark folder", "aligned folder"])
+def test_unwritable_landmark_outputs_are_found_before_any_work(cropped_copy: Path, tmp_path: Path, monkeypatch,
+                                                               caplog, where: str) -> None:
+    folder = {"metadata folder": tmp_path / "meta", "landmark folder": cropped_copy / "out/test/landmarks",
+              "aligned folder": cropped_copy / "out/test/aligned"}[where]
+    refuse_temp_files_in(monkeypatch, folder, errno.EACCES)
+    assert landmarks.main(landmark_args(cropped_copy, tmp_path / "meta/meta.json", "--align", "rotate",
+                                        "--save-aligned")) == 2
+    assert len(error_lines(caplog)) == 1 and f"{folder}: not writable (Permission denied)" in error_lines(caplog)[0]
+    assert not list((cropped_copy / "out/test").glob("landmarks/*/*.json"))
+
+
+def test_unwritable_partner_output_is_found_before_the_search(cropped_copy: Path, tmp_path: Path, monkeypatch,
+                                                              caplog) -> None:
+    meta = tmp_path / "meta.json"
+    assert landmarks.main(landmark_args(cropped_copy, meta)) == 0
+    refuse_temp_files_in(monkeypatch, tmp_path / "bi", errno.EROFS)
+    caplog.clear()
+    assert partners.main(["--input", str(meta), "--output", str(tmp_path / "bi/bi.json"), "--k", "1"]) == 2
+    assert error_lines(caplog) == [f"{tmp_path / 'bi'}: not writable (Read-only file system)"]
+    assert "queries" not in caplog.text
+
+
+def test_disk_full_during_the_crop_run_stops_it_with_one_clear_line(cropped: Path, tmp_path: Path,
+                                                                   media_dir: Path, monkeypatch, caplog) -> None:
+    """The disk fills after the first video: the run stops at the first failed write (not one failure per
+    video) saying so; after freeing space the rerun keeps the finished video and ends as a clean run."""
+    root = tmp_path / "root"
+    make_dataset(root, media_dir)
+    disk_fills_after(monkeypatch, writes=2)  # fake/alex: its crop and its record
+    run_crop(root, expect=2)
+    [line] = error_lines(caplog)
+    assert "no space left on device; free some space and rerun" in line and str(root / "out/test") in line
+    assert sorted(p.name for p in (root / "out/test/records").rglob("*.json")) == ["alex.json"]
+    monkeypatch.undo()
+    run_crop(root)
+    index = json.loads((root / "out/test" / crop.CROP_INDEX_NAME).read_text())
+    assert index["summary"]["resumed"] == 1
+    assert crop_output(root) == crop_output(cropped)
+
+
+def test_disk_full_during_landmarks_and_partners_says_so(cropped_copy: Path, tmp_path: Path, monkeypatch,
+                                                          caplog) -> None:
+    meta, paired = tmp_path / "meta.json", tmp_path / "bi.json"
+    assert landmarks.main(landmark_args(cropped_copy, meta)) == 0
+    assert partners.main(["--input", str(meta), "--output", str(paired), "--k", "1"]) == 0
+    before = paired.read_bytes()
+    shutil.rmtree(cropped_copy / "out/test/landmarks")
+    caplog.clear()
+    disk_fills_after(monkeypatch, writes=1)
+    assert landmarks.main(landmark_args(cropped_copy, meta)) == 2
+    assert partners.main(["--input", str(meta), "--output", str(paired), "--k", "2"]) == 2
+    lines = error_lines(caplog)
+    assert len(lines) == 2 and all("no space left on device; free some space and rerun" in line for line in lines)
+    assert str(cropped_copy / "out/test/landmarks") in lines[0] and str(paired) in lines[1]
+    assert paired.read_bytes() == before, "a failed write must not touch the previous output"
