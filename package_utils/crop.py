@@ -381,7 +381,10 @@ def run(config: dict) -> dict:
         raise ValueError(f"split must be one of {', '.join(datasets.SPLITS)}, got {config['split']!r}")
     # one writer per split folder: a second run would delete this one's unfinished crops as leftovers
     with output_lock(output / config["split"], "crop split folder"):
-        return _crop_split(config, output, data_root)
+        try:
+            return _crop_split(config, output, data_root)
+        finally:  # a failed or stopped run leaves no temp files or unfinished crop folders either
+            remove_leftovers(output / config["split"], LEFTOVER_PATTERNS)
 
 
 def _crop_split(config: dict, output: Path, data_root: Path) -> dict:

@@ -111,7 +111,7 @@ def check_writable(folder: str | os.PathLike, what: str = "output folder") -> Pa
             os.fsync(fd)
         finally:
             os.close(fd)
-            os.unlink(probe)
+            Path(probe).unlink(missing_ok=True)  # a run cleaning its folder may have removed it already
     except OSError as error:
         raise explain_os_error(error, folder) from None
     return folder
@@ -227,8 +227,9 @@ def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
 def remove_leftovers(folder: str | os.PathLike, patterns: Iterable[str]) -> list[Path]:
     """Delete what a killed run left below ``folder``: temp files of atomic writes, unfinished folders.
 
-    ``patterns`` are glob patterns relative to ``folder`` (e.g. ``records/*/.*.tmp``). Stages call this once
-    before they start, so a restarted run ends with exactly the files of an uninterrupted one. Returns the
+    ``patterns`` are glob patterns relative to ``folder`` (e.g. ``records/*/.*.tmp``). Stages call this before
+    they start, so a restarted run ends with exactly the files of an uninterrupted one, and again when they
+    stop, so a failed run leaves none either. Lock files (``.lock``) are not temp files and stay. Returns the
     paths removed.
     """
     folder = Path(folder)

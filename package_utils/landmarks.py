@@ -47,6 +47,9 @@ log = logging.getLogger("package_utils.landmarks")
 #: Means over 48 faces of the shared photos (std 0.06-0.09).
 RETINAFACE_TO_DLIB = np.array([-0.058, 0.162, 0.061, -0.030])
 
+#: Temp files a killed run can leave in a split folder: write checks, caches and aligned images half written.
+LEFTOVER_PATTERNS = ("landmarks/.*.tmp", "landmarks/*/.*.tmp", "aligned/.*.tmp", "aligned/*/*/*/.*.tmp")
+
 DEFAULTS: dict[str, Any] = {
     "input": None,
     "output": None,
@@ -273,14 +276,22 @@ def run(config: dict) -> dict:
         check_writable(split_dir / "aligned", "aligned image folder")
     # one writer per landmark area of a split (caches and aligned images) and per metadata file
     with output_lock(split_dir / "landmarks", "landmark folder"), output_file_lock(output, "metadata file"):
-        return _landmark_split(config, index, job, output)
+        try:
+            return _landmark_split(config, index, job, output)
+        finally:  # a failed or stopped run leaves no temp files either
+            _remove_temp_files(split_dir, output)
+
+
+def _remove_temp_files(split_dir: Path, output: Path) -> list[Path]:
+    """Temp files of atomic writes and write checks in the areas this stage writes (never the lock files)."""
+    return (remove_leftovers(split_dir, LEFTOVER_PATTERNS)
+            + remove_leftovers(output.parent, (f".{output.name}.*.tmp", ".write-check.*.tmp")))
 
 
 def _landmark_split(config: dict, index: dict, job: LandmarkJob, output: Path) -> dict:
     """The landmarks stage proper, run while this process holds its output locks."""
     split_dir, data_root, records, split = job.split_dir, job.data_root, index["records"], index["config"]["split"]
-    leftovers = remove_leftovers(split_dir, ("landmarks/*/.*.tmp", "aligned/*/*/*/.*.tmp"))
-    leftovers += remove_leftovers(output.parent, (f".{output.name}.*.tmp",))
+    leftovers = _remove_temp_files(split_dir, output)
     for path in leftovers:
         log.info("removed %s, left by an interrupted run", path)
     started = time.perf_counter()

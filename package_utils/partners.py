@@ -41,6 +41,7 @@ import math
 import time
 from collections import Counter
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -48,7 +49,7 @@ import torch
 from tqdm import tqdm
 
 from package_utils import metadata
-from package_utils.io_utils import OutputBusyError, output_file_lock
+from package_utils.io_utils import OutputBusyError, output_file_lock, remove_leftovers
 
 __all__ = ["METRICS", "find_partners", "add_partners", "main"]
 
@@ -470,6 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # one writer per output file, and a read-only or full output folder is found before the search
         locks.enter_context(output_file_lock(args.output, "metadata file"))
+        output = Path(args.output)
+        for path in remove_leftovers(output.parent, (f".{output.name}.*.tmp", ".write-check.*.tmp")):
+            log.info("removed %s, left by an interrupted run", path)
         if str(args.device).startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: torch sees no CUDA device")
         document = metadata.load(args.input, args.data_root)

@@ -418,6 +418,12 @@ def disk_fills_after(monkeypatch, writes: int) -> None:
     monkeypatch.setattr(io_utils, "open", opener, raising=False)
 
 
+def temp_files(folder: Path) -> list[str]:
+    """Hidden files and unfinished folders below ``folder``, lock files excepted (they stay by design)."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if (p.name.startswith(".") or p.name.endswith(".partial")) and not p.name.endswith(".lock"))
+
+
 def error_lines(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
 
@@ -470,6 +476,8 @@ def test_disk_full_during_the_crop_run_stops_it_with_one_clear_line(cropped: Pat
     [line] = error_lines(caplog)
     assert "no space left on device; free some space and rerun" in line and str(root / "out/test") in line
     assert sorted(p.name for p in (root / "out/test/records").rglob("*.json")) == ["alex.json"]
+    assert (root / "out/test/frames/real").is_dir(), "the failed video got as far as its crop folder"
+    assert temp_files(root / "out/test") == [], "a failed run removes its temp files and unfinished folders"
     monkeypatch.undo()
     run_crop(root)
     index = json.loads((root / "out/test" / crop.CROP_INDEX_NAME).read_text())
@@ -492,3 +500,37 @@ def test_disk_full_during_landmarks_and_partners_says_so(cropped_copy: Path, tmp
     assert len(lines) == 2 and all("no space left on device; free some space and rerun" in line for line in lines)
     assert str(cropped_copy / "out/test/landmarks") in lines[0] and str(paired) in lines[1]
     assert paired.read_bytes() == before, "a failed write must not touch the previous output"
+    assert temp_files(cropped_copy / "out/test") == [] and temp_files(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------------------ 6. temp files
+def test_every_temp_file_a_killed_run_can_leave_is_removed(cropped_copy: Path, tmp_path: Path, caplog) -> None:
+    """One leftover of each kind the stages write (atomic-write temps, write checks, unfinished crop folders):
+    the next run of each stage removes them and reports them; lock files stay and are not reported."""
+    split = cropped_copy / "out/test"
+    meta, paired = tmp_path / "meta.json", tmp_path / "bi.json"
+    assert landmarks.main(landmark_args(cropped_copy, meta, "--align", "rotate", "--save-aligned")) == 0
+    assert partners.main(["--input", str(meta), "--output", str(paired), "--k", "1"]) == 0
+    done = files_below(cropped_copy) | files_below(tmp_path, skip=cropped_copy)
+    crop_leftovers = [".crop_index.json.k2j4.tmp", ".write-check.a1b2.tmp", "records/real/.dance.json.x9y8.tmp",
+                      "frames/real/dance.partial/000.png", "masks/fake/alex.partial/000.png"]
+    landmark_leftovers = [".write-check.c3d4.tmp", "real/.dance.dlib68_rotate_saved.json.e5f6.tmp"]
+    aligned_leftovers = [".write-check.g7h8.tmp", "dlib68_rotate/real/dance/.000.png.i9j0.tmp"]
+    output_leftovers = [".meta.json.k1l2.tmp", ".bi.json.m3n4.tmp", ".write-check.o5p6.tmp"]
+    planted = ([split / p for p in crop_leftovers] + [split / "landmarks" / p for p in landmark_leftovers]
+               + [split / "aligned" / p for p in aligned_leftovers] + [tmp_path / p for p in output_leftovers])
+    for path in planted:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half written")
+    with caplog.at_level(logging.INFO):
+        run_crop(cropped_copy)
+        assert landmarks.main(landmark_args(cropped_copy, meta, "--align", "rotate", "--save-aligned")) == 0
+        assert partners.main(["--input", str(meta), "--output", str(paired), "--k", "1"]) == 0
+    assert [p for p in planted if p.exists()] == []
+    assert temp_files(cropped_copy) == [] and temp_files(tmp_path) == []
+    locks = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.lock"))
+    assert locks == [".bi.json.lock", ".meta.json.lock", "root/out/test/.lock", "root/out/test/landmarks/.lock"]
+    assert ".lock" not in caplog.text
+    assert all(f"removed {path}" in caplog.text or f"removed {path.parent}" in caplog.text for path in planted)
+    again = files_below(cropped_copy) | files_below(tmp_path, skip=cropped_copy)
+    assert sorted(again) == sorted(done)
