@@ -124,6 +124,15 @@ def _rounded(values: np.ndarray | None, digits: int = 2) -> list | None:
     return None if values is None else np.round(np.asarray(values, dtype=np.float64), digits).tolist()
 
 
+def check_geometry(scale: Any, size: Any) -> None:
+    """One clear line before any work: a scale <= 0 gave blank crops marked ok, a size of 0 failed every video."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
+        raise ValueError(f"crop.scale (--crop-scale) must be a number > 0 (crop side / face box side, e.g. 1.5), "
+                         f"got {scale!r}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"crop.size (--crop-size) must be a whole number of pixels >= 1, got {size!r}")
+
+
 # ----------------------------------------------------------------------------------------------- per video
 _DETECTOR_CACHE: dict[str, Any] = {}
 
@@ -379,6 +388,7 @@ def run(config: dict) -> dict:
         log.warning("face detection runs on the CPU (onnxruntime CPU build); --device cuda is ignored here")
     if config["split"] not in datasets.SPLITS:
         raise ValueError(f"split must be one of {', '.join(datasets.SPLITS)}, got {config['split']!r}")
+    check_geometry(config["crop"]["scale"], config["crop"]["size"])
     # one writer per split folder: a second run would delete this one's unfinished crops as leftovers
     with output_lock(output / config["split"], "crop split folder"):
         try:

@@ -260,6 +260,9 @@ def run(config: dict) -> dict:
         raise ValueError(f"--landmarks must be 68 or 81, got {config['landmarks']}")
     if config["align"] not in align.ALIGN_MODES:
         raise ValueError(f"--align must be one of {align.ALIGN_MODES}, got {config['align']!r}")
+    size = config["aligned_size"]
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(f"--aligned-size must be a whole number of pixels >= 1, got {size!r}")
     split_dir, index = load_crop_index(Path(config["input"]).resolve())
     data_root = Path(config["data_root"] or index["data_root"]).resolve()
     _predictor(config["landmarks"], config["pretrained_dir"])  # fail now if the model file is missing

@@ -534,3 +534,25 @@ def test_every_temp_file_a_killed_run_can_leave_is_removed(cropped_copy: Path, t
     assert all(f"removed {path}" in caplog.text or f"removed {path.parent}" in caplog.text for path in planted)
     again = files_below(cropped_copy) | files_below(tmp_path, skip=cropped_copy)
     assert sorted(again) == sorted(done)
+
+
+# ------------------------------------------------------------------------------------------------ 7. crafted values
+@pytest.mark.parametrize("change, words", [
+    (lambda d: d["data"][1].update(partners=[0, -2]), "item 1: key 'partners' must be a list of item ids >= 0"),
+    (lambda d: d["data"][2].update(partners=[10**9]), "item 2: key 'partners' holds id 1000000000, but the file has"),
+    (lambda d: d["data"][0]["aligned_lms"][7].__setitem__(0, float("nan")), "item 0: key 'aligned_lms' must be"),
+    (lambda d: d["data"][0]["orig_lms"][7].__setitem__(1, 1e9), "item 0: key 'orig_lms' must be"),
+    (lambda d: d.update(data_root=7), "key 'data_root' must be the folder"),
+], ids=["negative-partner", "huge-partner", "nan-landmark", "far-landmark", "data-root-number"])
+def test_crafted_metadata_values_are_one_clear_error(cropped_copy: Path, tmp_path: Path, caplog, change,
+                                                     words: str) -> None:
+    meta = tmp_path / "meta.json"
+    assert landmarks.main(landmark_args(cropped_copy, meta)) == 0
+    document = json.loads(meta.read_text())
+    change(document)
+    crafted = tmp_path / "crafted.json"
+    crafted.write_text(json.dumps(document))
+    caplog.clear()
+    assert partners.main(["--input", str(crafted), "--output", str(tmp_path / "bi.json"), "--k", "1"]) == 2
+    assert error_lines(caplog) == [next(line for line in error_lines(caplog) if f"{crafted}: " in line)]
+    assert words in error_lines(caplog)[0]

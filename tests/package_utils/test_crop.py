@@ -306,6 +306,21 @@ def test_output_outside_data_root_is_refused(tmp_path: Path, media_dir: Path, ca
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--crop-scale", "-1", "crop.scale (--crop-scale) must be a number > 0"),
+    ("--crop-scale", "nan", "crop.scale (--crop-scale) must be a number > 0"),
+    ("--crop-size", "0", "crop.size (--crop-size) must be a whole number"),
+])
+def test_bad_crop_geometry_is_one_clear_line_before_any_work(tmp_path: Path, media_dir: Path, caplog, flag: str,
+                                                             value: str, message: str) -> None:
+    """A negative scale used to write blank crops marked ok, a zero size to fail every video."""
+    link(media_dir / OBAMA, tmp_path / "data/real/obama.jpg")
+    assert crop.main(crop_args(tmp_path, tmp_path / "data", "out", flag, value, "--backend", "sequential")) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and message in errors[0] and value in errors[0]
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------------------------ resume
 @pytest.fixture
 def small_dataset(tmp_path: Path, media_dir: Path) -> Path:

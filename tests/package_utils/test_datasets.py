@@ -374,8 +374,9 @@ def test_split_lists_cannot_select_files_outside_the_dataset(tmp_path: Path, ff_
     cases.append((lambda: list_entries("dfdc", dfdc, "train"), "metadata.json"))
     dfdcp = tmp_path / "dfdcp"
     touch(dfdcp / "original_videos/1/1_0.mp4")
-    (dfdcp / "dataset.json").write_text(json.dumps({"original_videos/1/1_0.mp4": {"label": "real", "set": "test"},
-                                                    "original_videos/../../secret.mp4": {"label": "fake", "set": "test"}}))
+    (dfdcp / "dataset.json").write_text(json.dumps({
+        "original_videos/1/1_0.mp4": {"label": "real", "set": "test"},
+        "original_videos/../../secret.mp4": {"label": "fake", "set": "test"}}))
     cases.append((lambda: list_entries("dfdcp", dfdcp, "test"), "dataset.json"))
     for listing_entries, where in cases:
         with pytest.raises(ValueError, match="secret") as error:
