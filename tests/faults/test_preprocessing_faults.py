@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -556,3 +557,34 @@ def test_crafted_metadata_values_are_one_clear_error(cropped_copy: Path, tmp_pat
     assert partners.main(["--input", str(crafted), "--output", str(tmp_path / "bi.json"), "--k", "1"]) == 2
     assert error_lines(caplog) == [next(line for line in error_lines(caplog) if f"{crafted}: " in line)]
     assert words in error_lines(caplog)[0]
+
+
+# ------------------------------------------------------------------------------------------------ 8. kill
+def test_crop_killed_mid_run_resumes_to_the_uninterrupted_output(cropped: Path, tmp_path: Path,
+                                                                 media_dir: Path) -> None:
+    """SIGKILL right after the first finished video, rerun: nothing lost or duplicated, the same files and crop
+    bytes as the run that was never interrupted, no temp files; the lock died with the killed process."""
+    root = tmp_path / "root"
+    make_dataset(root, media_dir)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    process = subprocess.Popen([sys.executable, "-m", "package_utils.crop", *crop_args(root, "--backend", "sequential")],
+                               cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    records = root / "out/test/records"
+    deadline = time.monotonic() + 60
+    try:
+        while process.poll() is None and time.monotonic() < deadline:
+            if records.is_dir() and any(records.rglob("*.json")):
+                break
+            time.sleep(0.002)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    done = len(list(records.rglob("*.json")))
+    assert 1 <= done < 3, f"{done} videos finished before the kill: nothing left to resume"
+    assert not (root / "out/test" / crop.CROP_INDEX_NAME).exists()
+    run_crop(root)
+    index = json.loads((root / "out/test" / crop.CROP_INDEX_NAME).read_text())
+    assert index["summary"]["resumed"] == done and index["summary"]["videos"] == 3
+    assert crop_output(root) == crop_output(cropped)
+    assert temp_files(root / "out/test") == []
