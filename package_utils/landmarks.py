@@ -42,13 +42,12 @@ from package_utils.io_utils import (PROJECT_ROOT, BadInputError, atomic_write_im
 from package_utils.parallel import run_jobs
 
 log = logging.getLogger("package_utils.landmarks")
+#: Temp files a killed run can leave in a split folder: write checks, caches and aligned images half written.
+LEFTOVER_PATTERNS = ("landmarks/.*.tmp", "landmarks/*/.*.tmp", "aligned/.*.tmp", "aligned/*/*/*/.*.tmp")
 
 #: RetinaFace box -> dlib-HOG-like box, as fractions of the RetinaFace width/height for x0, y0, x1, y1.
 #: Means over 48 faces of the shared photos (std 0.06-0.09).
 RETINAFACE_TO_DLIB = np.array([-0.058, 0.162, 0.061, -0.030])
-
-#: Temp files a killed run can leave in a split folder: write checks, caches and aligned images half written.
-LEFTOVER_PATTERNS = ("landmarks/.*.tmp", "landmarks/*/.*.tmp", "aligned/.*.tmp", "aligned/*/*/*/.*.tmp")
 
 DEFAULTS: dict[str, Any] = {
     "input": None,
@@ -125,20 +124,21 @@ def aligned_dir(job: LandmarkJob, record: dict) -> Path:
 
 
 def _crop_fingerprint(record: dict, job: LandmarkJob) -> str:
-    """Changes when the crop stage redid the video (other crops), the paths moved to another data root, or a
-    crop file changed, vanished or came back (its size and modification time are part of it)."""
-    text = json.dumps([record["frames"], relative_to_root(job.split_dir, job.data_root),
-                       [_file_stamp(job.data_root / frame["image_path"]) for frame in record["frames"]]],
-                      sort_keys=True)
+    """Changes when the crop stage redid the video (other crops) or the paths moved to another data root."""
+    text = json.dumps([record["frames"], relative_to_root(job.split_dir, job.data_root)], sort_keys=True)
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
-def _file_stamp(path: Path) -> list[int] | None:
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return [stat.st_size, stat.st_mtime_ns]
+def _crop_files_fingerprint(record: dict, job: LandmarkJob) -> str:
+    """Changes when a crop file changed, vanished or came back: the sizes and modification times of the files."""
+    stamps = []
+    for frame in record["frames"]:
+        try:
+            stat = (job.data_root / frame["image_path"]).stat()
+            stamps.append([stat.st_size, stat.st_mtime_ns])
+        except OSError:
+            stamps.append(None)
+    return hashlib.sha1(json.dumps(stamps).encode("utf-8")).hexdigest()
 
 
 def _cached_result(path: Path, fingerprint: str) -> dict | None:
@@ -152,7 +152,7 @@ def landmark_video(record: dict, job: LandmarkJob) -> dict:
     inside(cache_path(job, record), job.split_dir / "landmarks", "landmark cache")
     inside(aligned_dir(job, record), job.split_dir / "aligned", "aligned folder")
     path = cache_path(job, record)
-    fingerprint = _crop_fingerprint(record, job)
+    fingerprint = f"{_crop_fingerprint(record, job)}+{_crop_files_fingerprint(record, job)}"
     if path.is_file():
         cached = _cached_result(path, fingerprint)
         if cached is not None and not cached.get("unreadable"):  # unreadable crops may be readable now: retry
@@ -260,12 +260,12 @@ def run(config: dict) -> dict:
         raise ValueError(f"--landmarks must be 68 or 81, got {config['landmarks']}")
     if config["align"] not in align.ALIGN_MODES:
         raise ValueError(f"--align must be one of {align.ALIGN_MODES}, got {config['align']!r}")
-    size = config["aligned_size"]
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-        raise ValueError(f"--aligned-size must be a whole number of pixels >= 1, got {size!r}")
     split_dir, index = load_crop_index(Path(config["input"]).resolve())
     data_root = Path(config["data_root"] or index["data_root"]).resolve()
     _predictor(config["landmarks"], config["pretrained_dir"])  # fail now if the model file is missing
+    size = config["aligned_size"]
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(f"--aligned-size must be a whole number of pixels >= 1, got {size!r}")
     records = index["records"]
     split = index["config"]["split"]
     dataset = index["config"]["dataset"]
