@@ -145,9 +145,12 @@ def format_summary(stage: str, summary: dict) -> str:
 def run_stage(stage: str, parser, defaults: Mapping, flag_to_key: Mapping[str, str], run, argv=None) -> int:
     """The shared ``main`` of a stage: defaults <- --config <- overrides <- flags, run, print the summary.
 
-    Returns 0 on success, 1 when some videos failed, 2 for a usage or input error (logged, no traceback).
+    Returns 0 on success, 1 when some videos failed, 2 for a usage or input error, a busy, read-only or full
+    output (logged, no traceback).
     """
     import logging
+
+    from package_utils.io_utils import OutputBusyError
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -156,7 +159,7 @@ def run_stage(stage: str, parser, defaults: Mapping, flag_to_key: Mapping[str, s
         for flag, key in flag_to_key.items():
             set_if_given(config, key, getattr(args, flag))
         summary = run(config)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError, OutputBusyError) as error:
         logging.getLogger(f"package_utils.{stage}").error("%s", error)
         return 2
     print(format_summary(stage, summary))

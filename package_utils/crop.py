@@ -36,8 +36,9 @@ import numpy as np
 from package_utils import datasets
 from package_utils.config import run_stage
 from package_utils.detectors import Face, build_detector, choose_faces
-from package_utils.io_utils import (DEFAULT_DATA_ROOT, IMAGE_EXTENSIONS, BadInputError, atomic_write_json,
-                                    read_finished_json, relative_to_root, remove_leftovers, replace_dir)
+from package_utils.io_utils import (DEFAULT_DATA_ROOT, IMAGE_EXTENSIONS, BadInputError, atomic_write_json, inside,
+                                    output_lock, read_finished_json, relative_to_root, remove_leftovers, replace_dir,
+                                    safe_name, write_image)
 from package_utils.parallel import run_jobs
 from package_utils.video import MediaReader, sample_indices
 
@@ -45,6 +46,13 @@ log = logging.getLogger("package_utils.crop")
 
 CROP_INDEX_NAME = "crop_index.json"
 RECORD_VERSION = 1
+#: Why a skipped video is or is not tried again on the next run (stored in its record).
+SKIP_IS_FINAL = {"retried_on_rerun": False,
+                 "retry_note": "the media cannot be used (corrupt, empty, frameless or without a face): redone only "
+                               "when the source file (size, modification time) or the settings change"}
+SKIP_IS_TEMPORARY = {"retried_on_rerun": True,
+                     "retry_note": "the source could not be read (an OS error such as a permission or a lost "
+                                   "mount): tried again on every run until it can be read"}
 #: What a killed run can leave in a split folder: temp files of atomic writes and unfinished crop folders.
 LEFTOVER_PATTERNS = (".*.tmp", "records/*/.*.tmp", "frames/*/*.partial", "masks/*/*.partial")
 
@@ -116,6 +124,15 @@ def _rounded(values: np.ndarray | None, digits: int = 2) -> list | None:
     return None if values is None else np.round(np.asarray(values, dtype=np.float64), digits).tolist()
 
 
+def check_geometry(scale: Any, size: Any) -> None:
+    """One clear line before any work: a scale <= 0 gave blank crops marked ok, a size of 0 failed every video."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
+        raise ValueError(f"crop.scale (--crop-scale) must be a number > 0 (crop side / face box side, e.g. 1.5), "
+                         f"got {scale!r}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"crop.size (--crop-size) must be a whole number of pixels >= 1, got {size!r}")
+
+
 # ----------------------------------------------------------------------------------------------- per video
 _DETECTOR_CACHE: dict[str, Any] = {}
 
@@ -162,17 +179,69 @@ def _cached_record(record_path: Path, settings: dict) -> dict | None:
     return read_finished_json(record_path, "settings", settings, log, "record")
 
 
+def source_signature(path: Path) -> dict | None:
+    """Size and modification time of a source (summed / latest over an image folder's files): a replaced or
+    edited source no longer matches its record. None when the source cannot be read."""
+    try:
+        if not path.is_dir():
+            stat = path.stat()
+            return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        stats = [child.stat() for child in sorted(path.iterdir()) if child.is_file()]
+        return {"files": len(stats), "size": sum(s.st_size for s in stats),
+                "mtime_ns": max([path.stat().st_mtime_ns] + [s.st_mtime_ns for s in stats])}
+    except OSError:
+        return None
+
+
+def _require_readable(path: Path) -> None:
+    """Raise the OSError of a source that cannot be read now (the decoders would call it corrupt)."""
+    if path.is_dir():
+        os.listdir(path)
+    else:
+        with open(path, "rb") as handle:
+            handle.read(1)
+
+
+def _outdated(record: dict, entry: datasets.VideoEntry, record_path: Path) -> bool:
+    """A finished record that must be redone: its skip was temporary, or the source changed since."""
+    if record.get("retried_on_rerun"):
+        log.info("%s: skipped last time for a temporary reason (%s), trying again", entry.path, record.get("reason"))
+        return True
+    if record.get("source_signature") != source_signature(entry.path):
+        log.info("%s: source changed since %s was written (size or modification time), video redone", entry.path,
+                 record_path)
+        return True
+    return False
+
+
+def _missing_outputs(record: dict, job: CropJob, record_path: Path) -> list[str]:
+    """Crop and mask files a finished record names but the disk lacks (deleted, or lost to an interrupted
+    run); when there are any the video is redone instead of trusting the record."""
+    missing = [path for frame in record.get("frames", []) for path in (frame.get("image_path"), frame.get("mask_path"))
+               if path is not None and not (job.data_root / path).is_file()]
+    if missing:
+        log.warning("%s: %d of its crop/mask files are missing (e.g. %s), video redone", record_path, len(missing),
+                    missing[0])
+    return missing
+
+
 def record_path_for(output: Path, entry: datasets.VideoEntry) -> Path:
     return output / entry.split / "records" / f"{entry.rel_dir}.json"
 
 
 def crop_video(entry: datasets.VideoEntry, job: CropJob) -> dict:
     """Crop one video; returns its record (``status`` ok / skipped / cached). Idempotent and resumable."""
+    # method and name become folder and file names: a crafted "../x" must not write or delete outside the split
+    safe_name(entry.method, "method", entry.path)
+    safe_name(entry.name, "video name", entry.path)
+    for folder in ("records", "frames", "masks"):  # nor may a planted symlink lead out of it
+        inside(job.output / entry.split / folder / entry.rel_dir, job.output / entry.split, f"{folder} folder")
     record_path = record_path_for(job.output, entry)
     settings = job.settings
     if record_path.is_file():
         cached = _cached_record(record_path, settings)
-        if cached is not None:
+        if cached is not None and not _outdated(cached, entry, record_path) \
+                and not _missing_outputs(cached, job, record_path):
             return cached
 
     split_dir = job.output / entry.split
@@ -184,13 +253,20 @@ def crop_video(entry: datasets.VideoEntry, job: CropJob) -> dict:
         "source": str(entry.path), "detector": job.detector["name"], "crop_size": job.size,
         "crop_scale": job.scale, "settings": settings,
     }
+    record["source_signature"] = source_signature(entry.path)  # taken before reading: a later change redoes it
     started = time.perf_counter()
     allow_image = entry.dataset in ("folder", "dfw") or entry.path.suffix.lower() in IMAGE_EXTENSIONS
     try:
+        _require_readable(entry.path)
         reader = MediaReader(entry.path, allow_image=allow_image, threads=job.threads)
     except BadInputError as error:
-        record.update(status="skipped", reason=str(error), frames=[], frames_without_face=[])
+        record.update(status="skipped", reason=str(error), frames=[], frames_without_face=[], **SKIP_IS_FINAL)
         atomic_write_json(record_path, record)  # deterministic problem: do not retry on resume
+        return record
+    except OSError as error:  # unreadable for now (permissions, a lost mount): tried again on every run
+        record.update(status="skipped", reason=f"{entry.path}: cannot be read ({error})", frames=[],
+                      frames_without_face=[], **SKIP_IS_TEMPORARY)
+        atomic_write_json(record_path, record)
         return record
 
     indices = sample_indices(reader.info.frame_count, job.num_frames)
@@ -224,8 +300,7 @@ def crop_video(entry: datasets.VideoEntry, job: CropJob) -> dict:
             patch, pad = cut_with_padding(frame, box)
             crop = resize_square(patch, job.size)
             file_name = f"{index:03d}.png" if job.faces == "largest" else f"{index:03d}_{face_index}.png"
-            if not cv2.imwrite(str(tmp_frames / file_name), crop):
-                raise OSError(f"{tmp_frames / file_name}: could not write the crop")
+            write_image(tmp_frames / file_name, crop)  # a full disk says so (cv2.imwrite only returns False)
             item = {
                 "frame_index": int(index), "face_index": face_index, "file_name": file_name,
                 "image_path": relative_to_root(frames_dir / file_name, job.data_root),
@@ -238,7 +313,7 @@ def crop_video(entry: datasets.VideoEntry, job: CropJob) -> dict:
             if mask_frames is not None and index in mask_frames:
                 tmp_masks.mkdir(parents=True, exist_ok=True)
                 mask_patch, _ = cut_with_padding(mask_frames[index], box)
-                cv2.imwrite(str(tmp_masks / file_name), resize_square(mask_patch, job.size))
+                write_image(tmp_masks / file_name, resize_square(mask_patch, job.size))
                 item["mask_path"] = relative_to_root(masks_dir / file_name, job.data_root)
             frames.append(item)
 
@@ -256,6 +331,7 @@ def crop_video(entry: datasets.VideoEntry, job: CropJob) -> dict:
                   frames_not_decoded=missing, seconds=round(time.perf_counter() - started, 3))
     if not frames:
         record["reason"] = "no face found in any sampled frame" if decoded else "no frame could be decoded"
+        record.update(SKIP_IS_FINAL)
     atomic_write_json(record_path, record)
     return record
 
@@ -310,6 +386,19 @@ def run(config: dict) -> dict:
         raise ValueError(f"faces must be largest or all, got {config['faces']!r}")
     if config["device"] == "cuda":
         log.warning("face detection runs on the CPU (onnxruntime CPU build); --device cuda is ignored here")
+    if config["split"] not in datasets.SPLITS:
+        raise ValueError(f"split must be one of {', '.join(datasets.SPLITS)}, got {config['split']!r}")
+    check_geometry(config["crop"]["scale"], config["crop"]["size"])
+    # one writer per split folder: a second run would delete this one's unfinished crops as leftovers
+    with output_lock(output / config["split"], "crop split folder"):
+        try:
+            return _crop_split(config, output, data_root)
+        finally:  # a failed or stopped run leaves no temp files or unfinished crop folders either
+            remove_leftovers(output / config["split"], LEFTOVER_PATTERNS)
+
+
+def _crop_split(config: dict, output: Path, data_root: Path) -> dict:
+    """The crop stage proper, run while this process holds the split folder's lock."""
     entries = list_inputs(config)
     detector = dict(config["detector"])
     if config["dataset"] == "dfw" and detector["name"] != "none":
@@ -333,7 +422,8 @@ def run(config: dict) -> dict:
             log.error("%s: failed: %s", entry.path, record["reason"])
             log.debug("%s", record.get("traceback"))
         elif record.get("status") == "skipped" and not record.get("cached"):
-            log.warning("%s: skipped: %s", entry.path, record.get("reason"))
+            log.warning("%s: skipped: %s%s", entry.path, record.get("reason"),
+                        "; tried again on the next run" if record.get("retried_on_rerun") else "")
     summary = summarize(records)
     summary["seconds"] = round(time.perf_counter() - started, 2)
     index = {"kind": "crop_index", "data_root": str(data_root), "config": config, "summary": summary,

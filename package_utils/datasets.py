@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath, PurePosixPath
 from typing import Any, Iterator, Sequence
 
-from package_utils.io_utils import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from package_utils.io_utils import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, safe_name, safe_relative
 from package_utils.metadata import SPLITS
 
 logger = logging.getLogger(__name__)
@@ -282,16 +282,35 @@ def _media_files(folder: Path, extensions: set[str], recursive: bool = False) ->
                  and p.suffix.lower() in extensions]
         return sorted(files)
     files = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+    for dirpath, dirnames, filenames in _walk_once(folder):
         dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
         files.extend(Path(dirpath) / f for f in filenames
                      if not _is_hidden(f) and Path(f).suffix.lower() in extensions)
     return sorted(files)
 
 
+def _walk_once(folder: Path) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk`` that follows symlinked folders (linked datasets) but enters each real folder once and never
+    climbs back into the folder's own ancestors, so a link loop (``ln -s .. loop``) cannot list videos again."""
+    top = os.path.realpath(folder)
+    seen = {top}
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        kept = []
+        for name in sorted(dirnames):  # sorted: which of two links to one folder is kept does not vary
+            real = os.path.realpath(os.path.join(dirpath, name))
+            if real in seen or os.path.commonpath([top, real]) == real:
+                logger.warning("%s: links back to %s, which is already listed; not followed",
+                               os.path.join(dirpath, name), real)
+                continue
+            seen.add(real)
+            kept.append(name)
+        dirnames[:] = kept
+        yield dirpath, dirnames, filenames
+
+
 def _image_sequence_dirs(folder: Path) -> Iterator[Path]:
     """Every folder at or below ``folder`` that directly holds image files (one face sequence each)."""
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+    for dirpath, dirnames, filenames in _walk_once(folder):
         dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
         if any(not _is_hidden(f) and Path(f).suffix.lower() in IMAGE_EXTENSIONS for f in filenames):
             yield Path(dirpath)
@@ -429,6 +448,8 @@ def _read_ff_pairs(root: Path, split: str, split_file: str | os.PathLike | None)
                 or not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in pair)):
             raise ValueError(f"{path}: item {i} is {pair!r}, expected a pair of video ids like [\"000\", \"003\"]")
         a, b = (v if isinstance(v, str) else f"{v:03d}" for v in pair)
+        for video_id in (a, b):  # ids become file and folder names: "../x" must not leave the dataset
+            safe_name(video_id, "video id", f"{path}: item {i}")
         pairs.append((a, b))
     return pairs
 
@@ -504,6 +525,7 @@ def _read_cdf_test_list(path: Path) -> dict[str, tuple[int, int]]:
             raise ValueError(f"{path}:{lineno}: expected '<flag> <folder>/<file>.mp4' with flag 1 = real, "
                              f"0 = fake; got {line!r}")
         rel = str(PurePosixPath(fields[1].replace("\\", "/")))  # drops "./" so train can match test paths
+        safe_relative(rel, "video path", f"{path}:{lineno}")  # no absolute path, no ".." out of the dataset
         if rel in listed:
             logger.warning("%s:%d: %s listed again, first listing kept", path, lineno, rel)
             continue
@@ -561,7 +583,7 @@ def _dfdc_entries(root: Path, split: str, methods: Sequence[str] | None,
         listed = set()
         for lineno, raw, label_text in _read_list_rows(labels_path, required_label=True):
             label = _parse_label(label_text, f"{labels_path}:{lineno}")
-            path = video_dir / raw
+            path = video_dir / safe_relative(raw.replace("\\", "/"), "video path", f"{labels_path}:{lineno}")
             listed.add(path.name)
             collector.add(path, "test", path.stem, label, listed=True)
         unlisted = [p for p in _media_files(video_dir, VIDEO_EXTENSIONS) if p.name not in listed]
@@ -588,6 +610,7 @@ def _dfdc_entries(root: Path, split: str, methods: Sequence[str] | None,
             label = {"FAKE": 1, "REAL": 0}.get(str(label_text).upper())
             if label is None:
                 raise ValueError(f"{meta_path}: {file_name}: label {label_text!r} is not FAKE or REAL")
+            safe_name(file_name, "video file name", meta_path)
             collector.add(part / file_name, part.name, Path(file_name).stem, label, listed=True)
     return collector.finish(base)
 
@@ -607,7 +630,7 @@ def _dfdcp_entries(root: Path, split: str, methods: Sequence[str] | None,
             raise ValueError(f"{json_path}: {key}: expected an object with 'label' and 'set', got {info!r}")
         if str(info.get("set", "")).lower() != split:
             continue
-        rel = PurePosixPath(key.replace("\\", "/"))
+        rel = PurePosixPath(safe_relative(key.replace("\\", "/"), "video path", json_path))
         if len(rel.parts) < 2:
             raise ValueError(f"{json_path}: {key}: expected '<folder>/.../<file>.mp4'")
         label = _parse_label(info.get("label"), f"{json_path}: {key}")

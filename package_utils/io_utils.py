@@ -60,13 +60,20 @@ def _temp_path(path: Path) -> Path:
     return Path(tmp)
 
 
+class ExplainedOSError(OSError):
+    """An OSError whose text is just its message (no "[Errno 28]" prefix): one line a person can act on."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 def explain_os_error(error: OSError, path: str | os.PathLike) -> OSError:
     """The same error with a message a person can act on (names the file; says "no space left on device")."""
     if error.errno == errno.ENOSPC:
-        return OSError(errno.ENOSPC, f"{path}: no space left on device; free some space and rerun "
-                                     f"(finished work is kept and the run resumes)")
+        return ExplainedOSError(errno.ENOSPC, f"{path}: no space left on device; free some space and rerun "
+                                              f"(finished work is kept and the run resumes)")
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return OSError(error.errno, f"{path}: not writable ({os.strerror(error.errno)})")
+        return ExplainedOSError(error.errno, f"{path}: not writable ({os.strerror(error.errno)})")
     return error
 
 
@@ -104,7 +111,7 @@ def check_writable(folder: str | os.PathLike, what: str = "output folder") -> Pa
             os.fsync(fd)
         finally:
             os.close(fd)
-            os.unlink(probe)
+            Path(probe).unlink(missing_ok=True)  # a run cleaning its folder may have removed it already
     except OSError as error:
         raise explain_os_error(error, folder) from None
     return folder
@@ -129,7 +136,7 @@ def safe_relative(value: Any, what: str, source: str | os.PathLike = "") -> str:
     if not isinstance(value, str) or not value or value.startswith(("/", "\\")) or "\0" in value:
         raise BadInputError(f"{where}{what} {value!r} must be a relative path inside its folder")
     for part in value.split("/"):
-        safe_name(part, what, source)
+        safe_name(part, f"{what} {value!r}: part", source)
     return value
 
 
@@ -142,15 +149,16 @@ def inside(path: str | os.PathLike, folder: str | os.PathLike, what: str = "path
 
 
 @contextmanager
-def output_lock(folder: str | os.PathLike, what: str = "output folder") -> Iterator[Path]:
+def output_lock(folder: str | os.PathLike, what: str = "output folder", lock_name: str = ".lock",
+                target: str | os.PathLike | None = None) -> Iterator[Path]:
     """Hold an exclusive lock on ``folder`` for the duration of a run: one writer per output.
 
-    The lock is an ``fcntl`` lock on ``<folder>/.lock``: the kernel drops it when the process dies (SIGKILL
-    included), so a killed run never leaves a stale lock. A second run into the same folder stops at once
-    with a message naming the folder and the holder.
+    The lock is an ``fcntl`` lock on ``<folder>/<lock_name>``: the kernel drops it when the process dies
+    (SIGKILL included), so a killed run never leaves a stale lock. A second run into the same folder stops
+    at once with a message naming the folder (or ``target``) and the holder.
     """
     folder = check_writable(folder, what)
-    lock_path = folder / ".lock"
+    lock_path = folder / lock_name
     handle = open(lock_path, "a+", encoding="utf-8")
     try:
         try:
@@ -158,8 +166,8 @@ def output_lock(folder: str | os.PathLike, what: str = "output folder") -> Itera
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
-            raise OutputBusyError(f"{folder}: another run is writing into this {what} ({holder}); wait for it "
-                                  f"to finish or choose another output") from None
+            raise OutputBusyError(f"{target or folder}: another run is writing into this {what} ({holder}); "
+                                  f"wait for it to finish or choose another output") from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
@@ -167,6 +175,13 @@ def output_lock(folder: str | os.PathLike, what: str = "output folder") -> Itera
         yield folder
     finally:
         handle.close()  # closing releases the lock; the file stays (removing it would race a waiting run)
+
+
+def output_file_lock(path: str | os.PathLike, what: str = "output file"):
+    """``output_lock`` for one output file (``.<name>.lock`` beside it): runs writing other files of the same
+    folder go on side by side, a second run writing this file stops at once."""
+    path = Path(path)
+    return output_lock(path.parent, what, lock_name=f".{path.name}.lock", target=path)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -186,6 +201,21 @@ def atomic_write_image(path: str | os.PathLike, image: np.ndarray, params: list[
     atomic_write_bytes(path, buffer.tobytes())
 
 
+def write_image(path: str | os.PathLike, image: np.ndarray, params: list[int] | None = None) -> None:
+    """Encode ``image`` by the file's extension and write it, not atomically: for files inside a folder that is
+    moved into place once complete (crop folders). A failed write leaves no partial file and says why."""
+    path = Path(path)
+    ok, buffer = cv2.imencode(path.suffix or ".png", image, params or [])
+    if not ok:
+        raise OSError(f"{path}: OpenCV could not encode a {image.shape} {image.dtype} image")
+    try:
+        with open(path, "wb") as handle:
+            handle.write(buffer.tobytes())
+    except OSError as error:
+        path.unlink(missing_ok=True)
+        raise explain_os_error(error, path) from error
+
+
 def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
     """Move a finished temp folder onto ``final_dir``, dropping any stale folder there first."""
     if final_dir.exists():
@@ -197,8 +227,9 @@ def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
 def remove_leftovers(folder: str | os.PathLike, patterns: Iterable[str]) -> list[Path]:
     """Delete what a killed run left below ``folder``: temp files of atomic writes, unfinished folders.
 
-    ``patterns`` are glob patterns relative to ``folder`` (e.g. ``records/*/.*.tmp``). Stages call this once
-    before they start, so a restarted run ends with exactly the files of an uninterrupted one. Returns the
+    ``patterns`` are glob patterns relative to ``folder`` (e.g. ``records/*/.*.tmp``). Stages call this before
+    they start, so a restarted run ends with exactly the files of an uninterrupted one, and again when they
+    stop, so a failed run leaves none either. Lock files (``.lock``) are not temp files and stay. Returns the
     paths removed.
     """
     folder = Path(folder)

@@ -56,11 +56,14 @@ from package_utils import align, metadata
 from package_utils.config import run_stage
 from package_utils.crop import CROP_INDEX_NAME
 from package_utils.detectors import DlibHogDetector, LandmarkPredictor, choose_faces
-from package_utils.io_utils import (PROJECT_ROOT, atomic_write_image, atomic_write_json, read_finished_json,
-                                    read_image, relative_to_root, remove_leftovers)
+from package_utils.io_utils import (PROJECT_ROOT, BadInputError, atomic_write_image, atomic_write_json,
+                                    check_writable, inside, output_file_lock, output_lock, read_finished_json,
+                                    read_image, relative_to_root, remove_leftovers, safe_name, safe_relative)
 from package_utils.parallel import run_jobs
 
 log = logging.getLogger("package_utils.landmarks")
+#: Temp files a killed run can leave in a split folder: write checks, caches and aligned images half written.
+LEFTOVER_PATTERNS = ("landmarks/.*.tmp", "landmarks/*/.*.tmp", "aligned/.*.tmp", "aligned/*/*/*/.*.tmp")
 
 #: RetinaFace box -> dlib-HOG-like box, as fractions of the RetinaFace width/height for x0, y0, x1, y1.
 #: Means over 48 faces of the shared photos (std 0.06-0.09).
@@ -221,17 +224,33 @@ def _crop_fingerprint(record: dict, job: LandmarkJob) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
+def _crop_files_fingerprint(record: dict, job: LandmarkJob) -> str:
+    """Changes when a crop file changed, vanished or came back: the sizes and modification times of the files."""
+    stamps = []
+    for frame in record["frames"]:
+        try:
+            stat = (job.data_root / frame["image_path"]).stat()
+            stamps.append([stat.st_size, stat.st_mtime_ns])
+        except OSError:
+            stamps.append(None)
+    return hashlib.sha1(json.dumps(stamps).encode("utf-8")).hexdigest()
+
+
 def _cached_result(path: Path, fingerprint: str) -> dict | None:
     return read_finished_json(path, "crop_fingerprint", fingerprint, log, "landmark cache")
 
 
 def landmark_video(record: dict, job: LandmarkJob) -> dict:
     """Landmarks (and alignment) for every crop of one video; cached per video for resume."""
+    check_record(record, str(record.get("video_id")))
+    # the cache and the aligned folder (deleted below) must stay in their areas, symlinks included
+    inside(cache_path(job, record), job.split_dir / "landmarks", "landmark cache")
+    inside(aligned_dir(job, record), job.split_dir / "aligned", "aligned folder")
     path = cache_path(job, record)
-    fingerprint = _crop_fingerprint(record, job)
+    fingerprint = f"{_crop_fingerprint(record, job)}+{_crop_files_fingerprint(record, job)}"
     if path.is_file():
         cached = _cached_result(path, fingerprint)
-        if cached is not None:
+        if cached is not None and not cached.get("unreadable"):  # unreadable crops may be readable now: retry
             return cached
     if job.save_aligned:  # aligned images of an earlier, unfinished or outdated run of this video
         shutil.rmtree(aligned_dir(job, record), ignore_errors=True)
@@ -297,6 +316,20 @@ def _item(record: dict, frame: dict, image_path: str, landmarks: np.ndarray, ali
     }
 
 
+def check_record(record: Any, where: str) -> None:
+    """A crop record's names become folder and file names and its image paths are read: none may leave its
+    folder (a crafted ``..`` would write, or with --save-aligned delete, outside the split)."""
+    if not isinstance(record, dict) or not isinstance(record.get("frames"), list):
+        raise BadInputError(f"{where}: not a crop record (an object with a 'frames' list)")
+    safe_name(record.get("method"), "method", where)
+    safe_name(record.get("name"), "video name", where)
+    for number, frame in enumerate(record["frames"]):
+        if not isinstance(frame, dict):
+            raise BadInputError(f"{where}: frame {number} is not an object")
+        safe_name(frame.get("file_name"), f"frame {number} file_name", where)
+        safe_relative(frame.get("image_path"), f"frame {number} image_path", where)
+
+
 def load_crop_index(source: Path) -> tuple[Path, dict]:
     """(split folder, crop index) from a split folder or a crop_index.json path."""
     index_path = source / CROP_INDEX_NAME if source.is_dir() else source
@@ -310,6 +343,8 @@ def load_crop_index(source: Path) -> tuple[Path, dict]:
             raise ValueError(f"{index_path}: not valid JSON ({error})") from None
     if index.get("kind") != "crop_index" or not isinstance(index.get("records"), list):
         raise ValueError(f"{index_path}: not a crop index (missing kind=crop_index / records)")
+    for number, record in enumerate(index["records"]):
+        check_record(record, f"{index_path}: record {number}")
     return index_path.parent, index
 
 
@@ -330,6 +365,9 @@ def run(config: dict) -> dict:
     split_dir, index = load_crop_index(Path(config["input"]).resolve())
     data_root = Path(config["data_root"] or index["data_root"]).resolve()
     _predictor(config["landmarks"], config["pretrained_dir"])  # fail now if the model file is missing
+    size = config["aligned_size"]
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(f"--aligned-size must be a whole number of pixels >= 1, got {size!r}")
     records = index["records"]
     split = index["config"]["split"]
     dataset = index["config"]["dataset"]
@@ -338,9 +376,28 @@ def run(config: dict) -> dict:
     job = LandmarkJob(split_dir=split_dir, data_root=data_root, num_points=config["landmarks"],
                       align=config["align"], save_aligned=config["save_aligned"],
                       aligned_size=config["aligned_size"], calibrate_box=config["calibrate_box"],
-                      pretrained_dir=config["pretrained_dir"], max_landmark_error=float(config["max_landmark_error"]))
-    leftovers = remove_leftovers(split_dir, ("landmarks/*/.*.tmp", "aligned/*/*/*/.*.tmp"))
-    leftovers += remove_leftovers(output.parent, (f".{output.name}.*.tmp",))
+                      pretrained_dir=config["pretrained_dir"],
+                      max_landmark_error=float(config["max_landmark_error"]))
+    if job.save_aligned:  # found before the work, not at the first aligned image
+        check_writable(split_dir / "aligned", "aligned image folder")
+    # one writer per landmark area of a split (caches and aligned images) and per metadata file
+    with output_lock(split_dir / "landmarks", "landmark folder"), output_file_lock(output, "metadata file"):
+        try:
+            return _landmark_split(config, index, job, output)
+        finally:  # a failed or stopped run leaves no temp files either
+            _remove_temp_files(split_dir, output)
+
+
+def _remove_temp_files(split_dir: Path, output: Path) -> list[Path]:
+    """Temp files of atomic writes and write checks in the areas this stage writes (never the lock files)."""
+    return (remove_leftovers(split_dir, LEFTOVER_PATTERNS)
+            + remove_leftovers(output.parent, (f".{output.name}.*.tmp", ".write-check.*.tmp")))
+
+
+def _landmark_split(config: dict, index: dict, job: LandmarkJob, output: Path) -> dict:
+    """The landmarks stage proper, run while this process holds its output locks."""
+    split_dir, data_root, records, split = job.split_dir, job.data_root, index["records"], index["config"]["split"]
+    leftovers = _remove_temp_files(split_dir, output)
     for path in leftovers:
         log.info("removed %s, left by an interrupted run", path)
     started = time.perf_counter()

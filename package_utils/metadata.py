@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterable
@@ -67,14 +68,34 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+#: Landmark coordinates are pixels of a face crop; beyond this they are garbage (and overflow OpenCV drawing).
+LANDMARK_LIMIT = 16384.0
+
+
 def _is_num(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float (JSON's NaN and Infinity are not numbers a pipeline can use)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _is_points(value: Any) -> bool:
     return isinstance(value, list) and all(
-        isinstance(p, list) and len(p) == 2 and _is_num(p[0]) and _is_num(p[1]) for p in value
+        isinstance(p, list) and len(p) == 2 and _is_num(p[0]) and _is_num(p[1])
+        and abs(p[0]) <= LANDMARK_LIMIT and abs(p[1]) <= LANDMARK_LIMIT for p in value
     )
+
+
+POINTS = f"finite [x, y] points within +-{LANDMARK_LIMIT:g} px"
+
+
+def _is_inside_path(value: Any) -> bool:
+    """A non-empty path relative to the data root that cannot leave it (no leading '/', drive or '..')."""
+    if not isinstance(value, str) or not value or "\0" in value:
+        return False
+    parts = value.replace("\\", "/").split("/")
+    return not (parts[0] == "" or ":" in parts[0] or ".." in parts)
+
+
+INSIDE_PATH = "a path relative to data_root that stays inside it (no leading '/', no '..')"
 
 
 def _is_box(value: Any) -> bool:
@@ -83,12 +104,12 @@ def _is_box(value: Any) -> bool:
 
 # key -> (check, description) for the required item keys
 REQUIRED_ITEM_KEYS: dict[str, tuple[Any, str]] = {
-    "image_path": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "image_path": (_is_inside_path, INSIDE_PATH),
     "file_name": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
     "id": (_is_int, "an int"),
     "fake_type": (lambda v: isinstance(v, str), "a string"),
-    "orig_lms": (lambda v: _is_points(v) and len(v) in (0, 68, 81), "a list of 0, 68 or 81 [x, y] points"),
-    "aligned_lms": (lambda v: _is_points(v) and len(v) in (0, 68, 81), "a list of 0, 68 or 81 [x, y] points"),
+    "orig_lms": (lambda v: _is_points(v) and len(v) in (0, 68, 81), f"a list of 0, 68 or 81 {POINTS}"),
+    "aligned_lms": (lambda v: _is_points(v) and len(v) in (0, 68, 81), f"a list of 0, 68 or 81 {POINTS}"),
     "video_id": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
     "frame_index": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
     "label": (lambda v: _is_int(v) and v in (0, 1), "0 (real) or 1 (fake)"),
@@ -100,19 +121,19 @@ REQUIRED_ITEM_KEYS: dict[str, tuple[Any, str]] = {
 }
 
 OPTIONAL_ITEM_KEYS: dict[str, tuple[Any, str]] = {
-    "crop_path": (lambda v: isinstance(v, str), "a string"),
+    "crop_path": (_is_inside_path, INSIDE_PATH),
     "face_box": (lambda v: v is None or _is_box(v), "null or [x0, y0, x1, y1]"),
     "face_score": (lambda v: v is None or _is_num(v), "null or a number"),
-    "keypoints": (lambda v: v is None or (_is_points(v) and len(v) == 5), "null or 5 [x, y] points"),
+    "keypoints": (lambda v: v is None or (_is_points(v) and len(v) == 5), f"null or 5 {POINTS}"),
     "face_index": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
-    "mask_path": (lambda v: v is None or isinstance(v, str), "null or a string"),
+    "mask_path": (lambda v: v is None or _is_inside_path(v), f"null or {INSIDE_PATH}"),
     "alignment": (lambda v: v in ("rotate", "similarity", "none"), "rotate, similarity or none"),
     "align_matrix": (
         lambda v: v is None or (isinstance(v, list) and len(v) == 2 and all(
             isinstance(r, list) and len(r) == 3 and all(_is_num(x) for x in r) for r in v)),
         "null or a 2x3 matrix",
     ),
-    "partners": (lambda v: isinstance(v, list) and all(_is_int(x) for x in v), "a list of item ids"),
+    "partners": (lambda v: isinstance(v, list) and all(_is_int(x) and x >= 0 for x in v), "a list of item ids >= 0"),
     "partner_distances": (lambda v: isinstance(v, list) and all(_is_num(x) for x in v), "a list of numbers"),
     "best_match": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of paths"),
     "partner_status": (lambda v: isinstance(v, str), "a string"),
@@ -162,11 +183,29 @@ def validate(document: Any, source: str = "<metadata>") -> dict:
     for key in ("data_root", "data"):
         if key not in document:
             raise MetadataError(f"{source}: missing top-level key '{key}'")
+    if not isinstance(document["data_root"], str) or not document["data_root"]:
+        raise MetadataError(f"{source}: key 'data_root' must be the folder the image paths are relative to (a "
+                            f"non-empty string), got {document['data_root']!r:.80}")
     if not isinstance(document["data"], list):
         raise MetadataError(f"{source}: key 'data' must be a list")
     for index, item in enumerate(document["data"]):
         validate_item(item, index, source)
+    _check_partner_ids(document, source)
     return document
+
+
+def _check_partner_ids(document: dict, source: str) -> None:
+    """Partner ids index this file's items (a negative one would pick another face, a huge one crash the
+    loader), unless the partners stage searched another file (``config.partners.candidates``)."""
+    partner_config = document.get("config", {}).get("partners") if isinstance(document.get("config"), dict) else None
+    if isinstance(partner_config, dict) and partner_config.get("candidates"):
+        return
+    count = len(document["data"])
+    for index, item in enumerate(document["data"]):
+        wrong = [i for i in item.get("partners", []) if i >= count]
+        if wrong:
+            raise MetadataError(f"{source}: item {index}: key 'partners' holds id {wrong[0]}, but the file has "
+                                f"{count} items (ids 0..{count - 1})")
 
 
 def new_document(items: Iterable[dict], data_root: str | os.PathLike, config: dict | None = None,
@@ -214,11 +253,17 @@ def load(path: str | os.PathLike, data_root: str | os.PathLike | None = None) ->
         raise MetadataError(f"{path}: not valid JSON ({error})") from None
     validate(document, str(path))
     if data_root is not None:
+        if not isinstance(data_root, (str, os.PathLike)) or not str(data_root):
+            raise MetadataError(f"{path}: data_root override must be a folder path, got {data_root!r}")
         document["data_root"] = str(Path(data_root).resolve())
     return document
 
 
 def resolve(document: dict, relative_path: str) -> Path:
-    """Absolute path of an item path (``image_path``, ``mask_path`` ...) of ``document``."""
-    path = Path(relative_path)
-    return path if path.is_absolute() else Path(document["data_root"]) / path
+    """Absolute path of an item path (``image_path``, ``mask_path`` ...) of ``document``.
+
+    Raises MetadataError for a path that is absolute or climbs out of the data root with ``..``.
+    """
+    if not _is_inside_path(relative_path):
+        raise MetadataError(f"{relative_path!r} is not {INSIDE_PATH} {document['data_root']}")
+    return Path(document["data_root"]) / relative_path

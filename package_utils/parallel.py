@@ -1,11 +1,12 @@
 """Run per-video jobs in parallel: joblib processes on this machine, or a Dask cluster.
 
 A job never takes the whole run down: an exception inside it becomes a ``failed`` result with the
-error message, logged once. Results arrive as they finish (tqdm progress) and are returned in input
-order.
+error message, logged once; only a full or read-only output stops the run. Results arrive as they finish
+(tqdm progress) and are returned in input order.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import traceback
 from contextlib import nullcontext
@@ -15,11 +16,17 @@ from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
+#: Errors of the output itself (full disk or quota, read-only file system): every later job would fail the
+#: same way, so they stop the run (finished work is kept) instead of becoming one failed result per video.
+STOP_THE_RUN = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
 
 def _guarded(function: Callable[..., dict], item: Any, *args) -> dict:
     try:
         return function(item, *args)
     except Exception as error:  # one bad video must not stop the others
+        if isinstance(error, OSError) and error.errno in STOP_THE_RUN:
+            raise
         return {"status": "failed", "reason": f"{type(error).__name__}: {error}",
                 "traceback": traceback.format_exc(limit=5), "item": repr(item)}
 

@@ -43,6 +43,8 @@ import logging
 import math
 import time
 from collections import Counter
+from contextlib import ExitStack
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -50,6 +52,7 @@ import torch
 from tqdm import tqdm
 
 from package_utils import metadata
+from package_utils.io_utils import OutputBusyError, output_file_lock, remove_leftovers
 
 __all__ = ["METRICS", "find_partners", "add_partners", "main"]
 
@@ -502,7 +505,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # torch.compile's C++ toolchain probe warns "No CUDA runtime is found" on CPU machines: not our concern
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    locks = ExitStack()
     try:
+        # one writer per output file, and a read-only or full output folder is found before the search
+        locks.enter_context(output_file_lock(args.output, "metadata file"))
+        output = Path(args.output)
+        for path in remove_leftovers(output.parent, (f".{output.name}.*.tmp", ".write-check.*.tmp")):
+            log.info("removed %s, left by an interrupted run", path)
         if str(args.device).startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: torch sees no CUDA device")
         document = metadata.load(args.input, args.data_root)
@@ -518,9 +527,11 @@ def main(argv: list[str] | None = None) -> int:
             "tie_margin": TIE_MARGIN, "pool": args.pool, "keep_bad_landmarks": args.keep_bad_landmarks,
         }
         metadata.save(args.output, document)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError, OutputBusyError) as error:
         log.error("%s", error)
         return 2
+    finally:
+        locks.close()
     log.info("partners: %d queries x %d candidates (%s pool), k=%d, %s, %.1f s: %d ok, %d fewer than k, %d without "
              "landmarks, %d with failed landmarks; %d of %d reals have fewer than k real partners -> %s",
              stats["queries"], stats["candidates"], stats["pool"], stats["k"], stats["metric"], stats["seconds"],

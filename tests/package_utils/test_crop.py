@@ -65,7 +65,7 @@ def snapshot(root: Path, output: str = "out", drop: tuple[str, ...] = ("seconds"
     """Every file below the output: PNG bytes, JSON content minus timing fields."""
     files = {}
     for path in sorted((root / output).rglob("*")):
-        if path.is_file():
+        if path.is_file() and path.name != ".lock":  # the lock file names the pid that held it
             rel = path.relative_to(root / output).as_posix()
             files[rel] = normalise(json.loads(path.read_text()), root, drop) if path.suffix == ".json" \
                 else path.read_bytes()
@@ -306,6 +306,21 @@ def test_output_outside_data_root_is_refused(tmp_path: Path, media_dir: Path, ca
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--crop-scale", "-1", "crop.scale (--crop-scale) must be a number > 0"),
+    ("--crop-scale", "nan", "crop.scale (--crop-scale) must be a number > 0"),
+    ("--crop-size", "0", "crop.size (--crop-size) must be a whole number"),
+])
+def test_bad_crop_geometry_is_one_clear_line_before_any_work(tmp_path: Path, media_dir: Path, caplog, flag: str,
+                                                             value: str, message: str) -> None:
+    """A negative scale used to write blank crops marked ok, a zero size to fail every video."""
+    link(media_dir / OBAMA, tmp_path / "data/real/obama.jpg")
+    assert crop.main(crop_args(tmp_path, tmp_path / "data", "out", flag, value, "--backend", "sequential")) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and message in errors[0] and value in errors[0]
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------------------------ resume
 @pytest.fixture
 def small_dataset(tmp_path: Path, media_dir: Path) -> Path:
@@ -316,7 +331,8 @@ def small_dataset(tmp_path: Path, media_dir: Path) -> Path:
 
 def stamps(root: Path) -> dict[str, tuple[int, bytes]]:
     return {p.relative_to(root).as_posix(): (p.stat().st_mtime_ns, p.read_bytes())
-            for p in sorted((root / "out/test").rglob("*")) if p.is_file() and p.name != crop.CROP_INDEX_NAME}
+            for p in sorted((root / "out/test").rglob("*"))
+            if p.is_file() and p.name not in (crop.CROP_INDEX_NAME, ".lock")}  # the lock names its holder's pid
 
 
 def test_rerun_skips_finished_videos(small_dataset: Path) -> None:

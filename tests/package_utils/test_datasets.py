@@ -346,3 +346,62 @@ def test_duplicate_ids_are_rejected(tmp_path: Path) -> None:
     touch(tmp_path / "real/a.jpg")
     with pytest.raises(ValueError, match="duplicate video id folder/real/a"):
         list_entries("folder", tmp_path, "test")
+
+
+# ---------------------------------------------------------------------------------------------------- crafted lists
+
+
+def test_split_lists_cannot_select_files_outside_the_dataset(tmp_path: Path, ff_root: Path, cdf_root: Path) -> None:
+    """Absolute paths and '..' in official split/label files are refused with file and line, never followed."""
+    secret = touch(tmp_path / "secret.mp4")
+    cases = []
+    ff_split = tmp_path / "ff_split.json"
+    ff_split.write_text(json.dumps([["006", "007"], ["../../../secret", "006"]]))
+    cases.append((lambda: list_entries("ff", ff_root, "test", split_file=ff_split), "ff_split.json: item 1"))
+    listing = cdf_root / "List_of_testing_videos.txt"
+    for number, line in enumerate(("1 Celeb-real/../../secret.mp4", f"1 {secret}")):
+        crafted = tmp_path / f"cdf_list_{number}.txt"
+        crafted.write_text(listing.read_text() + line + "\n")
+        cases.append((lambda crafted=crafted: list_entries("cdf", cdf_root, "test", split_file=crafted),
+                      f"{crafted.name}:5"))
+    dfdc = tmp_path / "dfdc"
+    touch(dfdc / "test/videos/aaa.mp4")
+    (dfdc / "test/labels.csv").write_text("filename,label\naaa.mp4,1\n../../secret.mp4,0\n")
+    cases.append((lambda: list_entries("dfdc", dfdc, "test"), "labels.csv:3"))
+    part = dfdc / "dfdc_train_part_0"
+    touch(part / "x.mp4")
+    (part / "metadata.json").write_text(json.dumps({"x.mp4": {"label": "REAL"}, "../../secret.mp4": {"label": "FAKE"}}))
+    cases.append((lambda: list_entries("dfdc", dfdc, "train"), "metadata.json"))
+    dfdcp = tmp_path / "dfdcp"
+    touch(dfdcp / "original_videos/1/1_0.mp4")
+    (dfdcp / "dataset.json").write_text(json.dumps({
+        "original_videos/1/1_0.mp4": {"label": "real", "set": "test"},
+        "original_videos/../../secret.mp4": {"label": "fake", "set": "test"}}))
+    cases.append((lambda: list_entries("dfdcp", dfdcp, "test"), "dataset.json"))
+    for listing_entries, where in cases:
+        with pytest.raises(ValueError, match="secret") as error:
+            listing_entries()
+        message = str(error.value)
+        assert where in message and ("inside its folder" in message or "not a plain name" in message), message
+
+
+def test_symlink_loops_are_followed_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``ln -s .. loop`` inside a video folder and two links to one folder: each real folder is listed once;
+    a linked folder elsewhere (a dataset on another disk) is still followed."""
+    root = tmp_path / "folder"
+    touch(root / "real/a.mp4")
+    touch(root / "fake/b.mp4")
+    touch(tmp_path / "other_disk/c.mp4")
+    (root / "real/loop").symlink_to("..")
+    (root / "real/self").symlink_to(".")
+    (root / "fake/linked").symlink_to(tmp_path / "other_disk")
+    (root / "fake/linked_again").symlink_to(tmp_path / "other_disk")
+    with caplog.at_level(logging.WARNING, logger="package_utils.datasets"):
+        entries = list_entries("folder", root, "test")
+    assert ids(entries) == ["folder/fake/b", "folder/fake/linked__c", "folder/real/a"]
+    assert "real/loop: links back to" in caplog.text and "fake/linked_again: links back to" in caplog.text
+    dfw = tmp_path / "dfw"
+    touch(dfw / "real_test/seq1/0001.png")
+    touch(dfw / "fake_test/seq2/0001.png")
+    (dfw / "real_test/seq1/up").symlink_to("../..")
+    assert ids(list_entries("dfw", dfw, "test")) == ["dfw/fake/seq2", "dfw/real/seq1"]

@@ -10,7 +10,8 @@ import textwrap
 import pytest
 
 from package_utils.io_utils import (BadInputError, OutputBusyError, atomic_write_text, check_writable,
-                                    explain_os_error, inside, output_lock, safe_name, safe_relative)
+                                    explain_os_error, inside, output_file_lock, output_lock, safe_name,
+                                    safe_relative)
 
 
 def test_atomic_files_follow_the_umask_not_mkstemps_0600(tmp_path):
@@ -55,6 +56,16 @@ def test_second_writer_is_refused_and_a_killed_holder_frees_the_lock(tmp_path):
     assert subprocess.run([sys.executable, "-c", script]).returncode == -9
     with output_lock(tmp_path):
         pass
+
+
+def test_file_lock_refuses_a_second_writer_of_that_file_only(tmp_path):
+    with output_file_lock(tmp_path / "train.json", "metadata file"):
+        with output_file_lock(tmp_path / "val.json", "metadata file"):  # another file of the folder: fine
+            pass
+        with pytest.raises(OutputBusyError, match=f"{tmp_path / 'train.json'}: another run .* metadata file"):
+            with output_file_lock(tmp_path / "train.json", "metadata file"):
+                pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".train.json.lock", ".val.json.lock"]
 
 
 @pytest.mark.parametrize("code, message", [(errno.EROFS, "not writable"), (errno.EACCES, "not writable"),

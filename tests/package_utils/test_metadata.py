@@ -57,7 +57,9 @@ def test_load_with_other_data_root_resolves_paths(tmp_path: Path, document: dict
     loaded = metadata.load(path, data_root=tmp_path / "moved")
     first = loaded["data"][0]["image_path"]
     assert metadata.resolve(loaded, first) == (tmp_path / "moved" / first).resolve()
-    assert metadata.resolve(loaded, "/abs/x.png") == Path("/abs/x.png")
+    for escaping in ("/abs/x.png", "../x.png", "a/../../x.png"):  # an item path never leaves the data root
+        with pytest.raises(MetadataError, match="stays inside"):
+            metadata.resolve(loaded, escaping)
 
 
 @pytest.mark.parametrize("change, index, key", [
@@ -72,8 +74,18 @@ def test_load_with_other_data_root_resolves_paths(tmp_path: Path, document: dict
     (lambda d: d["data"][2].update(keypoints=[[1.0, 2.0]] * 4), 2, "keypoints"),
     (lambda d: d["data"][1].update(landmark_model="mediapipe"), 1, "landmark_model"),
     (lambda d: d["data"][1].update(id=7), 1, "id"),
+    (lambda d: d["data"][0].update(image_path="/etc/passwd"), 0, "image_path"),
+    (lambda d: d["data"][2].update(image_path="out/../../../secret.png"), 2, "image_path"),
+    (lambda d: d["data"][1].update(crop_path="C:/x.png"), 1, "crop_path"),
+    (lambda d: d["data"][1].update(mask_path="..\\x.png"), 1, "mask_path"),
+    (lambda d: d["data"][0]["orig_lms"][5].__setitem__(0, float("nan")), 0, "orig_lms"),
+    (lambda d: d["data"][2]["aligned_lms"][0].__setitem__(1, -1e6), 2, "aligned_lms"),
+    (lambda d: d["data"][0]["box"].__setitem__(2, float("inf")), 0, "box"),
+    (lambda d: d["data"][1].update(partners=[0, -1]), 1, "partners"),
+    (lambda d: d["data"][2].update(partners=[1, 10**12]), 2, "partners"),
 ], ids=["missing", "label-type", "label-value", "frame-index", "lms-count", "aligned-count", "pair-count", "box",
-        "keypoints", "model", "id-mismatch"])
+        "keypoints", "model", "id-mismatch", "absolute-path", "climbing-path", "drive-path", "backslash-path",
+        "nan-landmark", "far-landmark", "infinite-box", "negative-partner", "huge-partner"])
 def test_item_errors_name_file_item_and_key(tmp_path: Path, document: dict, change, index: int, key: str) -> None:
     path = saved_with(tmp_path, document, change)
     with pytest.raises(MetadataError) as error:
@@ -87,6 +99,8 @@ def test_item_errors_name_file_item_and_key(tmp_path: Path, document: dict, chan
     (lambda d: d.update(schema="laa-net"), "schema"),
     (lambda d: d.pop("data_root"), "data_root"),
     (lambda d: d.update(data={"0": {}}), "data"),
+    (lambda d: d.update(data_root=["/data"]), "data_root"),
+    (lambda d: d.update(data_root=""), "data_root"),
 ])
 def test_document_errors_name_file_and_key(tmp_path: Path, document: dict, change, key: str) -> None:
     path = saved_with(tmp_path, document, change)
@@ -114,3 +128,12 @@ def test_empty_landmarks_are_allowed(tmp_path: Path) -> None:
     empty.update(orig_lms=[], aligned_lms=[], landmark_model="none")
     metadata.save(tmp_path / "m.json", metadata.new_document([empty], tmp_path))
     assert metadata.load(tmp_path / "m.json")["data"][0]["orig_lms"] == []
+
+
+def test_partner_ids_of_another_file_are_not_bounded_by_this_one(tmp_path: Path, document: dict) -> None:
+    """With --candidates the ids index the candidate file: only negative ids are wrong then."""
+    document["data"][0]["partners"] = [0, 50]
+    with pytest.raises(MetadataError, match="item 0: key 'partners' holds id 50, but the file has 3 items"):
+        metadata.save(tmp_path / "m.json", document)
+    document["config"]["partners"] = {"candidates": "train_68.json"}
+    assert metadata.load(metadata.save(tmp_path / "m.json", document))["data"][0]["partners"] == [0, 50]

@@ -1,6 +1,8 @@
 """The training loader: per-epoch frame choice, reproducibility, flips, sharding, partners, crop protocols."""
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -103,11 +105,24 @@ def test_partner_ids_outside_the_file_are_named(document, tmp_path, bad):
     # A negative id used to pick a face from the end of the file, a large one crashed a loader worker.
     loaded = metadata.load(document)
     loaded["data"][3]["partners"] = [5, bad]
-    path = tmp_path / "crafted.json"
-    metadata.save(path, loaded)
-    with pytest.raises(ValueError, match=f"crafted.json: item 3 \\(v0/003.png\\): partner id {bad} is not an item "
+    with pytest.raises(ValueError, match=f"<document>: item 3 \\(v0/003.png\\): partner id {bad} is not an item "
                                          "of this file \\(0..14\\)"):
+        load_frame_table(loaded)  # an in-memory document skips the file validation
+    path = tmp_path / "crafted.json"
+    path.write_text(json.dumps(loaded), encoding="utf-8")  # metadata.save refuses to write it
+    with pytest.raises(ValueError, match="crafted.json: item 3") as caught:
         load_frame_table(path)
+    assert str(bad) in str(caught.value)
+
+
+def test_partners_searched_in_another_file_are_refused(document):
+    # ids of a --candidates search index the other file: read as positions here they would pick wrong faces
+    loaded = metadata.load(document)
+    loaded["config"]["partners"] = {"candidates": "other.json"}
+    loaded["data"][3]["partners"] = [5]
+    with pytest.raises(ValueError, match="other.json"):
+        load_frame_table(loaded)
+
 
 def test_shards_cover_the_epoch_without_overlap(document):
     table = load_frame_table(document)
