@@ -16,6 +16,13 @@ Output below ``<output>/<split>/``:
 The crop is a square of side ``crop.scale`` x the longer side of the detector box (1.5 = 0.25 of the box
 added on each side, as LAA-Net) centred on the box, resized to ``crop.size`` without stretching. Parts
 outside the frame are zero-padded and the padding is recorded.
+
+Faces whose shorter box side is below ``detector.min_face_size`` frame pixels (40: a smaller face would be
+blown up more than 5x into the 213 px face of a 320 px crop, and its landmarks are unreliable) are dropped
+and counted. Faces are followed from frame to frame (:class:`package_utils.detectors.FaceTracker`: position
+and size, never across a shot cut); ``faces: largest`` keeps one person per video, the one whose face is
+largest over the video, with the tracks of that person joined across cuts by face descriptors, so a video of
+several people does not mix identities. ``faces: all`` keeps every face, ``face_index`` being its track.
 """
 from __future__ import annotations
 
@@ -35,7 +42,7 @@ import numpy as np
 
 from package_utils import datasets
 from package_utils.config import run_stage
-from package_utils.detectors import Face, build_detector, choose_faces
+from package_utils.detectors import Face, FaceDescriptor, FaceTracker, build_detector, choose_faces
 from package_utils.io_utils import (DEFAULT_DATA_ROOT, IMAGE_EXTENSIONS, BadInputError, atomic_write_json, inside,
                                     output_lock, read_finished_json, relative_to_root, remove_leftovers, replace_dir,
                                     safe_name, write_image)
@@ -68,14 +75,17 @@ DEFAULTS: dict[str, Any] = {
     "split_file": None,
     "detector": {
         "name": "retinaface",      # retinaface | dlib | none (input is already a face crop, e.g. DFW)
-        "score_threshold": 0.7,
-        "nms_threshold": 0.4,
-        "max_size": 640,           # retinaface: longest side the frame is shrunk to before detection
-        "upsample": 1,             # dlib: upsampling passes
+        "score_threshold": None,   # None: the detector's own (RetinaFace 0.7 as LAA-Net; dlib SVM score 0.0)
+        "nms_threshold": 0.4,      # retinaface only
+        "max_size": 640,           # longest side the frame is shrunk to before detection (both detectors)
+        "upsample": 1,             # dlib: doublings of the shrunk frame (1: faces from ~40 px of it)
         "threads": None,           # onnxruntime threads per worker (None: the worker's share of the cores)
+        "min_face_size": 40,       # faces whose shorter box side is below this many frame pixels are dropped
     },
-    "faces": "largest",            # largest | all
+    "faces": "largest",            # largest: the video's main person, followed over frames | all: every track
     "min_relative_area": 0.5,      # with faces=all: keep faces at least this fraction of the largest
+    "max_descriptors": 8,          # faces=largest: face descriptors (~75 ms each) per video to join the person's
+                                   # tracks across shot cuts; 0 keeps the largest track alone
     "crop": {"scale": 1.5, "size": 320},
     "save_mask": False,
     "workers": 1,
@@ -137,17 +147,43 @@ def check_geometry(scale: Any, size: Any) -> None:
 _DETECTOR_CACHE: dict[str, Any] = {}
 
 
+#: The options each detector uses (the record stores only these, with the values used) and its own score scale.
+DETECTOR_OPTIONS = {"retinaface": ("score_threshold", "nms_threshold", "max_size", "threads"),
+                    "dlib": ("score_threshold", "max_size", "upsample"), "none": ()}
+DEFAULT_SCORE_THRESHOLD = {"retinaface": 0.7, "dlib": 0.0}
+
+
+def detector_settings(options: dict) -> dict:
+    """The chosen detector's name and the options it uses, the score threshold resolved to a number."""
+    name = options["name"]
+    if name not in DETECTOR_OPTIONS:
+        raise ValueError(f"unknown detector {name!r} (choose retinaface, dlib or none)")
+    used = {"name": name, **{key: options[key] for key in DETECTOR_OPTIONS[name]}}
+    if name != "none":
+        used["min_face_size"] = options.get("min_face_size", DEFAULTS["detector"]["min_face_size"])
+    if "score_threshold" in used:
+        if used["score_threshold"] is None:
+            used["score_threshold"] = DEFAULT_SCORE_THRESHOLD[name]
+        elif isinstance(used["score_threshold"], bool) or not isinstance(used["score_threshold"], (int, float)):
+            raise ValueError(f"detector.score_threshold must be a number, got {used['score_threshold']!r}")
+    return used
+
+
 def _get_detector(options: dict):
     """One detector per worker process, built on first use (models load once per worker)."""
+    options = detector_settings(options)
     key = json.dumps(options, sort_keys=True)
     if key not in _DETECTOR_CACHE:
         name = options["name"]
-        if name == "retinaface":
-            kwargs = {k: options[k] for k in ("score_threshold", "nms_threshold", "max_size", "threads")}
-        else:
-            kwargs = {"upsample": options["upsample"], "score_threshold": min(0.0, options["score_threshold"])}
-        _DETECTOR_CACHE[key] = build_detector(name, **kwargs)
+        _DETECTOR_CACHE[key] = build_detector(name, **{k: options[k] for k in DETECTOR_OPTIONS[name]})
     return _DETECTOR_CACHE[key]
+
+
+def _describe_face(image: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """Face descriptor for linking a person's tracks; the model loads once per worker, on first need."""
+    if "descriptor" not in _DETECTOR_CACHE:
+        _DETECTOR_CACHE["descriptor"] = FaceDescriptor()
+    return _DETECTOR_CACHE["descriptor"](image, box)
 
 
 @dataclass(frozen=True)
@@ -164,6 +200,11 @@ class CropJob:
     size: int
     save_mask: bool
     threads: int = 1  # per worker; does not change the output
+    max_descriptors: int = 8
+
+    @property
+    def min_face_size(self) -> float:
+        return self.detector.get("min_face_size", 0)
 
     @property
     def settings(self) -> dict:
@@ -171,7 +212,8 @@ class CropJob:
         detector = {key: value for key, value in self.detector.items() if key != "threads"}
         return {"num_frames": self.num_frames, "detector": detector, "faces": self.faces,
                 "min_relative_area": self.min_relative_area, "crop_scale": self.scale, "crop_size": self.size,
-                "save_mask": self.save_mask, "output": relative_to_root(self.output, self.data_root)}
+                "save_mask": self.save_mask, "max_descriptors": self.max_descriptors,
+                "output": relative_to_root(self.output, self.data_root)}
 
 
 def _cached_record(record_path: Path, settings: dict) -> dict | None:
@@ -283,23 +325,31 @@ def crop_video(entry: datasets.VideoEntry, job: CropJob) -> dict:
 
     cv2.setNumThreads(job.threads)  # per worker process: workers x threads stays within the cores
     detector = _get_detector(job.detector) if job.detector["name"] != "none" else None
-    frames, without_face, decoded = [], [], 0
+    tracker = FaceTracker()
+    frames, without_face, decoded, dropped_small = [], [], 0, 0
+    largest_track: dict[int, int] = {}  # frame -> track of its largest face (a per-frame choice would crop it)
     for index, frame in reader.read(indices, prefetch=2):
         decoded += 1
         if detector is None:  # already a face crop: the whole image is the face
             height, width = frame.shape[:2]
-            faces = [Face(np.array([0, 0, width, height], dtype=np.float32), 1.0)]
+            faces, tracks = [Face(np.array([0, 0, width, height], dtype=np.float32), 1.0)], [0]
         else:
-            faces = choose_faces(detector.detect(frame), job.faces, job.min_relative_area)
+            detected = detector.detect(frame)
+            faces = [f for f in detected if min(f.box[2] - f.box[0], f.box[3] - f.box[1]) >= job.min_face_size]
+            dropped_small += len(detected) - len(faces)
+            # faces=largest crops every face here and keeps the main person's once the whole video is seen
+            faces = choose_faces(faces, "all", job.min_relative_area if job.faces == "all" else 0.0)
+            tracks = tracker.update(index, frame, faces)
         if not faces:
             without_face.append(int(index))
             continue
+        largest_track[int(index)] = tracks[0]
         scale = 1.0 if detector is None else job.scale
-        for face_index, face in enumerate(faces):
+        for face_index, face in zip(tracks, faces):
             box = square_box(face.box, scale)
             patch, pad = cut_with_padding(frame, box)
             crop = resize_square(patch, job.size)
-            file_name = f"{index:03d}.png" if job.faces == "largest" else f"{index:03d}_{face_index}.png"
+            file_name = f"{index:03d}_{face_index}.png"
             write_image(tmp_frames / file_name, crop)  # a full disk says so (cv2.imwrite only returns False)
             item = {
                 "frame_index": int(index), "face_index": face_index, "file_name": file_name,
@@ -317,7 +367,20 @@ def crop_video(entry: datasets.VideoEntry, job: CropJob) -> dict:
                 item["mask_path"] = relative_to_root(masks_dir / file_name, job.data_root)
             frames.append(item)
 
-    missing = sorted(set(indices.tolist()) - {f["frame_index"] for f in frames} - set(without_face))
+    other_faces_only: list[int] = []
+    if job.faces == "largest":
+        person = _main_person(tracker, job.max_descriptors) if detector is not None else {0}
+        frames = _keep_person(frames, person, tmp_frames, tmp_masks, frames_dir, masks_dir, job.data_root)
+        kept = {f["frame_index"] for f in frames}
+        other_faces_only = sorted(set(largest_track) - kept)
+        # frames where a per-frame choice of the largest face would have taken someone else
+        switches = sum(track not in person for track in largest_track.values())
+        record.update(person_tracks=sorted(person), identity_switches_avoided=switches)
+    record.update(tracks=len(tracker.tracks) if detector is not None else 1, shot_cuts=tracker.cuts,
+                  descriptors=tracker.descriptors_computed, faces_dropped_small=dropped_small,
+                  frames_other_faces_only=other_faces_only)
+    missing = sorted(set(indices.tolist()) - {f["frame_index"] for f in frames} - set(without_face)
+                     - set(other_faces_only))
     if frames:
         replace_dir(tmp_frames, frames_dir)
     else:  # nothing to keep: leave no empty folder behind
@@ -332,8 +395,37 @@ def crop_video(entry: datasets.VideoEntry, job: CropJob) -> dict:
     if not frames:
         record["reason"] = "no face found in any sampled frame" if decoded else "no frame could be decoded"
         record.update(SKIP_IS_FINAL)
+        if dropped_small:
+            record["reason"] += f" ({dropped_small} faces smaller than {job.min_face_size:g} px dropped)"
     atomic_write_json(record_path, record)
     return record
+
+
+def _main_person(tracker: FaceTracker, max_descriptors: int) -> set[int]:
+    """Track ids of the video's main person: the tracks of one person (joined by face descriptors across
+    cuts) whose face is largest over the video (face sides summed over the sampled frames)."""
+    groups = tracker.identities(_describe_face, max_described=max_descriptors)
+    return {track.track_id for track in groups[0]} if groups else set()
+
+
+def _keep_person(frames: list[dict], person: set[int], tmp_frames: Path, tmp_masks: Path, frames_dir: Path,
+                 masks_dir: Path, data_root: Path) -> list[dict]:
+    """The person's crops renamed to ``<frame>.png`` (face_index 0, one per frame); the other crops deleted."""
+    kept = []
+    for item in frames:
+        old_name = item["file_name"]
+        if item["face_index"] not in person:
+            (tmp_frames / old_name).unlink()
+            (tmp_masks / old_name).unlink(missing_ok=True)
+            continue
+        name = f"{item['frame_index']:03d}.png"
+        (tmp_frames / old_name).rename(tmp_frames / name)
+        item.update(face_index=0, file_name=name, image_path=relative_to_root(frames_dir / name, data_root))
+        if item["mask_path"] is not None:
+            (tmp_masks / old_name).rename(tmp_masks / name)
+            item["mask_path"] = relative_to_root(masks_dir / name, data_root)
+        kept.append(item)
+    return kept
 
 
 def _mask_frames(entry: datasets.VideoEntry, indices: np.ndarray) -> dict[int, np.ndarray] | None:
@@ -355,6 +447,8 @@ def list_inputs(config: dict) -> list[datasets.VideoEntry]:
     source = Path(config["input"])
     if source.is_file() and source.suffix.lower() in (".txt", ".csv", ".lst"):
         return datasets.entries_from_list(source, config["split"], dataset=config["dataset"])
+    if source.is_file() and source.suffix.lower() in datasets.MEDIA_EXTENSIONS:
+        return [datasets.entry_from_file(source, config["split"], dataset=config["dataset"])]
     return datasets.list_entries(config["dataset"], source, config["split"], compression=config["compression"],
                                  methods=config["methods"], split_file=config["split_file"])
 
@@ -372,6 +466,10 @@ def summarize(records: list[dict]) -> dict:
         "frames_without_face": sum(len(r.get("frames_without_face", [])) for r in records),
         "frames_not_decoded": sum(len(r.get("frames_not_decoded", [])) for r in records),
         "faces": sum(len(r.get("frames", [])) for r in records),
+        "faces_dropped_small": sum(r.get("faces_dropped_small", 0) for r in records),
+        "frames_other_faces_only": sum(len(r.get("frames_other_faces_only", [])) for r in records),
+        "videos_with_several_tracks": sum(r.get("tracks", 0) > 1 for r in ok),
+        "identity_switches_avoided": sum(r.get("identity_switches_avoided", 0) for r in records),
     }
 
 
@@ -407,10 +505,11 @@ def _crop_split(config: dict, output: Path, data_root: Path) -> dict:
     workers = 1 if config["backend"] == "sequential" else max(1, config["workers"])
     threads = config["threads_per_worker"] or max(1, (os.cpu_count() or 1) // workers)
     detector["threads"] = detector["threads"] or threads
+    detector = detector_settings(detector)
     job = CropJob(output=output, data_root=data_root, num_frames=config["num_frames"], detector=detector,
                   faces=config["faces"], min_relative_area=config["min_relative_area"],
                   scale=config["crop"]["scale"], size=config["crop"]["size"], save_mask=config["save_mask"],
-                  threads=threads)
+                  threads=threads, max_descriptors=config["max_descriptors"])
     log.info("cropping %d videos of %s/%s into %s", len(entries), config["dataset"], config["split"], output)
     for path in remove_leftovers(output / config["split"], LEFTOVER_PATTERNS):
         log.info("removed %s, left by an interrupted run", path)
@@ -440,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m package_utils.crop", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (keys as in configs/preprocess/crop.yaml)")
-    parser.add_argument("--input", help="dataset root, folder of videos/images, list/CSV file")
+    parser.add_argument("--input", help="dataset root, folder of videos/images, list/CSV file, or one video/image")
     parser.add_argument("--dataset", choices=datasets.DATASETS)
     parser.add_argument("--split", choices=("train", "val", "test"))
     parser.add_argument("--output", help="output folder (inside the data root)")
@@ -450,8 +549,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", nargs="+", help="FF++/DFD method folders to read")
     parser.add_argument("--split-file", help="official split list (FF++ <split>.json, Celeb-DF list, CSV)")
     parser.add_argument("--detector", choices=("retinaface", "dlib", "none"))
-    parser.add_argument("--score-threshold", type=float, help="minimum detector score")
-    parser.add_argument("--faces", choices=("largest", "all"), help="crop the largest face or all faces")
+    parser.add_argument("--score-threshold", type=float,
+                        help="minimum detector score (default: RetinaFace 0.7, dlib SVM score 0.0)")
+    parser.add_argument("--min-face-size", type=float,
+                        help="drop faces whose shorter box side is below this many frame pixels (default 40)")
+    parser.add_argument("--faces", choices=("largest", "all"),
+                        help="largest: the video's main person, followed from frame to frame; all: every face, "
+                             "face_index = its track")
     parser.add_argument("--crop-size", type=int, help="side of the saved crops in pixels")
     parser.add_argument("--crop-scale", type=float, help="crop side / detector box side")
     parser.add_argument("--save-mask", action="store_true", default=None, help="also crop FF++ mask videos")
@@ -466,7 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
 _FLAG_TO_KEY = {
     "input": "input", "dataset": "dataset", "split": "split", "output": "output", "data_root": "data_root",
     "num_frames": "num_frames", "compression": "compression", "methods": "methods", "split_file": "split_file",
-    "detector": "detector.name", "score_threshold": "detector.score_threshold", "faces": "faces",
+    "detector": "detector.name", "score_threshold": "detector.score_threshold",
+    "min_face_size": "detector.min_face_size", "faces": "faces",
     "crop_size": "crop.size", "crop_scale": "crop.scale", "save_mask": "save_mask", "workers": "workers",
     "backend": "backend", "scheduler": "scheduler", "device": "device",
 }

@@ -27,6 +27,8 @@ from package_utils.metadata import SPLITS
 logger = logging.getLogger(__name__)
 
 DATASETS = ("ff", "cdf", "dfd", "dfdc", "dfdcp", "dfw", "ffiw", "folder")
+#: Extensions of a single video or image given as the input (anything else is a list/CSV file).
+MEDIA_EXTENSIONS = VIDEO_EXTENSIONS | IMAGE_EXTENSIONS
 
 #: FF++ methods; "original" is the reals (lowercase: the LAA-Net tree and label check require it).
 FF_METHODS = ("original", "Deepfakes", "Face2Face", "FaceSwap", "NeuralTextures", "FaceShifter")
@@ -165,6 +167,30 @@ def entries_from_list(list_file: str | os.PathLike, split: str, dataset: str = "
         ValueError: unreadable file, bad label, a line without label and no real/fake folder, no entries.
     """
     return _list_file_entries(_abs(list_file), split, dataset, None)
+
+
+def entry_from_file(media_file: str | os.PathLike, split: str, dataset: str = "folder") -> VideoEntry:
+    """One video or image file as a dataset of one entry (e.g. ``--input clip.mp4``).
+
+    The label comes from a ``real``/``fake`` (or ``0_real``/``1_fake``) folder in the file's path; without one
+    the file is labelled real (0) and a warning says how to label it.
+
+    Raises:
+        FileNotFoundError: the file is missing.
+        ValueError: unknown split, or the extension is not a video or image one.
+    """
+    _check_split(split)
+    path = _abs(media_file)
+    _require_file(path, "video/image file")
+    if path.suffix.lower() not in MEDIA_EXTENSIONS:
+        raise ValueError(f"{path}: not a video or image file by its extension (videos: "
+                         f"{', '.join(sorted(VIDEO_EXTENSIONS))}; images: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    label = _label_from_folders(path)
+    if label is None:
+        logger.warning("%s: no real/ or fake/ folder in its path, labelled real (0); to label it, list it in a "
+                       "'path,label' file and pass that as input", path)
+        label = 0
+    return VideoEntry(path, dataset, "fake" if label else "real", path.stem, label, split)
 
 
 # --------------------------------------------------------------------------------------------------------------

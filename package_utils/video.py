@@ -1,10 +1,16 @@
 """Frame sampling and decoding of videos, animated GIFs, single images and folders of images.
 
 Frame indices are ``np.linspace(0, N - 1, n)`` truncated to int over the *real* frame count N (counted
-from the container's packets, not the often-wrong header), the same indices as the references. Only
-the frames needed are decoded: decoding stops after the last sampled frame, jumps to the key frame
-before a sampled frame when that skips work, and drops non-reference frames that are not sampled. Containers
-whose timestamps follow decode order (AVI with B-frames) are decoded from the start and numbered in output order.
+from the container's packets, not the often-wrong header), the same indices as the references.
+
+Frame N is always the N-th frame a sequential decode from the start puts out. Only the frames needed are
+decoded: decoding stops after the last sampled frame. In containers that store true presentation times and
+reliable key frames (MP4/MOV, Matroska/WebM) the reader also jumps to the key frame before a sampled frame
+when that skips work and drops non-reference frames that are not sampled; it checks every jump (the first
+frame after it must be that key frame, frames must come in increasing order) and decodes the rest from the
+start when a check fails. Every other container (AVI, whose timestamps follow decode order and whose
+"key frame" flags can mark P-frames; MPEG-PS/TS, FLV, ASF, GIF, ...) is decoded from the start and frames are
+numbered as the decoder puts them out. Animated images (WebP, APNG; a GIF under any name) are videos.
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Generator, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -26,6 +32,11 @@ log = logging.getLogger(__name__)
 
 # PyAV container formats that hold a still image rather than a video
 _IMAGE_FORMATS = ("png_pipe", "jpeg_pipe", "bmp_pipe", "webp_pipe", "tiff_pipe", "image2", "gif_pipe")
+# Demuxers whose packet timestamps are presentation times and whose key-frame flags come from the stream's
+# sync-sample index: seeking there lands on a decodable frame whose number is known.
+_EXACT_SEEK_FORMATS = ("mov", "mp4", "matroska", "webm")
+# Pillow image formats that may hold several frames decoded as a video (GIF goes through PyAV like .gif files).
+_ANIMATED_IMAGE_FORMATS = ("WEBP", "PNG")
 
 
 def sample_indices(total: int, num_frames: int) -> np.ndarray:
@@ -65,6 +76,7 @@ class MediaReader:
         self.path = Path(path)
         self.allow_image = allow_image
         self.threads = max(1, int(threads))
+        self._pillow_animation = False  # animated WebP/PNG: FFmpeg's decoders read only their first frame
         if self.path.is_dir():
             self._files = sorted(p for p in self.path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
             if not self._files:
@@ -77,6 +89,13 @@ class MediaReader:
         if self.path.stat().st_size == 0:
             raise BadInputError(f"{self.path}: zero-byte file")
         if self.path.suffix.lower() in IMAGE_EXTENSIONS:
+            animation = _animated_image_format(self.path)
+            if animation == "GIF":  # a GIF under an image name: the video path reads it by content
+                self._probe_video()
+                return
+            if animation is not None:
+                self._probe_animated_image()
+                return
             self._require_image_allowed("it is an image file")
             image = read_image(self.path)
             self._image = image
@@ -102,32 +121,47 @@ class MediaReader:
                 if format_names & set(_IMAGE_FORMATS) and container.format.name != "gif":
                     self._require_image_allowed(f"the file holds a still image ({container.format.name})")
                 stream = container.streams.video[0]
-                pts, keyframe_pts = [], []
+                pts, keyframe_pts, first_is_keyframe = [], [], None
                 for packet in container.demux(stream):
-                    if packet.size == 0 or packet.pts is None:
+                    # Empty packets (demuxer flush, AVI drop markers) and packets an edit list discards put out
+                    # no frame in a sequential decode, so they are not frames.
+                    if packet.size == 0 or packet.is_discard:
                         continue
+                    if first_is_keyframe is None:
+                        first_is_keyframe = packet.is_keyframe
                     pts.append(packet.pts)
                     if packet.is_keyframe:
                         keyframe_pts.append(packet.pts)
                 fps = float(stream.average_rate) if stream.average_rate else None
                 width, height = stream.codec_context.width, stream.codec_context.height
-                may_reorder = bool(stream.codec_context.has_b_frames) or "avi" in format_names
         except BadInputError:
             raise
         except Exception as error:  # PyAV raises many error types for corrupt data
             raise BadInputError(f"{self.path}: cannot be decoded ({type(error).__name__}: {error})") from None
         if not pts:
             raise BadInputError(f"{self.path}: video has no frames")
-        # Packet timestamps identify frames only when they are unique presentation times. Containers such as
-        # AVI stamp packets in decode order, so with B-frames a timestamp names the wrong frame: when the
-        # stamps repeat, or never go back although frames may be reordered, frames are counted in decoder
-        # output order. Streams without reordering (no B-frames) keep exact seeking.
-        monotonic = all(a < b for a, b in zip(pts, pts[1:]))
-        self._by_output_order = len(set(pts)) != len(pts) or (monotonic and may_reorder)
-        self._sorted_pts = sorted(pts)
-        self._pts_to_index = {p: i for i, p in enumerate(self._sorted_pts)}
-        self._keyframe_indices = sorted(self._pts_to_index[p] for p in keyframe_pts)
+        # Packet timestamps name frames only when they are unique presentation times and the first packet
+        # (a key frame) is the first frame shown; elsewhere frames are numbered in decoder output order.
+        self._exact_seek = (bool(format_names & set(_EXACT_SEEK_FORMATS)) and None not in pts
+                            and len(set(pts)) == len(pts) and bool(first_is_keyframe) and pts[0] == min(pts))
+        if self._exact_seek:
+            self._sorted_pts = sorted(pts)
+            self._pts_to_index = {p: i for i, p in enumerate(self._sorted_pts)}
+            self._keyframe_indices = sorted(self._pts_to_index[p] for p in keyframe_pts)
         self.info = MediaInfo("video", len(pts), width, height, fps)
+
+    def _probe_animated_image(self) -> None:
+        from PIL import Image
+
+        try:
+            with Image.open(self.path) as image:
+                frame_count, (width, height) = int(image.n_frames), image.size
+                image.load()  # the first frame's duration is known once it is decoded
+                duration_ms = image.info.get("duration") or 0
+        except Exception as error:  # Pillow raises many error types for corrupt data
+            raise BadInputError(f"{self.path}: cannot be decoded ({type(error).__name__}: {error})") from None
+        self._pillow_animation = True
+        self.info = MediaInfo("video", frame_count, width, height, 1000.0 / duration_ms if duration_ms else None)
 
     def read(self, indices: Sequence[int], prefetch: int = 0) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(index, frame)`` for the requested indices, in increasing order.
@@ -153,18 +187,25 @@ class MediaReader:
                     yield index, read_image(self._files[index])
                 except BadInputError as error:
                     log.warning("%s", error)
+        elif self._pillow_animation:
+            yield from self._read_animated_image(wanted)
+        elif self._exact_seek:
+            remaining = yield from self._read_video_seeking(wanted)
+            if remaining:
+                yield from self._read_video_in_order(remaining)
         else:
-            yield from self._read_video(wanted)
-
-    def _read_video(self, wanted: list[int]) -> Iterator[tuple[int, np.ndarray]]:
-        if self._by_output_order:
             yield from self._read_video_in_order(wanted)
-            return
+
+    def _read_video_seeking(self, wanted: list[int]) -> Generator[tuple[int, np.ndarray], None, list[int]]:
+        """Decode with key-frame jumps. Returns the wanted indices after the last one delivered that a decode
+        from the start must find: all of them when a jump cannot be trusted or decoding failed, none when the
+        stream simply ended."""
         import av
 
         wanted_set = set(wanted)
         last_wanted = wanted[-1]
         position = -1  # index of the last frame that came out of the decoder
+        delivered = -1
         try:
             with av.open(str(self.path)) as container:
                 stream = container.streams.video[0]
@@ -178,8 +219,10 @@ class MediaReader:
                     # Jump to the key frame before the target when decoding up to it would pass that key frame.
                     key_pos = bisect.bisect_right(self._keyframe_indices, target) - 1
                     keyframe = self._keyframe_indices[key_pos] if key_pos >= 0 else 0
+                    expected_first = None  # after a jump, the first frame from the key frame on must be it
                     if keyframe - position > self.min_seek_gap:
                         container.seek(self._sorted_pts[keyframe], stream=stream, backward=True, any_frame=False)
+                        expected_first = keyframe
                     reached = False
                     for packet in container.demux(stream):
                         # Non-reference frames that are not sampled are never needed by later frames.
@@ -187,11 +230,23 @@ class MediaReader:
                         codec.skip_frame = "DEFAULT" if needed else "NONREF"
                         for frame in packet.decode():
                             index = self._pts_to_index.get(frame.pts)
-                            if index is None:
-                                continue
-                            position = max(position, index)
+                            if index is None or (expected_first is not None and index < expected_first):
+                                continue  # leading frames of an open GOP before the key frame jumped to
+                            if expected_first is not None:
+                                # A jump must land on the key frame asked for, decoded as a key frame (a
+                                # mislabelled sync sample decodes to garbage).
+                                trusted = index == expected_first and bool(frame.key_frame)
+                            else:
+                                trusted = index > position
+                            if not trusted:
+                                log.info("%s: frame %d came out after frame %d (expected %s); decoding from the "
+                                         "start instead", self.path, index, position, expected_first or "later")
+                                return [i for i in wanted if i > delivered]
+                            expected_first = None
+                            position = index
                             if index in wanted_set:
                                 wanted_set.discard(index)
+                                delivered = index
                                 yield index, to_bgr8(frame.to_ndarray(format="bgr24"), self.path)
                             if position >= target:
                                 reached = True
@@ -203,29 +258,63 @@ class MediaReader:
                     if not reached:  # end of stream before the target: nothing more to find
                         break
         except Exception as error:
-            log.warning("%s: decoding stopped early (%s: %s)", self.path, type(error).__name__, error)
+            log.warning("%s: decoding with jumps stopped (%s: %s); decoding from the start", self.path,
+                        type(error).__name__, error)
+            return [i for i in wanted if i > delivered]
         if wanted_set:
-            yield from self._read_with_opencv(sorted(wanted_set))
+            log.warning("%s: %d sampled frames not in the decoded stream: %s", self.path, len(wanted_set),
+                        sorted(wanted_set)[:10])
+        return []
 
     def _read_video_in_order(self, wanted: list[int]) -> Iterator[tuple[int, np.ndarray]]:
-        """Decode from the start and number frames as the decoder outputs them (no seeking, no skipping)."""
+        """Decode from the start and number frames as the decoder puts them out (no seeking, no skipping).
+
+        A packet the decoder rejects is logged and passed over, as a player would; its frame is not counted.
+        """
         import av
 
         wanted_set, last_wanted = set(wanted), wanted[-1]
+        index = -1
         try:
             with av.open(str(self.path)) as container:
-                index = -1
-                for frame in container.decode(container.streams.video[0]):
-                    index += 1
-                    if index in wanted_set:
-                        wanted_set.discard(index)
-                        yield index, to_bgr8(frame.to_ndarray(format="bgr24"), self.path)
-                    if index >= last_wanted:
-                        break
+                stream = container.streams.video[0]
+                stream.codec_context.thread_count = self.threads
+                stream.codec_context.thread_type = "AUTO" if self.threads > 1 else "SLICE"
+                rejected = 0
+                for packet in container.demux(stream):
+                    try:
+                        frames = packet.decode()
+                    except av.error.InvalidDataError:
+                        rejected += 1
+                        continue
+                    for frame in frames:
+                        index += 1
+                        if index in wanted_set:
+                            wanted_set.discard(index)
+                            yield index, to_bgr8(frame.to_ndarray(format="bgr24"), self.path)
+                        if index >= last_wanted:
+                            return
+                if rejected or index + 1 != self.info.frame_count:
+                    log.warning("%s: the decoder put out %d frames from %d packets (%d rejected)", self.path,
+                                index + 1, self.info.frame_count, rejected)
         except Exception as error:
             log.warning("%s: decoding stopped early (%s: %s)", self.path, type(error).__name__, error)
         if wanted_set:
             yield from self._read_with_opencv(sorted(wanted_set))
+
+    def _read_animated_image(self, wanted: list[int]) -> Iterator[tuple[int, np.ndarray]]:
+        """Animated WebP/PNG frames, composed onto the canvas by Pillow, decoded in order."""
+        from PIL import Image
+
+        wanted_set = set(wanted)
+        try:
+            with Image.open(self.path) as image:
+                for index in range(wanted[-1] + 1):
+                    image.seek(index)
+                    if index in wanted_set:
+                        yield index, cv2.cvtColor(np.asarray(image.convert("RGB")), cv2.COLOR_RGB2BGR)
+        except Exception as error:  # Pillow raises many error types for corrupt data
+            log.warning("%s: decoding stopped early (%s: %s)", self.path, type(error).__name__, error)
 
     def _read_with_opencv(self, wanted: list[int]) -> Iterator[tuple[int, np.ndarray]]:
         """Sequential fallback for frames PyAV did not deliver (odd timestamps, broken key frames)."""
@@ -246,6 +335,19 @@ class MediaReader:
                 log.warning("%s: %d sampled frames could not be decoded: %s", self.path, len(missing), missing[:10])
         finally:
             capture.release()
+
+
+def _animated_image_format(path: Path) -> str | None:
+    """Pillow's format name when the image file holds several frames (e.g. "WEBP", "GIF"), else None."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            if getattr(image, "n_frames", 1) > 1 and image.format in _ANIMATED_IMAGE_FORMATS + ("GIF",):
+                return image.format
+    except Exception:  # not an image Pillow knows: the still-image reader names the problem
+        return None
+    return None
 
 
 _END = object()

@@ -253,6 +253,95 @@ def test_index_holds_ok_records_only(folder_run) -> None:
     assert index["summary"]["faces"] == sum(len(r["frames"]) for r in recs.values())
 
 
+# ------------------------------------------------------------------------------------------------ single files
+@pytest.mark.parametrize("rel, kind, frame_indices", [
+    ("fakes/sber-swap/dance.mp4", "video", [0, 21, 43, 65]),
+    ("fakes/sber-swap/elon.webp", "video", [0, 21, 43, 65]),  # animated WebP: a video, not its first frame
+    (OBAMA, "image", [0])])
+def test_single_file_input(tmp_path: Path, media_dir: Path, rel: str, kind: str, frame_indices: list[int]) -> None:
+    """``--input one.mp4`` crops that one file (label from a real/ or fake/ folder in its path)."""
+    source = link(media_dir / rel, tmp_path / "fake" / Path(rel).name)
+    index = run_crop(tmp_path, source)
+    [record] = index["records"]
+    assert (record["video_id"], record["label"], record["kind"]) == (f"folder/fake/{source.stem}", 1, kind)
+    assert [f["frame_index"] for f in record["frames"]] == frame_indices
+    assert index["summary"]["videos"] == 1
+
+
+# ------------------------------------------------------------------------------------------------ one person
+@pytest.fixture(scope="module")
+def two_people_video(tmp_path_factory, media_dir: Path) -> Path:
+    """24 frames of the two-people photo: Obama (left) shrinks, Biden (right) grows and from frame 16 on is the
+    larger face; Obama's face is the larger over the video."""
+    photo = read_image(media_dir / "photos/face_recognition/two_people.jpg")
+    left, right = photo[:, :560], photo[:, 560:]
+    frames = []
+    for step in range(24):
+        canvas = np.zeros((400, 720, 3), np.uint8)
+        for half, scale, x in ((left, 0.6 - 0.25 * step / 23, 0), (right, 0.3 + 0.2 * step / 23, 360)):
+            part = cv2.resize(half, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)[:400, :360]
+            canvas[:part.shape[0], x:x + part.shape[1]] = part
+        frames.append(canvas)
+    root = tmp_path_factory.mktemp("two_people")
+    encode_video(root / "two.mp4", frames)
+    return root / "two.mp4"
+
+
+def test_largest_face_mode_follows_one_person(tmp_path: Path, two_people_video: Path) -> None:
+    """The old per-frame choice switched to Biden once he became the larger face; now every crop is Obama's."""
+    link(two_people_video, tmp_path / "data/real/two.mp4")
+    index = run_crop(tmp_path, tmp_path / "data", "out", "--num-frames", "24")
+    [record] = index["records"]
+    assert len(record["frames"]) == 24
+    assert all((f["box"][0] + f["box"][2]) / 2 < 360 for f in record["frames"]), "a crop of the right-hand person"
+    assert record["tracks"] == 2 and record["person_tracks"] == [0]
+    assert record["identity_switches_avoided"] >= 6
+    assert index["summary"]["identity_switches_avoided"] == record["identity_switches_avoided"]
+    assert [f["file_name"] for f in record["frames"]][:2] == ["000.png", "001.png"]
+
+
+def test_all_faces_mode_numbers_faces_by_track(tmp_path: Path, two_people_video: Path) -> None:
+    link(two_people_video, tmp_path / "data/real/two.mp4")
+    index = run_crop(tmp_path, tmp_path / "data", "out", "--num-frames", "24", "--faces", "all",
+                     "min_relative_area=0.0")
+    [record] = index["records"]
+    sides = {0: set(), 1: set()}
+    for frame in record["frames"]:
+        sides[frame["face_index"]].add("left" if (frame["box"][0] + frame["box"][2]) / 2 < 360 else "right")
+        assert frame["file_name"] == f"{frame['frame_index']:03d}_{frame['face_index']}.png"
+    assert sides == {0: {"left"}, 1: {"right"}}
+    assert len(record["frames"]) == 48
+
+
+def test_person_followed_across_shot_cuts(tmp_path: Path, media_dir: Path) -> None:
+    """A music video cuts between shots of one singer: the shots' tracks are joined by face descriptors and
+    every sampled frame is kept."""
+    link(media_dir / "videos/sber-swap/nggyup.mp4", tmp_path / "data/real/rick.mp4")
+    [record] = run_crop(tmp_path, tmp_path / "data", "out", "--num-frames", "8")["records"]
+    assert record["shot_cuts"] >= 2 and record["tracks"] >= 3
+    assert len(record["frames"]) == 8 and record["person_tracks"] == list(range(record["tracks"]))
+    assert 0 < record["descriptors"] <= 8
+    # without descriptors the person is the largest track alone: fewer frames, never another person's
+    [alone] = run_crop(tmp_path, tmp_path / "data", "out0", "--num-frames", "8", "max_descriptors=0")["records"]
+    assert alone["descriptors"] == 0 and len(alone["person_tracks"]) == 1 and len(alone["frames"]) < 8
+
+
+def test_tiny_faces_are_dropped_and_counted(tmp_path: Path, media_dir: Path) -> None:
+    """A group photo whose seven faces measure 28-39 px: below the 40 px default they are dropped, not blown
+    up 8x into crops; a smaller minimum keeps them."""
+    link(media_dir / "photos/dlib/faces/2007_007763.jpg", tmp_path / "data/real/group.jpg")
+    index = run_crop(tmp_path, tmp_path / "data", "out", "--faces", "all")
+    [record] = records(tmp_path).values()
+    assert record["status"] == "skipped" and record["faces_dropped_small"] == 7
+    assert "7 faces smaller than 40 px dropped" in record["reason"]
+    assert index["summary"]["faces_dropped_small"] == 7
+    index = run_crop(tmp_path, tmp_path / "data", "out_small", "--faces", "all", "--min-face-size", "20",
+                     "min_relative_area=0.0")
+    [record] = index["records"]
+    assert len(record["frames"]) == 7 and record["faces_dropped_small"] == 0
+    assert record["settings"]["detector"]["min_face_size"] == 20
+
+
 # ------------------------------------------------------------------------------------------------ other datasets
 def test_image_renamed_to_mp4_in_video_dataset_is_skipped(tmp_path: Path, media_dir: Path, obama_half,
                                                           caplog) -> None:
@@ -296,6 +385,25 @@ def test_dlib_detector_and_no_face_photo(tmp_path: Path, media_dir: Path) -> Non
     assert recs["fake/two"]["detector"] == "dlib" and len(recs["fake/two"]["frames"]) == 1
     assert recs["fake/two"]["frames"][0]["keypoints"] is None  # dlib HOG gives no keypoints
     assert index["summary"]["skipped"] == 1
+    assert recs["fake/two"]["settings"]["detector"] == {"name": "dlib", "score_threshold": 0.0, "max_size": 640,
+                                                       "upsample": 1, "min_face_size": 40}
+
+
+def test_score_threshold_reaches_each_detector(tmp_path: Path, media_dir: Path) -> None:
+    """--score-threshold is used by dlib too (its SVM scores), and the record holds the values used."""
+    link(media_dir / "photos/dlib/faces/2008_002470.jpg", tmp_path / "data/real/group.jpg")
+    counts = {}
+    for detector, threshold in [("dlib", None), ("dlib", "1.5"), ("retinaface", None)]:
+        output = f"{detector}_{threshold}"
+        extra = ["--detector", detector, "--faces", "all", "min_relative_area=0.0"]
+        run_crop(tmp_path, tmp_path / "data", output, *extra, *(["--score-threshold", threshold] if threshold else []))
+        [record] = records(tmp_path, output).values()
+        counts[output] = len(record["frames"])
+        used = record["settings"]["detector"]
+        assert used["score_threshold"] == {"dlib_None": 0.0, "dlib_1.5": 1.5, "retinaface_None": 0.7}[output]
+        assert ("upsample" in used, "nms_threshold" in used) == ((True, False) if detector == "dlib" else (False, True))
+        assert all(f["face_score"] > used["score_threshold"] for f in record["frames"])
+    assert 0 < counts["dlib_1.5"] < counts["dlib_None"]
 
 
 def test_output_outside_data_root_is_refused(tmp_path: Path, media_dir: Path, caplog) -> None:
@@ -429,7 +537,9 @@ def test_loky_workers_match_sequential_run(four_videos: Path, loky_records) -> N
     run_crop(four_videos, four_videos / "data", "out_seq")
     sequential = normalise(records(four_videos, "out_seq"), four_videos)
     assert json.dumps(sequential).replace("out_seq", "X") == json.dumps(loky_records).replace("out_loky", "X")
-    assert sum(len(r["frames"]) for r in loky_records.values()) == 16
+    # the Hamilton clip's last sampled frame shows five audience members, none of them the performer
+    assert sum(len(r["frames"]) for r in loky_records.values()) == 15
+    assert loky_records["real/hamilton"]["frames_other_faces_only"] == [274]
 
 
 def test_dask_cluster_matches_loky(four_videos: Path, loky_records) -> None:

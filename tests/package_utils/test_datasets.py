@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from package_utils.datasets import DATASETS, VideoEntry, entries_from_list, list_entries
+from package_utils.datasets import DATASETS, VideoEntry, entries_from_list, entry_from_file, list_entries
 
 FF_FAKES = ("Deepfakes", "Face2Face", "FaceSwap", "NeuralTextures")
 FF_SPLITS = {"train": [["000", "003"], ["001", "002"]], "val": [["004", "005"]], "test": [["006", "007"]]}
@@ -322,6 +322,20 @@ def test_folder_csv_and_list_files(tmp_path: Path, caplog: pytest.LogCaptureFixt
     csv_file.write_bytes(b"\xff\xfe\x00bad")
     with pytest.raises(ValueError, match=r"list.csv: not a UTF-8"):
         entries_from_list(csv_file, "test")
+
+
+def test_single_media_file_is_one_entry(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    fake = entry_from_file(touch(tmp_path / "1_fake/clip.mp4"), "test")
+    assert (fake.video_id, fake.label, fake.split) == ("folder/fake/clip", 1, "test")
+    assert fake.path == tmp_path / "1_fake/clip.mp4"
+    with caplog.at_level(logging.WARNING, logger="package_utils.datasets"):
+        loose = entry_from_file(touch(tmp_path / "loose/photo.webp"), "train", dataset="cdf")
+    assert (loose.video_id, loose.label) == ("cdf/real/photo", 0)
+    assert "photo.webp: no real/ or fake/ folder in its path, labelled real (0)" in caplog.text
+    with pytest.raises(FileNotFoundError, match="gone.mp4"):
+        entry_from_file(tmp_path / "gone.mp4", "test")
+    with pytest.raises(ValueError, match="notes.json: not a video or image file"):
+        entry_from_file(touch(tmp_path / "notes.json"), "test")
 
 
 # ---------------------------------------------------------------------------------------------------- generic errors

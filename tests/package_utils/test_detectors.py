@@ -10,8 +10,8 @@ import pytest
 from conftest import box_iou
 from package_utils import landmarks
 from package_utils.detectors import (PREDICTOR_81_NAME, PREDICTOR_81_SOURCE, DlibHogDetector, Face,
-                                     LandmarkPredictor, RetinaFaceDetector, build_detector, choose_faces,
-                                     predictor_path)
+                                     FaceDescriptor, FaceTracker, LandmarkPredictor, RetinaFaceDetector,
+                                     build_detector, choose_faces, frontality, predictor_path)
 from package_utils.io_utils import read_image
 
 DLIB_FACES = "photos/dlib/faces"
@@ -89,6 +89,23 @@ def test_retinaface_boxes_do_not_depend_on_downscaling(photos) -> None:
     assert all(0 <= v <= s for v, s in zip(large[0].box, [image.shape[1], image.shape[0]] * 2))
 
 
+def test_dlib_detects_on_the_shrunk_frame_and_maps_boxes_back(photos) -> None:
+    """On a 1080p frame dlib runs on a 640 px copy; its box is in frame pixels and matches the full-frame one."""
+    image = photos("photos/face_recognition/obama-1080p.jpg")
+    [shrunk] = DlibHogDetector(max_size=640).detect(image)
+    [full] = DlibHogDetector(max_size=None).detect(image)
+    assert box_iou(shrunk.box, full.box) > 0.8
+    assert shrunk.box[2] - shrunk.box[0] > 200  # frame pixels, not pixels of the 640 px copy
+
+
+def test_dlib_honours_the_score_threshold(photos) -> None:
+    image = photos(f"{DLIB_FACES}/2008_002470.jpg")
+    default = DlibHogDetector().detect(image)
+    strict = DlibHogDetector(score_threshold=1.5).detect(image)
+    assert len(default) == 6 and all(f.score > 0.0 for f in default)
+    assert 0 < len(strict) < len(default) and all(f.score > 1.5 for f in strict)
+
+
 def test_no_face_in_plain_image() -> None:
     grey = np.full((240, 320, 3), 128, np.uint8)
     assert detect("retinaface", grey) == [] and detect("dlib", grey) == []
@@ -133,6 +150,76 @@ def test_largest_face_of_two_people(photos) -> None:
     [chosen] = choose_faces(faces, "largest")
     assert chosen.area == max(f.area for f in faces)
     assert len(choose_faces(faces, "all")) == 2
+
+
+# ------------------------------------------------------------------------------------------------ tracking
+def moving_face(x0: float, y0: float, side: float, step: int, dx: float, grow: float) -> Face:
+    side = side * grow ** step
+    return face(x0 + dx * step, y0, side)
+
+
+def test_tracks_keep_each_person_when_the_largest_changes() -> None:
+    """Two faces walk past each other in depth: the left one shrinks, the right one grows and becomes the
+    larger; each keeps its track id."""
+    frame = np.full((360, 640, 3), 90, np.uint8)
+    tracker = FaceTracker()
+    for step in range(12):
+        left, right = moving_face(60, 100, 140, step, 4, 0.93), moving_face(400, 120, 60, step, -6, 1.09)
+        ordered = sorted([left, right], key=lambda f: -f.area)  # the crop stage passes the largest first
+        ids = dict(zip((id(f) for f in ordered), tracker.update(step, frame, ordered)))
+        assert (ids[id(left)], ids[id(right)]) == (0, 1), f"step {step}"
+    assert len(tracker.tracks) == 2 and tracker.cuts == 0
+    assert [len(t.frames) for t in tracker.tracks] == [12, 12]
+
+
+def test_tracks_end_at_a_shot_cut_and_after_a_jump() -> None:
+    """A face at the same place after a cut, or one that jumped across the frame, starts a new track."""
+    shot_a, shot_b = np.full((360, 640, 3), (200, 40, 40), np.uint8), np.full((360, 640, 3), (40, 200, 40), np.uint8)
+    tracker = FaceTracker()
+    assert tracker.update(0, shot_a, [face(100, 100, 100)]) == [0]
+    assert tracker.update(1, shot_a, [face(110, 100, 100)]) == [0]
+    assert tracker.update(2, shot_b, [face(110, 100, 100)]) == [1]  # cut
+    assert tracker.cuts == 1
+    assert tracker.update(3, shot_b, []) == []                      # a missed detection keeps the track open
+    assert tracker.update(4, shot_b, [face(120, 100, 100)]) == [1]
+    assert tracker.update(5, shot_b, [face(450, 100, 100)]) == [2]  # moved by 3.3 face sides
+
+
+def test_frontality_from_keypoints() -> None:
+    frontal = Face(np.array([0, 0, 100, 100], np.float32), 1.0,
+                   np.array([[30, 40], [70, 40], [50, 60], [35, 80], [65, 80]], np.float32))
+    profile = Face(frontal.box, 1.0, np.array([[30, 40], [45, 40], [25, 60], [28, 80], [42, 80]], np.float32))
+    assert frontality(frontal) == pytest.approx(1.0)
+    assert frontality(profile) == 0.0
+    assert frontality(face(0, 0, 50)) == 1.0  # no keypoints (dlib HOG): frontal by construction
+
+
+def test_identities_join_one_persons_tracks_across_cuts(photos) -> None:
+    """Obama in a portrait, Biden, then Obama in another photo: three shots, three tracks, two people."""
+    detector = RetinaFaceDetector()
+    obama, biden = photos("photos/face_recognition/obama.jpg"), photos("photos/face_recognition/biden.jpg")
+    two = photos("photos/face_recognition/two_people.jpg")
+    [obama_face], [biden_face] = detector.detect(obama), detector.detect(biden)
+    obama_in_two = min(detector.detect(two), key=lambda f: f.box[0])  # Obama stands on the left
+    tracker = FaceTracker()
+    for index, (frame, found) in enumerate([(obama, obama_face)] * 3 + [(biden, biden_face)] * 3
+                                           + [(two, obama_in_two)] * 2):
+        tracker.update(index, frame, [found])
+    assert tracker.cuts == 2 and len(tracker.tracks) == 3
+    groups = tracker.identities(FaceDescriptor())
+    assert [sorted(t.track_id for t in group) for group in groups] == [[0, 2], [1]]
+    assert len(tracker.identities()) == 3  # without descriptors every track stays on its own
+
+
+def test_faces_seen_together_are_never_one_person(photos) -> None:
+    image = photos("photos/face_recognition/two_people.jpg")
+    tracker = FaceTracker()
+    tracker.update(0, image, RetinaFaceDetector().detect(image))
+
+    def no_descriptor_needed(patch: np.ndarray, box: np.ndarray) -> np.ndarray:
+        raise AssertionError("faces of one frame need no descriptor to be told apart")
+
+    assert len(tracker.identities(no_descriptor_needed)) == 2
 
 
 # ------------------------------------------------------------------------------------------------ predictors

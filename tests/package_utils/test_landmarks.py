@@ -237,7 +237,7 @@ def turned(tmp_path_factory, media_dir: Path) -> tuple[Path, dict]:
     link(media_dir / "photos/dlib/faces" / TURNED, root / "data/real/turned.jpg")
     assert crop.main(["--input", str(root / "data"), "--output", str(root / "out"), "--data-root", str(root),
                       "--crop-size", str(SIZE), "--faces", "all", "--backend", "sequential",
-                      "min_relative_area=0.0"]) == 0
+                      "--min-face-size", "0", "min_relative_area=0.0"]) == 0  # its 7 faces are all under 40 px
     return root, run_landmarks(root / "out/test", root / "meta.json")
 
 
