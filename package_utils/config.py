@@ -219,7 +219,8 @@ class StageSpec:
         options: the settings, in ``--help`` order.
         description: the parser's description.
         fingerprint: the stage's serialisation of its output-changing settings (what its caches are keyed
-            on) from a resolved config; it may read only the options marked ``output``.
+            on) from a resolved config: it reads the options marked ``output``, others only where they change
+            one of those (the crop stage's DFW dataset implies detector none); default: those settings by name.
     """
 
     def __init__(self, stage: str, options: Sequence[Option], description: str,
@@ -253,7 +254,8 @@ class StageSpec:
     def build_parser(self) -> argparse.ArgumentParser:
         parser = argparse.ArgumentParser(prog=f"python -m package_utils.{self.stage}", description=self.description,
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
-        parser.add_argument("--config", help=f"YAML config (keys as in configs/preprocess/{self.stage}.yaml)")
+        parser.add_argument("--config", help="YAML config (configs/preprocess/ has examples); overrides and flags "
+                                             "win over it")
         for option in self.options:
             if not option.flag:
                 continue
@@ -295,8 +297,33 @@ class StageSpec:
             return self.output_settings(config)
         return self._fingerprint(dict(config))
 
+    def parse(self, argv: Sequence[str] | None = None) -> dict:
+        """The config a command line asks for: defaults <- --config <- overrides <- flags."""
+        return self._from_args(self.build_parser().parse_args(argv))
+
+    def _from_args(self, args: argparse.Namespace) -> dict:
+        config = build_config(self.defaults, args.config, args.overrides)
+        for name, key in self.flag_to_key.items():
+            set_if_given(config, key, getattr(args, name))
+        return config
+
     def main(self, run: Callable[[dict], dict], argv: Sequence[str] | None = None) -> int:
-        return run_stage(self.stage, self.build_parser(), self.defaults, self.flag_to_key, run, argv)
+        """The stage's command line: parse, run, print the summary.
+
+        Returns 0 on success, 1 when some videos failed, 2 for a usage or input error, a busy, read-only or full
+        output (logged, no traceback).
+        """
+        from package_utils.io_utils import OutputBusyError
+
+        args = self.build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        try:
+            summary = run(self._from_args(args))
+        except (ValueError, OSError, OutputBusyError) as error:
+            logging.getLogger(f"package_utils.{self.stage}").error("%s", error)
+            return 2
+        print(format_summary(self.stage, summary))
+        return 0 if summary.get("failed", 0) == 0 else 1
 
 
 def set_value(config: dict, dotted: str, value: Any) -> None:
@@ -305,25 +332,3 @@ def set_value(config: dict, dotted: str, value: Any) -> None:
     for key in keys[:-1]:
         node = node[key]
     node[keys[-1]] = value
-
-
-def run_stage(stage: str, parser, defaults: Mapping, flag_to_key: Mapping[str, str], run, argv=None) -> int:
-    """The shared ``main`` of a stage: defaults <- --config <- overrides <- flags, run, print the summary.
-
-    Returns 0 on success, 1 when some videos failed, 2 for a usage or input error, a busy, read-only or full
-    output (logged, no traceback).
-    """
-    from package_utils.io_utils import OutputBusyError
-
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = build_config(defaults, args.config, args.overrides)
-        for flag, key in flag_to_key.items():
-            set_if_given(config, key, getattr(args, flag))
-        summary = run(config)
-    except (ValueError, OSError, OutputBusyError) as error:
-        logging.getLogger(f"package_utils.{stage}").error("%s", error)
-        return 2
-    print(format_summary(stage, summary))
-    return 0 if summary.get("failed", 0) == 0 else 1

@@ -88,8 +88,10 @@ def _options() -> list[Option]:
         Option("detector.upsample", 1, name="upsample", flag=False, output=True),
         # onnxruntime threads per worker (None: the worker's share of the cores)
         Option("detector.threads", None, name="detector_threads", type=int, flag=False),
-        Option("detector.min_face_size", 40, "drop faces whose shorter box side is below this many frame pixels "
-               "(default 40)", name="min_face_size", type=float, output=True),
+        # a float, as the flag takes (a YAML 40.5 was refused while --min-face-size 40.5 passed); 40.0 == 40, so
+        # records written with the int default still match
+        Option("detector.min_face_size", 40.0, "drop faces whose shorter box side is below this many frame "
+               "pixels (default 40)", name="min_face_size", output=True),
         Option("faces", "largest", "largest: the video's main person, followed from frame to frame; all: every "
                "face, face_index = its track", choices=("largest", "all"), output=True),
         # with faces=all: keep faces at least this fraction of the largest

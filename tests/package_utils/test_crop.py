@@ -182,6 +182,25 @@ def test_padding_recorded_when_box_leaves_frame(folder_run) -> None:
     assert image[:, padded + 1:].mean() > 20
 
 
+def test_public_crop_faces_cuts_what_the_stage_stored(folder_run) -> None:
+    """crop.crop_faces (shared with training.infer) gives the stage's box, padding and pixels for the same frame."""
+    root, _, recs = folder_run
+    record = recs["real/edge"]
+    [frame] = record["frames"]
+    image = cv2.imread(record["source"], cv2.IMREAD_COLOR)
+    detector = crop.face_detector("retinaface", threads=1)  # the stage ran with one thread per worker
+    [cut], dropped = crop.crop_faces(image, detector, SIZE, faces="largest", min_face_size=40)
+    assert dropped == 0 and cut.box.tolist() == frame["box"] and cut.padding == frame["padding"]
+    np.testing.assert_array_equal(cut.image, crop_image(root, frame))
+    # a minimum face size above the face drops it and counts it
+    assert crop.crop_faces(image, detector, SIZE, min_face_size=10_000) == ([], 1)
+    # no detector: the whole frame is the face, cut without the crop scale; size None keeps the cut's side
+    [whole], _ = crop.crop_faces(image, None, None)
+    height, width = image.shape[:2]
+    side = max(height, width)
+    assert whole.image.shape[:2] == (side, side) and whole.box[2] - whole.box[0] == side
+
+
 def test_single_image_is_one_frame(folder_run) -> None:
     _, _, recs = folder_run
     record = recs["real/obama"]
