@@ -570,3 +570,23 @@ def test_dask_cluster_matches_loky(four_videos: Path, loky_records) -> None:
     assert index["config"]["backend"] == "dask" and index["summary"]["ok"] == 4
     dask_records = normalise(records(four_videos, "out_dask"), four_videos)
     assert json.dumps(dask_records).replace("out_dask", "X") == json.dumps(loky_records).replace("out_loky", "X")
+
+
+def test_keyword_entry_point_runs_as_the_command_line(tmp_path: Path, media_dir: Path) -> None:
+    """crop.run(**settings) (what the demos call) writes what crop.main(flags) writes, config included."""
+    data = tmp_path / "data"
+    for name in ("obama.jpg", "biden.jpg"):
+        link(media_dir / "photos/face_recognition" / name, data / "real" / name)
+    flags = crop_args(tmp_path, data, "by_flags", "--backend", "sequential")
+    assert crop.main(flags) == 0
+    summary = crop.run(input=data, dataset="folder", split="test", num_frames=4, crop_size=SIZE,
+                       output=tmp_path / "by_keywords", data_root=tmp_path, backend="sequential")
+    assert summary["ok"] == 2 and summary["index"] == str(tmp_path / "by_keywords/test" / crop.CROP_INDEX_NAME)
+    by_flags, by_keywords = snapshot(tmp_path, "by_flags"), snapshot(tmp_path, "by_keywords")
+    assert len(by_flags) > 4 and list(by_flags) == list(by_keywords)
+    for name, content in by_flags.items():
+        if name.endswith(".json"):  # the same files but for the output folder's name
+            assert json.dumps(content).replace("by_flags", "out") == \
+                json.dumps(by_keywords[name]).replace("by_keywords", "out"), name
+        else:
+            assert content == by_keywords[name], name
