@@ -32,10 +32,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from facedata.landmark_rules import flip_landmarks, reorder_forehead_81
 from package_utils import metadata
 from package_utils.crop import cut_with_padding
 from package_utils.io_utils import read_image
-from synthesis.masks import flip_landmarks, reorder_forehead_81
 
 log = logging.getLogger(__name__)
 

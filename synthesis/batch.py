@@ -1,6 +1,6 @@
 """From a loader batch of real faces to a training batch: pseudo-fakes, labels and targets, on the device.
 
-:class:`PseudoFakeBatcher` takes the dict a ``training.data`` loader yields (uint8 images, landmarks, and
+:class:`PseudoFakeBatcher` takes the dict a ``facedata.faces`` loader yields (uint8 images, landmarks, and
 for BI one blend partner per face), moves it to the training device, synthesises the fakes there (SBI or
 BI), and computes LAA-Net's targets at the heatmap resolution:
 

@@ -50,7 +50,7 @@ from package_utils.detectors import Face, choose_faces
 from package_utils.io_utils import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, BadInputError, atomic_write_image,
                                     check_writable, read_image)
 from package_utils.video import MediaReader, sample_indices
-from training.data import CROP_PROTOCOLS, cut_window, sbi_window, trained_crop_protocol
+from facedata.faces import CROP_PROTOCOLS, cut_window, sbi_window, trained_crop_protocol
 
 log = logging.getLogger("training.infer")
 

@@ -30,6 +30,7 @@ import yaml
 from tqdm import tqdm
 
 import models
+from facedata.faces import build_loader, load_frame_table, loader_generator
 from package_utils.config import ConfigError, build_config
 from package_utils.io_utils import (PROJECT_ROOT, BadInputError, OutputBusyError, atomic_write_bytes,
                                     atomic_write_text, explain_os_error, output_lock, remove_leftovers,
@@ -39,7 +40,6 @@ from synthesis.bi import BIConfig
 from synthesis.geometry import GeometryConfig
 from synthesis.sbi import SBIConfig
 from training import comm
-from training.data import loader_generator
 from training.metrics import BinaryEvaluator
 from training.optim import SAM, build_optimizer, build_scheduler
 
@@ -63,14 +63,14 @@ DEFAULTS: dict = {
         "train_frames_per_video": 8,
         "val_frames_per_video": 8,
         "train_frame_sampling": "random",  # random: new frames each epoch (LAA-Net's intent) | even: fixed (SBI, FPG)
-        "crop_protocol": "square",     # square: the whole stored crop | sbi: SBI's face-box window (training/data.py)
+        "crop_protocol": "square",     # square: the whole stored crop | sbi: SBI's face-box window (facedata/faces.py)
         "skip_bad_landmarks": True,    # pseudo_fake: leave out faces whose landmarks failed the keypoint check
         "batch_size": 8,               # pseudo_fake + paired: reals per batch (the batch doubles)
         "val_batch_size": 0,           # 0 = batch_size
         "workers": 2,
         "flip_probability": 0.5,
         "load_size": 256,              # image_folder: resize before the random crop (NPR recipe)
-        "val_suite": "forensynths-val",  # image_folder: the eval resize rule (training/image_folders.py)
+        "val_suite": "forensynths-val",  # image_folder: the eval resize rule (facedata/image_folders.py)
         "classes": [],                 # image_folder: class folders of train and val to use; [] = all
     },
     "synthesis": {
@@ -202,8 +202,6 @@ class BatchSource:
     """
 
     def __init__(self, config: dict, model: torch.nn.Module, device: torch.device, rank: int, world: int):
-        from training.data import build_loader, load_frame_table
-
         data = config["data"]
         self.config, self.device, self.kind = config, device, data["kind"]
         self.size = data["image_size"] or model.input_size
@@ -213,7 +211,7 @@ class BatchSource:
         self.channels_last = config["channels_last"]
         val_batch = data["val_batch_size"] or data["batch_size"]
         if self.kind == "image_folder":
-            from training import image_folders
+            from facedata import image_folders
             if world > 1:
                 log.warning("image_folder data is not sharded across ranks yet: every rank reads all images")
             self.train_loader = image_folders.build_image_loader(

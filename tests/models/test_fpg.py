@@ -24,7 +24,7 @@ from synthesis.batch import BatcherConfig, PseudoFakeBatcher
 from synthesis.masks import hull_masks
 from synthesis.sbi import SBIConfig
 from training import train as trainer
-from training.data import build_loader, load_frame_table
+from facedata.faces import build_loader, load_frame_table
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PATHS = ["v0/000.png", "v1/000.png", "v0/000.png", "v1/000.png"]

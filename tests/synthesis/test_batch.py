@@ -8,7 +8,7 @@ import torch
 from synthesis.batch import BatcherConfig, PseudoFakeBatcher, make_targets
 from synthesis.bi import BIConfig
 from synthesis.preview import preview
-from training.data import build_loader, load_frame_table
+from facedata.faces import build_loader, load_frame_table
 
 
 def loader_batch(face_metadata, size=128, with_partner=False, seed=0):
