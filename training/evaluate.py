@@ -28,10 +28,10 @@ import torch
 from tqdm import tqdm
 
 import models
+from facedata.faces import build_loader, load_frame_table, trained_crop_protocol
 from package_utils.config import ConfigError, build_config
 from package_utils.io_utils import check_writable
 from training import comm
-from facedata.faces import build_loader, load_frame_table, trained_crop_protocol
 from training.metrics import BinaryEvaluator, format_metrics, plot_roc, write_metrics_json, write_video_csv
 from training.train import (DEFAULTS, _project_path, check_values, predict_logits, resolve_device,
                             to_memory_format, uses_channels_last)

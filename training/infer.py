@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 import models
+from facedata.faces import CROP_PROTOCOLS, cut_window, sbi_window, trained_crop_protocol
 from package_utils.config import parse_override
 from package_utils.crop import DEFAULTS as CROP_DEFAULTS
 from package_utils.crop import _get_detector, cut_with_padding, resize_square, square_box, to_crop_coords
@@ -50,7 +51,6 @@ from package_utils.detectors import Face, choose_faces
 from package_utils.io_utils import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, BadInputError, atomic_write_image,
                                     check_writable, read_image)
 from package_utils.video import MediaReader, sample_indices
-from facedata.faces import CROP_PROTOCOLS, cut_window, sbi_window, trained_crop_protocol
 
 log = logging.getLogger("training.infer")
 

@@ -229,9 +229,12 @@ class BatchSource:
         self.batcher = PseudoFakeBatcher(batcher_config(config)) if synthetic else None
         with_partner = synthetic and config["synthesis"]["method"] == "bi"
         root = data["data_root"]
+        # Per-frame side information a model's loss asks for (FPG: model.args.quality_scores) joins the
+        # training items here; validation computes no loss, so its table needs none.
         self.train_table = load_frame_table(_project_path(data["train"]), root, labels=labels,
                                             require_landmarks=synthetic,
-                                            skip_bad_landmarks=data["skip_bad_landmarks"])
+                                            skip_bad_landmarks=data["skip_bad_landmarks"],
+                                            quality_scores=getattr(model, "quality_scores", None))
         self.train_loader = build_loader(
             self.train_table, image_size=self.size, batch_size=data["batch_size"],
             frames_per_video=data["train_frames_per_video"], train=True, seed=self.seed, workers=data["workers"],
@@ -254,7 +257,7 @@ class BatchSource:
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return to_memory_format((images - self.mean) / self.std, self.channels_last)
 
-    def _prepare(self, raw: dict, generator: torch.Generator, table=None, train: bool = True) -> dict:
+    def _prepare(self, raw: dict, generator: torch.Generator, train: bool = True) -> dict:
         if self.kind == "image_folder":
             return {"image": to_memory_format(raw["image"].to(self.device), self.channels_last),
                     "label": raw["label"].to(self.device).float()}
@@ -263,9 +266,9 @@ class BatchSource:
         else:
             batch = {"image": raw["image"].to(self.device).float().div_(255.0),
                      "label": raw["label"].to(self.device).float(), "item": raw["item"].to(self.device)}
+            if "quality" in raw:
+                batch["quality"] = raw["quality"].to(self.device)
         batch["image"] = self.normalize(batch["image"])
-        # Per-sample source frames, for models that look up side information (e.g. FPG's quality scores).
-        batch["image_path"] = [table.items[int(i)]["image_path"] for i in batch["item"].tolist()]
         return batch
 
     def epoch(self, epoch: int, generator: torch.Generator) -> Iterable[dict]:
@@ -276,11 +279,11 @@ class BatchSource:
         # dropout and synthesis draws of a resumed run (persistent workers draw it once per process).
         self.train_loader.generator = loader_generator(self.seed, epoch)
         for raw in self.train_loader:
-            yield self._prepare(raw, generator, getattr(self, "train_table", None))
+            yield self._prepare(raw, generator)
 
     def validation(self, generator: torch.Generator) -> Iterable[tuple[dict, list[str], torch.Tensor]]:
         for raw in self.val_loader:
-            batch = self._prepare(raw, generator, getattr(self, "val_table", None), train=False)
+            batch = self._prepare(raw, generator, train=False)
             if self.kind == "image_folder":
                 keys = list(raw["path"])
                 ids = None
