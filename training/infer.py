@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 import models
+from facedata.faces import CROP_PROTOCOLS, cut_window, sbi_window, trained_crop_protocol
 from package_utils.config import parse_override
 from package_utils.crop import DEFAULTS as CROP_DEFAULTS
 from package_utils.crop import face_detector, resize_square, to_crop_coords
@@ -52,7 +53,6 @@ from package_utils.detectors import Face
 from package_utils.io_utils import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, BadInputError, atomic_write_image,
                                     check_writable, read_image)
 from package_utils.video import MediaReader, sample_indices
-from training.data import CROP_PROTOCOLS, cut_window, sbi_window, trained_crop_protocol
 
 log = logging.getLogger("training.infer")
 

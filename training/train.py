@@ -30,6 +30,7 @@ import yaml
 from tqdm import tqdm
 
 import models
+from facedata.faces import build_loader, load_frame_table, loader_generator
 from package_utils.config import ConfigError, build_config
 from package_utils.io_utils import (PROJECT_ROOT, BadInputError, OutputBusyError, atomic_write_bytes,
                                     atomic_write_text, explain_os_error, output_lock, remove_leftovers,
@@ -39,7 +40,6 @@ from synthesis.bi import BIConfig
 from synthesis.geometry import GeometryConfig
 from synthesis.sbi import SBIConfig
 from training import comm
-from training.data import loader_generator
 from training.metrics import BinaryEvaluator
 from training.optim import SAM, build_optimizer, build_scheduler
 
@@ -63,14 +63,14 @@ DEFAULTS: dict = {
         "train_frames_per_video": 8,
         "val_frames_per_video": 8,
         "train_frame_sampling": "random",  # random: new frames each epoch (LAA-Net's intent) | even: fixed (SBI, FPG)
-        "crop_protocol": "square",     # square: the whole stored crop | sbi: SBI's face-box window (training/data.py)
+        "crop_protocol": "square",     # square: the whole stored crop | sbi: SBI's face-box window (facedata/faces.py)
         "skip_bad_landmarks": True,    # pseudo_fake: leave out faces whose landmarks failed the keypoint check
         "batch_size": 8,               # pseudo_fake + paired: reals per batch (the batch doubles)
         "val_batch_size": 0,           # 0 = batch_size
         "workers": 2,
         "flip_probability": 0.5,
         "load_size": 256,              # image_folder: resize before the random crop (NPR recipe)
-        "val_suite": "forensynths-val",  # image_folder: the eval resize rule (training/image_folders.py)
+        "val_suite": "forensynths-val",  # image_folder: the eval resize rule (facedata/image_folders.py)
         "classes": [],                 # image_folder: class folders of train and val to use; [] = all
     },
     "synthesis": {
@@ -202,8 +202,6 @@ class BatchSource:
     """
 
     def __init__(self, config: dict, model: torch.nn.Module, device: torch.device, rank: int, world: int):
-        from training.data import build_loader, load_frame_table
-
         data = config["data"]
         self.config, self.device, self.kind = config, device, data["kind"]
         self.size = data["image_size"] or model.input_size
@@ -213,7 +211,7 @@ class BatchSource:
         self.channels_last = config["channels_last"]
         val_batch = data["val_batch_size"] or data["batch_size"]
         if self.kind == "image_folder":
-            from training import image_folders
+            from facedata import image_folders
             if world > 1:
                 log.warning("image_folder data is not sharded across ranks yet: every rank reads all images")
             self.train_loader = image_folders.build_image_loader(
@@ -231,9 +229,12 @@ class BatchSource:
         self.batcher = PseudoFakeBatcher(batcher_config(config)) if synthetic else None
         with_partner = synthetic and config["synthesis"]["method"] == "bi"
         root = data["data_root"]
+        # Per-frame side information a model's loss asks for (FPG: model.args.quality_scores) joins the
+        # training items here; validation computes no loss, so its table needs none.
         self.train_table = load_frame_table(_project_path(data["train"]), root, labels=labels,
                                             require_landmarks=synthetic,
-                                            skip_bad_landmarks=data["skip_bad_landmarks"])
+                                            skip_bad_landmarks=data["skip_bad_landmarks"],
+                                            quality_scores=getattr(model, "quality_scores", None))
         self.train_loader = build_loader(
             self.train_table, image_size=self.size, batch_size=data["batch_size"],
             frames_per_video=data["train_frames_per_video"], train=True, seed=self.seed, workers=data["workers"],
@@ -256,7 +257,7 @@ class BatchSource:
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return to_memory_format((images - self.mean) / self.std, self.channels_last)
 
-    def _prepare(self, raw: dict, generator: torch.Generator, table=None, train: bool = True) -> dict:
+    def _prepare(self, raw: dict, generator: torch.Generator, train: bool = True) -> dict:
         if self.kind == "image_folder":
             return {"image": to_memory_format(raw["image"].to(self.device), self.channels_last),
                     "label": raw["label"].to(self.device).float()}
@@ -265,9 +266,9 @@ class BatchSource:
         else:
             batch = {"image": raw["image"].to(self.device).float().div_(255.0),
                      "label": raw["label"].to(self.device).float(), "item": raw["item"].to(self.device)}
+            if "quality" in raw:
+                batch["quality"] = raw["quality"].to(self.device)
         batch["image"] = self.normalize(batch["image"])
-        # Per-sample source frames, for models that look up side information (e.g. FPG's quality scores).
-        batch["image_path"] = [table.items[int(i)]["image_path"] for i in batch["item"].tolist()]
         return batch
 
     def epoch(self, epoch: int, generator: torch.Generator) -> Iterable[dict]:
@@ -278,11 +279,11 @@ class BatchSource:
         # dropout and synthesis draws of a resumed run (persistent workers draw it once per process).
         self.train_loader.generator = loader_generator(self.seed, epoch)
         for raw in self.train_loader:
-            yield self._prepare(raw, generator, getattr(self, "train_table", None))
+            yield self._prepare(raw, generator)
 
     def validation(self, generator: torch.Generator) -> Iterable[tuple[dict, list[str], torch.Tensor]]:
         for raw in self.val_loader:
-            batch = self._prepare(raw, generator, getattr(self, "val_table", None), train=False)
+            batch = self._prepare(raw, generator, train=False)
             if self.kind == "image_folder":
                 keys = list(raw["path"])
                 ids = None
