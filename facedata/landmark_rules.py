@@ -1,4 +1,4 @@
-"""Landmark index rules of the 68- and 81-point models (preprocessing spec §3.1-3.2).
+"""Landmark index rules of the 68- and 81-point models (docs/preprocessing.md §3.1-3.2).
 
 * :func:`reorder_forehead_81`: the 13 forehead points of the 81-point model in left-to-right order (SBI's
   convention), applied once when a metadata file is loaded.
@@ -17,10 +17,10 @@ import torch
 __all__ = ["FLIP_PERMUTATION_68", "FLIP_PERMUTATION_81", "FOREHEAD_REORDER_81", "flip_landmarks",
            "reorder_forehead_81"]
 
-# SBI forehead reorder: new[68 + k] = old[FOREHEAD_REORDER_81[k]] (preprocessing spec §3.1).
+# SBI forehead reorder: new[68 + k] = old[FOREHEAD_REORDER_81[k]] (docs/preprocessing.md §3.1).
 FOREHEAD_REORDER_81: tuple[int, ...] = (77, 75, 76, 68, 69, 70, 71, 80, 72, 73, 79, 74, 78)
 
-# Horizontal flip: new[i] = old[FLIP_PERMUTATION[i]] (preprocessing spec §3.2).
+# Horizontal flip: new[i] = old[FLIP_PERMUTATION[i]] (docs/preprocessing.md §3.2).
 FLIP_PERMUTATION_68: tuple[int, ...] = (
     *range(16, -1, -1),  # jaw
     *range(26, 16, -1),  # brows

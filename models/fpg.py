@@ -1,4 +1,4 @@
-"""FPG: an SBI detector trained with forgery perception guidance (Xia et al., ACM MM 2024; spec section 6;
+"""FPG: an SBI detector trained with forgery perception guidance (Xia et al., ACM MM 2024; docs/models.md §6;
 reference code: lixionga/ProFace, FaceSecurity/FPG).
 
 Layout (channels at B4, 380 px input):
@@ -44,7 +44,7 @@ so untouched samples keep their exact values. Random draws come from the trainer
 per batch, so the stream does not depend on the data.
 
 **Loss** (:meth:`FPG.compute_loss`): ``cls * CE + similarity * L_sim + quality * MSE(q, score / 50)``, the weights
-defaulting to the spec's 1, 0.075 and 1. As the reference, a fake counts when its binary support resized
+defaulting to docs/models.md §6's 1, 0.075 and 1. As the reference, a fake counts when its binary support resized
 (nearest) to B's size is non-empty, and its paired real (same ``item``) counts with it; a real without a fake
 in the batch always counts. L_sim = mean over kept (real, fake) pairs of (cos(f_real, f_fake) + 1) / 2, f = B
 averaged over the fake's resized support and L2-normalised.
@@ -65,7 +65,7 @@ under ``net.``, heads ``irr_block``, ``c_attn``, ``_fc`` (classifier) and ``fc``
 :meth:`FPG.convert_state_dict`; build the model with ``static_padding_size=380, input_range="unit"`` to get the
 reference's outputs.
 
-Differences from the reference (whose published code does not run, see the spec's pitfalls): quality scores are
+Differences from the reference (whose published code does not run, see docs/pitfalls.md §6): quality scores are
 precomputed per real frame instead of scored on the fly for every (refined) image; inputs default to [-1, 1]
 (``input_range``, see models/sbi_effnet.py); fp32 by default (the reference trains with AMP; ``precision: bf16``
 is our equivalent); no SyncBN under DDP; an empty refined mask gives an all-zero mask (the reference divides

@@ -1,4 +1,4 @@
-"""Face hull masks (synthesis spec §1); the landmark index rules live in :mod:`facedata.landmark_rules`.
+"""Face hull masks (docs/synthesis.md §1); the landmark index rules live in :mod:`facedata.landmark_rules`.
 
 Two implementations of the four hull mask types:
 

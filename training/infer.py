@@ -16,7 +16,7 @@ that stored crop and resized to ``input_size``. ``--detector none`` takes the wh
 image that is already a crop), resized whatever the protocol.
 
 Scores are calibrated probabilities: the sigmoid of the fake logit (LAA-Net's own single-image mode
-thresholds the raw logit, pitfalls.md section 7). With ``--flip`` (default) the logit is the mean of the
+thresholds the raw logit, docs/pitfalls.md §7). With ``--flip`` (default) the logit is the mean of the
 logits of the face and its mirror. A video's probability is the mean over its sampled frames of the
 per-frame probability, which is the max over the faces at least half as large as the largest (SBI's rule;
 with ``--faces largest`` the one face). Frames without a face are counted and reported, never scored 0.5.
