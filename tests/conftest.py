@@ -101,6 +101,13 @@ def numbered_frame(index: int, width: int = 128, height: int = 96) -> np.ndarray
     return frame
 
 
+def link(target: Path, path: Path) -> Path:
+    """A symlink at ``path`` (parents made) to a media file: test datasets without copying the media."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.symlink_to(target)
+    return path
+
+
 def frame_index_of(frame: np.ndarray, count: int) -> int:
     """Which numbered frame this decoded frame is, judged by its background colour (robust to compression)."""
     corner = frame[:6, :6].reshape(-1, 3).mean(0)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, kill_after_first_record
+from conftest import REPO_ROOT, kill_after_first_record, link
 from package_utils import crop, io_utils, landmarks, metadata, partners
 from package_utils.io_utils import output_file_lock, output_lock
 
@@ -25,11 +25,6 @@ SOURCES = {"real/obama.jpg": "photos/face_recognition/obama.jpg",
            "real/dance.mp4": "fakes/sber-swap/dance.mp4",
            "fake/alex.png": "photos/face_recognition/alex-lacamoire.png"}
 
-
-def link(target: Path, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.symlink_to(target)
-    return path
 
 
 def make_dataset(root: Path, media_dir: Path, sources: dict[str, str] = SOURCES) -> Path:

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, box_iou, encode_video, kill_after_first_record
+from conftest import REPO_ROOT, box_iou, encode_video, kill_after_first_record, link
 from package_utils import crop
 from package_utils.detectors import RetinaFaceDetector
 from package_utils.io_utils import read_image
@@ -24,11 +24,6 @@ FOUR_VIDEOS = {"real/dance.mp4": "fakes/sber-swap/dance.mp4",
                "fake/elon.mp4": "fakes/sber-swap/elon.webp.mp4",
                "fake/mark.mp4": "fakes/sber-swap/mark.webp.mp4"}
 
-
-def link(target: Path, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.symlink_to(target)
-    return path
 
 
 def crop_args(root: Path, data: Path, output: str = "out", *extra: str) -> list[str]:
