@@ -253,10 +253,13 @@ def _get_detector(options: dict):
 def face_detector(name: str = "retinaface", **options: Any):
     """The crop stage's detector ``name`` with the stage's default settings, ``options`` (keys of its
     ``detector`` config: score_threshold, threads, ...) overriding them; built once per process and settings.
-    None for ``none`` (the input already is a face crop)."""
+    None for ``none`` (the input already is a face crop). Threads left unset are 1 (the stage's default of
+    one thread per worker; onnxruntime refused None)."""
     if name == "none":
         return None
-    return _get_detector({**DEFAULTS["detector"], **options, "name": name})
+    settings = {**DEFAULTS["detector"], **options, "name": name}
+    settings["threads"] = settings["threads"] or 1
+    return _get_detector(settings)
 
 
 def _face_descriptor(threads: int = 1) -> FaceDescriptor:
