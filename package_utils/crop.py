@@ -96,7 +96,7 @@ def _options() -> list[Option]:
                "face, face_index = its track", choices=("largest", "all"), output=True),
         # with faces=all: keep faces at least this fraction of the largest
         Option("min_relative_area", 0.5, flag=False, output=True),
-        # faces=largest: face descriptors (~75 ms each) per video to join the person's tracks across shot cuts;
+        # faces=largest: face descriptors (~15 ms each) per video to join the person's tracks across shot cuts;
         # 0 keeps the largest track alone
         Option("max_descriptors", 8, flag=False, output=True),
         Option("crop.scale", 1.5, "crop side / detector box side", name="crop_scale", output=True),
@@ -253,17 +253,22 @@ def _get_detector(options: dict):
 def face_detector(name: str = "retinaface", **options: Any):
     """The crop stage's detector ``name`` with the stage's default settings, ``options`` (keys of its
     ``detector`` config: score_threshold, threads, ...) overriding them; built once per process and settings.
-    None for ``none`` (the input already is a face crop)."""
+    None for ``none`` (the input already is a face crop). Threads left unset are 1 (the stage's default of
+    one thread per worker; onnxruntime refused None)."""
     if name == "none":
         return None
-    return _get_detector({**DEFAULTS["detector"], **options, "name": name})
+    settings = {**DEFAULTS["detector"], **options, "name": name}
+    settings["threads"] = settings["threads"] or 1
+    return _get_detector(settings)
 
 
-def _describe_face(image: np.ndarray, box: np.ndarray) -> np.ndarray:
-    """Face descriptor for linking a person's tracks; the model loads once per worker, on first need."""
+def _face_descriptor(threads: int = 1) -> FaceDescriptor:
+    """The face descriptor linking a person's tracks; the model loads once per worker, on first need."""
     if "descriptor" not in _DETECTOR_CACHE:
         _DETECTOR_CACHE["descriptor"] = FaceDescriptor()
-    return _DETECTOR_CACHE["descriptor"](image, box)
+    descriptor = _DETECTOR_CACHE["descriptor"]
+    descriptor.threads = max(1, int(threads))
+    return descriptor
 
 
 @dataclass(frozen=True)
@@ -433,7 +438,7 @@ def crop_video(entry: datasets.VideoEntry, job: CropJob) -> dict:
 
     other_faces_only: list[int] = []
     if job.faces == "largest":
-        person = _main_person(tracker, job.max_descriptors) if detector is not None else {0}
+        person = _main_person(tracker, job.max_descriptors, job.threads) if detector is not None else {0}
         frames = _keep_person(frames, person, tmp_frames, tmp_masks, frames_dir, masks_dir, job.data_root)
         kept = {f["frame_index"] for f in frames}
         other_faces_only = sorted(set(largest_track) - kept)
@@ -465,10 +470,11 @@ def crop_video(entry: datasets.VideoEntry, job: CropJob) -> dict:
     return record
 
 
-def _main_person(tracker: FaceTracker, max_descriptors: int) -> set[int]:
+def _main_person(tracker: FaceTracker, max_descriptors: int, threads: int = 1) -> set[int]:
     """Track ids of the video's main person: the tracks of one person (joined by face descriptors across
     cuts) whose face is largest over the video (face sides summed over the sampled frames)."""
-    groups = tracker.identities(_describe_face, max_described=max_descriptors)
+    describe = _face_descriptor(threads) if max_descriptors > 0 else None
+    groups = tracker.identities(describe, max_described=max_descriptors)
     return {track.track_id for track in groups[0]} if groups else set()
 
 

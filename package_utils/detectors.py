@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -357,21 +358,204 @@ def _face_patch(frame_bgr: np.ndarray, box: np.ndarray, face_side: int = 150) ->
 
 class FaceDescriptor:
     """dlib's 128-d face descriptor (ResNet; both models ship in face-recognition-models): faces of one person
-    lie within SAME_PERSON_DISTANCE. About 75 ms per face on one core."""
+    lie within SAME_PERSON_DISTANCE.
 
-    def __init__(self) -> None:
+    dlib's 5-point fit and face chip (150 x 150, padding 0.25, as ``compute_face_descriptor`` cuts it) feed
+    the same network run by torch (:class:`DlibResNet`, weights read from dlib's model file): about 13 ms per
+    face on one core instead of dlib's 75 ms, equal to dlib's descriptor within 1e-5.
+
+    Args:
+        threads: torch threads while a descriptor is computed (the process's setting is restored after).
+        engine: ``torch`` (default) or ``dlib`` (dlib's own network, the reference).
+    """
+
+    def __init__(self, threads: int = 1, engine: str = "torch") -> None:
         import dlib
 
+        if engine not in ("torch", "dlib"):
+            raise ValueError(f"unknown descriptor engine {engine!r} (choose torch or dlib)")
         models = predictor_path(68).parent
         self._shape = dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat"))
-        self._network = dlib.face_recognition_model_v1(str(models / "dlib_face_recognition_resnet_model_v1.dat"))
+        network_path = models / "dlib_face_recognition_resnet_model_v1.dat"
+        self._network = (DlibResNet(network_path) if engine == "torch"
+                         else dlib.face_recognition_model_v1(str(network_path)))
+        self.threads, self.engine = max(1, int(threads)), engine
         self._dlib = dlib
 
-    def __call__(self, image_bgr: np.ndarray, box: np.ndarray) -> np.ndarray:
+    def chip(self, image_bgr: np.ndarray, box: np.ndarray) -> np.ndarray:
+        """The 150 x 150 RGB face chip dlib's descriptor is computed on (aligned on dlib's 5-point fit)."""
         rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
         x0, y0, x1, y1 = (int(round(float(v))) for v in box)
         shape = self._shape(rgb, self._dlib.rectangle(x0, y0, x1 - 1, y1 - 1))
-        return np.array(self._network.compute_face_descriptor(rgb, shape), dtype=np.float32)
+        return self._dlib.get_face_chip(rgb, shape, size=150, padding=0.25)
+
+    def __call__(self, image_bgr: np.ndarray, box: np.ndarray) -> np.ndarray:
+        chip = self.chip(image_bgr, box)
+        if self.engine == "dlib":
+            return np.array(self._network.compute_face_descriptor(chip), dtype=np.float32)
+        return self._network.describe([chip], self.threads)[0]
+
+
+class DlibResNet:
+    """dlib's face-recognition ResNet (``dlib_face_recognition_resnet_model_v1.dat``) as torch operations.
+
+    The weights are read from dlib's own serialisation (the layers' parameter tensors are stored as raw
+    little-endian float32 after small headers). The network: a 7x7 stride-2 convolution, max pooling, 14
+    residual blocks of two 3x3 convolutions (affine = batch norm folded), the 4 down-sampling blocks adding an
+    average-pooled shortcut zero-padded to the block's channels and size (as dlib's ``add_prev`` does), global
+    average pooling and a 128-d linear projection.
+    """
+
+    _LAYER = re.compile(rb"(con_\d|affine_2?|relu_\d?|max_pool_\d|avg_pool_\d|add_prev_|fc_\d)")
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        data = self.path.read_bytes()
+        self._data, self._pos = data, 0
+        start = data.find(b"input_rgb_image_sized")
+        if start < 0:
+            raise ValueError(f"{self.path}: not dlib's face recognition ResNet (no input_rgb_image_sized layer)")
+        self._pos = start + len(b"input_rgb_image_sized")
+        self.mean = np.array([self._float() for _ in range(3)], dtype=np.float32)  # RGB means of the input layer
+        layers = []
+        while True:
+            match = self._LAYER.search(data, self._pos)
+            if match is None:
+                break
+            # a string is stored as its length, then its bytes ("relu_" is followed by a bool stored as "1")
+            name = data[match.start():match.start() + data[match.start() - 1]]
+            if not self._LAYER.fullmatch(name):
+                raise ValueError(f"{self.path}: unexpected bytes before layer {name!r} at {match.start()}")
+            self._pos = match.start() + len(name)
+            layers.append(self._layer(name.decode()))
+            if layers[-1][0] == "fc":
+                break
+        self._data = b""
+        self.layers = layers
+        self._blocks = self._structure(layers)
+
+    # dlib's integers: one byte giving the byte count (0x80 set when negative), then the bytes, little-endian
+    def _int(self) -> int:
+        head = self._data[self._pos]
+        size = head & 0x0F
+        value = int.from_bytes(self._data[self._pos + 1:self._pos + 1 + size], "little")
+        self._pos += 1 + size
+        return -value if head & 0x80 else value
+
+    def _float(self) -> float:  # dlib's portable float: integer mantissa and exponent
+        mantissa = self._int()
+        return float(mantissa) * 2.0 ** self._int()
+
+    def _tensor(self) -> np.ndarray:
+        version = self._int()
+        shape = [self._int() for _ in range(4)]
+        if version != 2:
+            raise ValueError(f"{self.path}: tensor format {version} at byte {self._pos} is not supported")
+        count = int(np.prod(shape))
+        values = np.frombuffer(self._data, dtype="<f4", count=count, offset=self._pos).astype(np.float32)
+        self._pos += 4 * count
+        return values
+
+    def _alias(self) -> tuple[int, ...]:
+        self._int()  # version
+        return tuple(self._int() for _ in range(4))
+
+    def _layer(self, name: str) -> tuple:
+        if name.startswith("con_"):
+            params = self._tensor()
+            _, rows, cols, stride, _, padding, _ = (self._int() for _ in range(7))
+            shape, _ = self._alias(), self._alias()  # filters (out, in, rows, cols), biases
+            weight_count = int(np.prod(shape))
+            if (rows, cols) != shape[2:] or params.size != weight_count + shape[0]:
+                raise ValueError(f"{self.path}: inconsistent convolution layer {shape} ({params.size} values)")
+            return ("conv", params[:weight_count].reshape(shape), params[weight_count:], stride, padding)
+        if name.startswith("affine_"):
+            params = self._tensor()
+            channels = self._alias()[1]
+            self._alias()
+            if self._int() != 0:  # mode: 0 = per channel (CONV_MODE)
+                raise ValueError(f"{self.path}: affine layer not in per-channel mode")
+            return ("affine", params[:channels], params[channels:2 * channels])
+        if name.startswith(("max_pool_", "avg_pool_")):
+            rows, cols, stride, _, padding, _ = (self._int() for _ in range(6))
+            return (name[:3], rows, stride, padding)
+        if name.startswith("fc_"):
+            outputs, inputs = self._int(), self._int()
+            params = self._tensor()
+            return ("fc", params[:inputs * outputs].reshape(inputs, outputs))
+        return (name.rstrip("_0123456789"),)  # relu, add_prev: no parameters
+
+    def _structure(self, layers: list[tuple]) -> list:
+        """[stem conv, stem affine, max pool, blocks, global pool, fc]; each block (conv, affine, conv, affine,
+        down-sampling pool or None), checked against the layer sequence of the network."""
+        import torch
+
+        kinds = [layer[0] for layer in layers]
+        if kinds[:4] != ["conv", "affine", "relu", "max"] or kinds[-2:] != ["avg", "fc"]:
+            raise ValueError(f"{self.path}: unexpected layer sequence {kinds[:4]} ... {kinds[-2:]}")
+        blocks, position = [], 4
+        while position < len(layers) - 2:
+            down = kinds[position + 5] == "avg"
+            expected = ["conv", "affine", "relu", "conv", "affine"] + (["avg"] if down else []) + ["add_prev", "relu"]
+            if kinds[position:position + len(expected)] != expected:
+                raise ValueError(f"{self.path}: unexpected residual block {kinds[position:position + len(expected)]}")
+            parts = layers[position:position + len(expected)]
+            blocks.append(([self._to_torch(parts[i]) for i in (0, 1, 3, 4)], parts[5] if down else None))
+            position += len(expected)
+        tensor = torch.from_numpy
+        return [self._to_torch(layers[0]), self._to_torch(layers[1]), layers[3], blocks,
+                layers[-2], tensor(layers[-1][1].copy())]
+
+    @staticmethod
+    def _to_torch(layer: tuple) -> tuple:
+        import torch
+
+        if layer[0] == "conv":
+            return ("conv", torch.from_numpy(layer[1].copy()), torch.from_numpy(layer[2].copy()), layer[3], layer[4])
+        return ("affine", torch.from_numpy(layer[1].reshape(1, -1, 1, 1).copy()),
+                torch.from_numpy(layer[2].reshape(1, -1, 1, 1).copy()))
+
+    def describe(self, chips: list[np.ndarray], threads: int = 1) -> np.ndarray:
+        """(n, 128) float32 descriptors of 150 x 150 RGB uint8 face chips (``dlib.get_face_chip``)."""
+        import torch
+        import torch.nn.functional as F
+
+        batch = (np.stack(chips).astype(np.float32) - self.mean) / 256.0  # dlib's input scaling
+        x = torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))
+
+        def apply(layer, x):
+            if layer[0] == "conv":
+                return F.conv2d(x, layer[1], layer[2], stride=layer[3], padding=layer[4])
+            return x * layer[1] + layer[2]
+
+        stem_conv, stem_affine, pool, blocks, _, projection = self._blocks
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with torch.inference_mode():
+                x = F.relu(apply(stem_affine, apply(stem_conv, x)))
+                x = F.max_pool2d(x, pool[1], pool[2], pool[3])
+                for (conv_a, affine_a, conv_b, affine_b), down in blocks:
+                    y = apply(affine_b, apply(conv_b, F.relu(apply(affine_a, apply(conv_a, x)))))
+                    shortcut = F.avg_pool2d(x, down[1], down[2], down[3]) if down is not None else x
+                    x = F.relu(_add_padded(y, shortcut))
+                x = x.mean(dim=(2, 3)) @ projection
+        finally:
+            torch.set_num_threads(previous)
+        return x.numpy().astype(np.float32)
+
+
+def _add_padded(a, b):
+    """Sum of two NCHW tensors of different channel counts or sizes, each zero-padded at the end to the
+    larger (dlib's add_prev: a down-sampling block's shortcut has fewer channels, and after an odd size its
+    average pool is one row and column larger than the strided convolution's output)."""
+    import torch.nn.functional as F
+
+    channels, rows, cols = (max(a.shape[i], b.shape[i]) for i in (1, 2, 3))
+
+    def pad(t):
+        return F.pad(t, (0, cols - t.shape[3], 0, rows - t.shape[2], 0, channels - t.shape[1]))
+    return pad(a) + pad(b)
 
 
 def predictor_path(num_points: int, pretrained_dir: str | os.PathLike | None = None) -> Path:

@@ -63,8 +63,10 @@ class MediaReader:
     Raises BadInputError (naming the file) for missing, empty, corrupt or frameless inputs.
     """
 
-    #: Seek only when it skips at least this many frames: a seek costs about as much as decoding a few.
-    min_seek_gap = 16
+    #: Seek when it skips more than this many frames. A seek in MP4 (an index look-up and a decoder flush) costs
+    #: less than decoding one frame: on the shared 720p clip (key frames every 30, 32 of 289 frames sampled)
+    #: seeking past the frames after a GOP's last sample decodes 253 frames instead of 289, ~10% less time.
+    min_seek_gap = 1
 
     def __init__(self, path: str | os.PathLike, allow_image: bool = True, threads: int = 1):
         """

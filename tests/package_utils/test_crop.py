@@ -175,6 +175,13 @@ def test_padding_recorded_when_box_leaves_frame(folder_run) -> None:
     assert image[:, padded + 1:].mean() > 20
 
 
+def test_face_detector_without_threads_uses_one(media_dir: Path) -> None:
+    """face_detector() with the stage's defaults (threads unset) used to hand onnxruntime None and fail."""
+    detector = crop.face_detector("retinaface")
+    assert detector.threads == 1
+    assert len(detector.detect(read_image(media_dir / OBAMA))) == 1
+
+
 def test_public_crop_faces_cuts_what_the_stage_stored(folder_run) -> None:
     """crop.crop_faces (shared with training.infer) gives the stage's box, padding and pixels for the same frame."""
     root, _, recs = folder_run

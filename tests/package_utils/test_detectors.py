@@ -211,6 +211,35 @@ def test_identities_join_one_persons_tracks_across_cuts(photos) -> None:
     assert len(tracker.identities()) == 3  # without descriptors every track stays on its own
 
 
+def test_descriptor_equals_dlibs_own_network(photos) -> None:
+    """The torch run of dlib's ResNet gives dlib's descriptors (same chips), so joins do not change."""
+    fast, reference = FaceDescriptor(), FaceDescriptor(engine="dlib")
+    detector = RetinaFaceDetector()
+    descriptors = []
+    for rel in ("photos/face_recognition/obama.jpg", "photos/face_recognition/biden.jpg",
+                "photos/face_recognition/two_people.jpg"):
+        image = photos(rel)
+        for face in detector.detect(image):
+            ours, theirs = fast(image, face.box), reference(image, face.box)
+            assert ours.shape == (128,) and ours.dtype == np.float32
+            assert np.abs(ours - theirs).max() < 1e-5
+            descriptors.append(theirs)
+    assert len(descriptors) == 4
+    # Obama and Biden lie apart (a network that ignored its input would pass the comparison above)
+    assert max(np.linalg.norm(a - b) for i, a in enumerate(descriptors) for b in descriptors[i + 1:]) > 0.6
+    with pytest.raises(ValueError, match="engine"):
+        FaceDescriptor(engine="onnx")
+
+
+def test_descriptor_model_file_is_checked(tmp_path: Path) -> None:
+    from package_utils.detectors import DlibResNet
+
+    bogus = tmp_path / "model.dat"
+    bogus.write_bytes(b"\x01\x01not a network")
+    with pytest.raises(ValueError, match="model.dat"):
+        DlibResNet(bogus)
+
+
 def test_faces_seen_together_are_never_one_person(photos) -> None:
     image = photos("photos/face_recognition/two_people.jpg")
     tracker = FaceTracker()
