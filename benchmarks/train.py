@@ -98,9 +98,8 @@ def make_config(args: argparse.Namespace, precision: str = "fp32", optimizer: st
     overrides = ["device=cpu", f"precision={precision}", f"threads={args.threads}",
                  f"channels_last={str(args.channels_last).lower()}",
                  f"optimizer.name={optimizer}", f"data.train={args.data}", "data.val=",
-                 f"data.batch_size={args.batch // 2}", f"data.image_size={args.size}",
-                 f"data.workers={args.workers}", f"model.args.input_size={args.size}",
-                 f"synthesis.heatmap_size={args.size // 4}"]
+                 f"data.batch_size={args.batch // 2}", f"data.workers={args.workers}",
+                 f"model.args.input_size={args.size}"]  # the heatmap size follows (input / 4)
     return build_config(DEFAULTS, CONFIG, overrides)
 
 

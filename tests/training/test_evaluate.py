@@ -254,11 +254,11 @@ def test_a_checkpoint_is_evaluated_and_used_at_the_size_it_was_trained_at(labell
     from training import train as trainer
 
     config = build_config(DEFAULTS, CONFIGS / "tiny_etd.yaml", [
-        f"data.train={labelled_face_metadata}", f"data.val={labelled_face_metadata}", f"output_dir={tmp_path}",
+        f"data.train={labelled_face_metadata}", "data.val=", f"output_dir={tmp_path}",
         "data.workers=0", "device=cpu", "train.epochs=1", "train.max_steps_per_epoch=1", "data.batch_size=3",
         "data.train_frames_per_video=1", "data.val_frames_per_video=1"])
     seen = []
-    summary = trainer.train(config, on_step=lambda record: seen.append(record))
+    summary = trainer.train(config, on_step=seen.append)
     assert seen
     model, _ = evaluate.load_model(summary["last"], None)
     sizes = []
