@@ -18,8 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from facedata.faces import build_loader, load_frame_table  # noqa: E402
 from synthesis.batch import BatcherConfig, PseudoFakeBatcher  # noqa: E402
-from training.data import build_loader, load_frame_table  # noqa: E402
 
 DEFAULT_JSON = Path(__file__).resolve().parent.parent / "processed_data" / "demo" / "train_demo_68.json"
 

@@ -181,7 +181,7 @@ class InputSide:
 
     def _prepare(self, raw: dict, _device, generator: torch.Generator) -> dict:
         started = time.perf_counter()
-        batch = self.source._prepare(raw, generator, self.source.train_table)  # the trainer's per-batch work
+        batch = self.source._prepare(raw, generator)  # the trainer's per-batch work
         self.main_seconds += time.perf_counter() - started
         self.main_images += batch["image"].shape[0]
         return batch

@@ -11,8 +11,8 @@ pipeline may rely on and what the model needs, instead of ``hasattr`` probes and
 * ``compute_loss(outputs, batch, **weights) -> dict`` with ``"loss"`` (the total) and its named parts.
 * What the model needs from a training batch (:meth:`Detector.batch_needs`, from the class attributes below):
   LAA-Net's targets at ``input_size / heatmap_stride``, each fake's blend ``source``/``background`` (FPG), the
-  blend mask times its blend ratio (FPG), per-sample side information taken from the data table's items. The
-  trainer derives its synthesis settings from them and refuses a config that contradicts them.
+  blend mask times its blend ratio (FPG), per-sample side information the data table joins to its items (FPG's
+  quality scores). The trainer derives its settings from them and refuses a config that contradicts them.
 * Hooks with do-nothing defaults: :meth:`prepare_batch` (on training batches, before the forward),
   :meth:`parameter_groups`, :meth:`backbone_parameters` (what ``freeze_backbone_epochs`` freezes) and
   :meth:`convert_state_dict` (foreign weight names -> ours).
@@ -23,7 +23,7 @@ channels-last when its weights are), and :func:`predict` runs it with or without
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -42,13 +42,14 @@ class BatchNeeds:
         blend_sources: each fake's SBI ``source`` and ``background`` in [0, 1] (``synthesis.return_sources``).
         mask_with_ratio: ``mask`` is the blend mask times the blend ratio, the source's weight in the fake
             (``synthesis.sbi.return_mask_with_ratio``).
-        side_information: fields of the data table's items the loss reads per sample (e.g. ``image_path``).
+        side_information: per-sample fields the loss reads, each with the file the data table joins them from
+            when it loads (``{"quality": <scores file>}``: ``facedata.faces.load_frame_table(quality_scores=)``).
     """
 
     heatmap_size: int = 0
     blend_sources: bool = False
     mask_with_ratio: bool = False
-    side_information: tuple[str, ...] = ()
+    side_information: dict[str, str] = field(default_factory=dict)
 
     @property
     def synthesis(self) -> bool:
@@ -72,9 +73,9 @@ class Detector(nn.Module, metaclass=abc.ABCMeta):
     needs_mask_with_ratio: bool = False
 
     @property
-    def side_information(self) -> tuple[str, ...]:
-        """Fields of the data table's items the loss reads per sample; none by default."""
-        return ()
+    def side_information(self) -> dict[str, str]:
+        """Per-sample fields the loss reads, with the file each comes from (:class:`BatchNeeds`); none by default."""
+        return {}
 
     def batch_needs(self) -> BatchNeeds:
         """What the training batches must carry, at this model's input size."""
@@ -84,7 +85,7 @@ class Detector(nn.Module, metaclass=abc.ABCMeta):
                 raise ValueError(f"{type(self).__name__}: input_size {self.input_size} is not a multiple of the "
                                  f"heatmap stride {self.heatmap_stride}")
             size = self.input_size // self.heatmap_stride
-        return BatchNeeds(size, self.needs_blend_sources, self.needs_mask_with_ratio, tuple(self.side_information))
+        return BatchNeeds(size, self.needs_blend_sources, self.needs_mask_with_ratio, dict(self.side_information))
 
     @abc.abstractmethod
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

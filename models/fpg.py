@@ -1,4 +1,4 @@
-"""FPG: an SBI detector trained with forgery perception guidance (Xia et al., ACM MM 2024; spec section 6;
+"""FPG: an SBI detector trained with forgery perception guidance (Xia et al., ACM MM 2024; docs/models.md §6;
 reference code: lixionga/ProFace, FaceSecurity/FPG).
 
 Layout (channels at B4, 380 px input):
@@ -45,27 +45,28 @@ so untouched samples keep their exact values. Random draws come from the trainer
 per batch, so the stream does not depend on the data.
 
 **Loss** (:meth:`FPG.compute_loss`): ``cls * CE + similarity * L_sim + quality * MSE(q, score / 50)``, the weights
-defaulting to the spec's 1, 0.075 and 1. As the reference, a fake counts when its binary support resized
+defaulting to docs/models.md §6's 1, 0.075 and 1. As the reference, a fake counts when its binary support resized
 (nearest) to B's size is non-empty, and its paired real (same ``item``) counts with it; a real without a fake
 in the batch always counts. L_sim = mean over kept (real, fake) pairs of (cos(f_real, f_fake) + 1) / 2, f = B
 averaged over the fake's resized support and L2-normalised.
 
 **Quality scores.** SDD-FIQA is not available here, so scores come from a file (model argument
-``quality_scores``) keyed by the metadata's ``image_path`` (the string stored in the training JSON's items,
-usually relative to its data root), holding **raw** SDD-FIQA scores (roughly 0-100; divided by 50 here, as the reference
-does): either a JSON object ``{"<image_path>": score, ...}`` or a CSV with header ``image_path,score``. A fake gets
-the score of the real frame it was synthesised from. The file is read on first use (so checkpoints rebuild for
-evaluation without it); a frame missing from it is an error naming the frame. Without a file the quality term is
-dropped with one warning, and the quality head is frozen (``requires_grad=False``: no gradient, no weight decay,
-nothing for DDP to wait for); it stays in the state dict, so checkpoints have one layout. (Under DDP drop the term
-by leaving ``quality_scores`` unset, not with ``loss.quality: 0``, which would leave the head unused but trainable.)
+``quality_scores``) keyed by the metadata's ``image_path``, holding **raw** SDD-FIQA scores (roughly 0-100;
+divided by 50 here, as the reference does); the format is in :mod:`facedata.quality`. The model never opens it:
+the trainer hands the path to the training table (``facedata.faces.load_frame_table(quality_scores=...)``), which
+joins a score to every item (a frame missing from the file is an error naming the frame), and each batch carries
+``quality`` (N,), a fake getting the score of the real frame it was synthesised from. So checkpoints rebuild for
+evaluation without the file. Without a file the quality term is dropped with one warning, and the quality head is
+frozen (``requires_grad=False``: no gradient, no weight decay, nothing for DDP to wait for); it stays in the state
+dict, so checkpoints have one layout. (Under DDP drop the term by leaving ``quality_scores`` unset, not with
+``loss.quality: 0``, which would leave the head unused but trainable.)
 
 **Released weights** (``{"model": Detector.state_dict(), "optimizer": ..., "epoch": ...}``: the lukemelas trunk
 under ``net.``, heads ``irr_block``, ``c_attn``, ``_fc`` (classifier) and ``fc`` (quality)) load strictly through
 :meth:`FPG.convert_state_dict`; build the model with ``static_padding_size=380, input_range="unit"`` to get the
 reference's outputs.
 
-Differences from the reference (whose published code does not run, see the spec's pitfalls): quality scores are
+Differences from the reference (whose published code does not run, see docs/pitfalls.md §6): quality scores are
 precomputed per real frame instead of scored on the fly for every (refined) image; inputs default to [-1, 1]
 (``input_range``, see models/sbi_effnet.py); fp32 by default (the reference trains with AMP; ``precision: bf16``
 is our equivalent); no SyncBN under DDP; an empty refined mask gives an all-zero mask (the reference divides
@@ -74,11 +75,8 @@ by zero).
 from __future__ import annotations
 
 import contextlib
-import csv
-import json
 import logging
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -88,7 +86,6 @@ from models.backbones import create_efficientnet, lukemelas_to_timm
 from models.base import Detector
 from models.registry import register
 from models.sbi_effnet import INPUT_RANGES
-from package_utils.io_utils import PROJECT_ROOT
 from synthesis.sbi import smooth_blend_masks
 
 log = logging.getLogger(__name__)
@@ -113,33 +110,6 @@ class SeparableConv2d(nn.Sequential):
         super().__init__(nn.Conv2d(in_channels, in_channels, kernel_size, padding=kernel_size // 2,
                                    groups=in_channels, bias=False),
                          nn.Conv2d(in_channels, out_channels, 1, bias=False))
-
-
-def load_quality_scores(path: str | os.PathLike) -> dict[str, float]:
-    """Raw scores by image path from a JSON object or a CSV with columns ``image_path,score``; a relative path
-    that does not exist from the working directory is taken from the project root (as the trainer's paths)."""
-    path = Path(path)
-    if not path.is_absolute() and not path.exists():
-        path = PROJECT_ROOT / path
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: quality score file not found")
-    if path.suffix.lower() == ".json":
-        content = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(content, dict):
-            raise ValueError(f"{path}: expected a JSON object {{image_path: score}}, got {type(content).__name__}")
-        items = content.items()
-    elif path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            if not {"image_path", "score"} <= set(reader.fieldnames or ()):
-                raise ValueError(f"{path}: CSV needs columns image_path,score (has {reader.fieldnames})")
-            items = [(row["image_path"], row["score"]) for row in reader]
-    else:
-        raise ValueError(f"{path}: quality scores must be a .json or .csv file")
-    try:
-        return {str(key): float(value) for key, value in items}
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{path}: a score is not a number ({error})") from None
 
 
 def _min_max(maps: torch.Tensor) -> torch.Tensor:
@@ -247,9 +217,9 @@ class FPG(Detector):
     needs_mask_with_ratio = True  # mask = M r, the source's weight in the fake, which the refinements rescale
 
     @property
-    def side_information(self) -> tuple[str, ...]:
-        """The loss reads each sample's ``image_path`` when it has quality scores to look up."""
-        return ("image_path",) if self.quality_scores is not None else ()
+    def side_information(self) -> dict[str, str]:
+        """Each sample's ``quality`` score, from the ``quality_scores`` file (the data table joins it)."""
+        return {"quality": self.quality_scores} if self.quality_scores is not None else {}
 
     def __init__(self, backbone: str = "tf_efficientnet_b4", backbone_weights: str | os.PathLike | None = None,
                  static_padding_size: int | None = None, drop_path_rate: float = 0.2, dropout: float = 0.4,
@@ -261,8 +231,8 @@ class FPG(Detector):
             backbone, backbone_weights, static_padding_size, drop_path_rate, dropout, input_size, input_range:
                 as for ``sbi_effnet`` (models/sbi_effnet.py). ``backbone_weights`` may be AdvProp ImageNet
                 weights or a released SBI checkpoint (its classifier is ignored).
-            quality_scores: JSON/CSV of raw face-quality scores by ``image_path`` (module docstring); None
-                trains without the quality term.
+            quality_scores: JSON/CSV of raw face-quality scores by ``image_path`` (module docstring), read by
+                the training table, not here; None trains without the quality term.
             local_channels, attention_hidden: widths of the local branch (512) and the attention MLP (256).
             shape_threshold: overlap fraction t below which shape refinement may trigger (0.2).
             magnitude_step, magnitude_probability: eps (0.01) and the per-batch chance (0.5) of magnitude
@@ -286,7 +256,6 @@ class FPG(Detector):
         self.quality_scores = str(quality_scores) if quality_scores else None
         if self.quality_scores is None:
             self.quality.requires_grad_(False)  # no target: keep it out of the optimiser's (and DDP's) way
-        self._scores: dict[str, float] | None = None
         self._warned = False
         self.shape_threshold = shape_threshold
         self.magnitude_step, self.magnitude_probability = magnitude_step, magnitude_probability
@@ -406,16 +375,6 @@ class FPG(Detector):
 
     # --- loss --------------------------------------------------------------------------------------------
 
-    def quality_targets(self, image_paths: list[str]) -> torch.Tensor:
-        """Scores / 50 of the given frames from the ``quality_scores`` file (read once)."""
-        if self._scores is None:
-            self._scores = load_quality_scores(self.quality_scores)
-        missing = [path for path in image_paths if path not in self._scores]
-        if missing:
-            raise ValueError(f"quality_scores {self.quality_scores}: no score for image {missing[0]!r}"
-                             + (f" (and {len(missing) - 1} more in this batch)" if len(missing) > 1 else ""))
-        return torch.tensor([self._scores[path] / QUALITY_DIVISOR for path in image_paths])
-
     def compute_loss(self, outputs: dict, batch: dict, cls: float = 1.0, similarity: float = 0.075,
                      quality: float = 1.0) -> dict[str, torch.Tensor]:
         """``cls * CE + similarity * L_sim + quality * MSE`` over the samples :func:`loss_rows` keeps."""
@@ -427,8 +386,13 @@ class FPG(Detector):
         if similarity:
             parts["similarity"] = similarity_loss(features, support, pairs)
         if quality and self.quality_scores is not None:
-            target = self.quality_targets(list(batch["image_path"])).to(logits.device)
-            parts["quality"] = F.mse_loss(outputs["quality"].float()[keep], target[keep])
+            if "quality" not in batch:
+                raise ValueError(f"FPG: quality_scores is {self.quality_scores} but the batch has no per-sample "
+                                 "'quality'; load the training table with load_frame_table(..., quality_scores=...)")
+            target = batch["quality"].to(logits.device).float()[keep] / QUALITY_DIVISOR
+            if not torch.isfinite(target).all():
+                raise ValueError("FPG: the batch's quality scores hold NaN or inf for kept samples")
+            parts["quality"] = F.mse_loss(outputs["quality"].float()[keep], target)
         elif quality and not self._warned:
             log.warning("FPG: no quality_scores file given: training without the quality term "
                         "(the quality head stays frozen)")

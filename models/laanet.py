@@ -174,7 +174,7 @@ def heatmap_focal_loss(logits: torch.Tensor, target: torch.Tensor, positive_weig
     """CornerNet focal loss (alpha 2, beta 4) on sigmoid(logits), normalised by max(1, #peaks).
 
     ``positive_weight`` is the reference's (1 - eps) + 0.2 eps with eps 0.35. Unlike the reference, a batch
-    without peaks (all reals) is also divided by 1, not left unnormalised (pitfalls: the loss scale jumped).
+    without peaks (all reals) is also divided by 1, not left unnormalised (docs/pitfalls.md §6: the loss scale jumped).
     """
     p = torch.sigmoid(logits).clamp(1e-4, 1 - 1e-4)
     positive = target.eq(1).float()

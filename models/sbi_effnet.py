@@ -47,9 +47,9 @@ class SBIEfficientNet(Detector):
             dropout: before the classifier (lukemelas' B4 default 0.4).
             input_size: training and inference side (380).
             input_range: ``"symmetric"`` feeds [-1, 1], what the AdvProp weights were trained on; ``"unit"``
-                feeds [0, 1], what the SBI reference fed them (a mismatch with their pretraining, see the spec's
-                pitfalls) and therefore what SBI's released weights expect. The default fixes the mismatch for
-                new training; use ``"unit"`` to reproduce the reference run or to evaluate its weights.
+                feeds [0, 1], what the SBI reference fed them (a mismatch with their pretraining, see
+                docs/pitfalls.md §5) and therefore what SBI's released weights expect. The default fixes the
+                mismatch for new training; use ``"unit"`` to reproduce the reference run or to evaluate its weights.
         """
         super().__init__()
         if input_range not in INPUT_RANGES:

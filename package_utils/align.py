@@ -39,7 +39,7 @@ def rotation_matrix(landmarks: np.ndarray, width: int, height: int) -> np.ndarra
 
 
 def similarity_template(out_size: int, scale: float = 1.3) -> np.ndarray:
-    """DeepfakeBench's destination points for an ``out_size`` square (spec: shift 8, scale, margin)."""
+    """DeepfakeBench's destination points for an ``out_size`` square (docs/preprocessing.md §4.2)."""
     points = ARCFACE_TEMPLATE_112.copy()
     points[:, 0] += 8.0
     points *= out_size / 112.0

@@ -3,13 +3,20 @@
 A config file may name a parent with ``_base_: other.yaml`` (path relative to the file); the child
 says only what differs. Keys are checked against the defaults: an unknown key or a value of the wrong
 type is an error that names the key and the file it came from.
+
+The preprocessing stages declare their settings once, as a :class:`StageSpec` of :class:`Option` rows; the
+defaults, the command-line flags, the flag -> key map, the keyword entry point and the list of settings that
+change outputs (the stage's fingerprint) all derive from that table.
 """
 from __future__ import annotations
 
+import argparse
 import copy
+import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import yaml
 
@@ -127,13 +134,8 @@ def build_config(defaults: Mapping, path: str | os.PathLike | None = None,
 
 def set_if_given(config: dict, dotted: str, value: Any) -> None:
     """Apply an argparse value onto ``config`` unless it is None (flag not given)."""
-    if value is None:
-        return
-    keys = dotted.split(".")
-    node = config
-    for key in keys[:-1]:
-        node = node[key]
-    node[keys[-1]] = value
+    if value is not None:
+        set_value(config, dotted, value)
 
 
 def format_summary(stage: str, summary: dict) -> str:
@@ -142,25 +144,191 @@ def format_summary(stage: str, summary: dict) -> str:
     return f"[{stage}] {parts}\n[{stage}] index: {summary.get('index')}"
 
 
-def run_stage(stage: str, parser, defaults: Mapping, flag_to_key: Mapping[str, str], run, argv=None) -> int:
-    """The shared ``main`` of a stage: defaults <- --config <- overrides <- flags, run, print the summary.
+@dataclass(frozen=True)
+class Option:
+    """One stage setting: config key, default, flag and whether it changes what the stage writes.
 
-    Returns 0 on success, 1 when some videos failed, 2 for a usage or input error, a busy, read-only or full
-    output (logged, no traceback).
+    Attributes:
+        key: dotted config (YAML) key, e.g. ``crop.size``.
+        default: the value when neither a config file, an override, a flag nor a keyword sets it.
+        help: the flag's help text.
+        name: keyword of the stage's ``run`` and argparse dest; the flag is ``--`` + name with dashes
+            (default: the key itself, which must then have no dot).
+        type: value type (str, int or float) checked for keyword values and used by argparse; default: the
+            default's type.
+        choices: allowed values, for argparse.
+        many: a list of values (``--flag a b c``).
+        switch: a flag without a value; given means True.
+        flag: False for settings set only through a config file, an override or a keyword.
+        output: True when the setting changes the stage's outputs, i.e. belongs to its fingerprint.
     """
-    import logging
 
-    from package_utils.io_utils import OutputBusyError
+    key: str
+    default: Any = None
+    help: str = ""
+    name: str = ""
+    type: type | None = None
+    choices: tuple | None = None
+    many: bool = False
+    switch: bool = False
+    flag: bool = True
+    output: bool = False
 
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = build_config(defaults, args.config, args.overrides)
-        for flag, key in flag_to_key.items():
-            set_if_given(config, key, getattr(args, flag))
-        summary = run(config)
-    except (ValueError, OSError, OutputBusyError) as error:
-        logging.getLogger(f"package_utils.{stage}").error("%s", error)
-        return 2
-    print(format_summary(stage, summary))
-    return 0 if summary.get("failed", 0) == 0 else 1
+    def __post_init__(self) -> None:
+        if not self.name:
+            if "." in self.key:
+                raise ValueError(f"option {self.key!r}: a nested key needs a name")
+            object.__setattr__(self, "name", self.key)
+        if self.type is None and self.default is not None and not self.many:
+            object.__setattr__(self, "type", type(self.default))
+
+    @property
+    def flag_text(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def check(self, value: Any, source: str) -> Any:
+        """A keyword value of this option, type-checked (paths become strings, as config files hold them)."""
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if value is None:
+            return None
+        if self.many:
+            if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{source}: {self.name} must be a list, got {value!r}")
+            return [os.fspath(v) if isinstance(v, os.PathLike) else v for v in value]
+        if self.type is not None:
+            value = _coerce(value, self.type(), self.key, source)
+        if self.choices is not None and value not in self.choices:
+            raise ConfigError(f"{source}: {self.name} must be one of {', '.join(map(str, self.choices))}, "
+                              f"got {value!r}")
+        return value
+
+
+def _get(config: Mapping, dotted: str) -> Any:
+    node: Any = config
+    for key in dotted.split("."):
+        node = node[key]
+    return node
+
+
+class StageSpec:
+    """A stage's settings declared once: defaults, flags, keyword entry point and fingerprint derive from it.
+
+    Args:
+        stage: stage name (``crop``, ...), used in messages and ``prog``.
+        options: the settings, in ``--help`` order.
+        description: the parser's description.
+        fingerprint: the stage's serialisation of its output-changing settings (what its caches are keyed
+            on) from a resolved config: it reads the options marked ``output``, others only where they change
+            one of those (the crop stage's DFW dataset implies detector none); default: those settings by name.
+    """
+
+    def __init__(self, stage: str, options: Sequence[Option], description: str,
+                 fingerprint: Callable[[dict], Any] | None = None):
+        self.stage, self.options, self.description = stage, tuple(options), description
+        self._fingerprint = fingerprint
+        self.by_name = {option.name: option for option in self.options}
+        if len(self.by_name) != len(self.options) or len({o.key for o in self.options}) != len(self.options):
+            raise ValueError(f"{stage}: option names and keys must be unique")
+
+    @property
+    def defaults(self) -> dict:
+        """The nested default config (a fresh copy)."""
+        config: dict = {}
+        for option in self.options:
+            *parents, last = option.key.split(".")
+            node = config
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[last] = copy.deepcopy(option.default)
+        return config
+
+    @property
+    def flag_to_key(self) -> dict[str, str]:
+        return {option.name: option.key for option in self.options if option.flag}
+
+    @property
+    def output_options(self) -> tuple[Option, ...]:
+        return tuple(option for option in self.options if option.output)
+
+    def build_parser(self) -> argparse.ArgumentParser:
+        parser = argparse.ArgumentParser(prog=f"python -m package_utils.{self.stage}", description=self.description,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser.add_argument("--config", help="YAML config (configs/preprocess/ has examples); overrides and flags "
+                                             "win over it")
+        for option in self.options:
+            if not option.flag:
+                continue
+            if option.switch:  # default None: a switch not given leaves the config file's value
+                parser.add_argument(option.flag_text, action="store_true", default=None, help=option.help)
+            else:
+                parser.add_argument(option.flag_text, type=None if option.many else option.type,
+                                    choices=option.choices, nargs="+" if option.many else None, help=option.help)
+        parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+        return parser
+
+    def config(self, path: str | os.PathLike | None = None, overrides: Iterable[str] = (), /,
+               **settings: Any) -> dict:
+        """Defaults <- YAML file <- ``key=value`` overrides <- keyword settings (named as the flags)."""
+        config = build_config(self.defaults, path, overrides)
+        return self.apply(config, settings)
+
+    def apply(self, config: Mapping, settings: Mapping[str, Any]) -> dict:
+        """A copy of ``config`` with keyword settings (option names) set, type-checked."""
+        config = copy.deepcopy(dict(config))
+        for name, value in settings.items():
+            option = self.by_name.get(name)
+            if option is None:
+                raise TypeError(f"{self.stage}: unknown setting {name!r} (known: {', '.join(sorted(self.by_name))})")
+            set_value(config, option.key, option.check(value, f"{self.stage} setting {name}"))
+        return config
+
+    def resolve(self, config: Mapping | None, settings: Mapping[str, Any]) -> dict:
+        """What a stage's ``run`` works on: a full config (as ``main`` builds it) or the defaults, plus keywords."""
+        return self.apply(self.defaults if config is None else config, settings)
+
+    def output_settings(self, config: Mapping) -> dict[str, Any]:
+        """The output-changing settings of ``config`` by name (the inputs of the fingerprint)."""
+        return {option.name: _get(config, option.key) for option in self.output_options}
+
+    def fingerprint(self, config: Mapping) -> Any:
+        """What the stage's caches are keyed on, for a resolved ``config``."""
+        if self._fingerprint is None:
+            return self.output_settings(config)
+        return self._fingerprint(dict(config))
+
+    def parse(self, argv: Sequence[str] | None = None) -> dict:
+        """The config a command line asks for: defaults <- --config <- overrides <- flags."""
+        return self._from_args(self.build_parser().parse_args(argv))
+
+    def _from_args(self, args: argparse.Namespace) -> dict:
+        config = build_config(self.defaults, args.config, args.overrides)
+        for name, key in self.flag_to_key.items():
+            set_if_given(config, key, getattr(args, name))
+        return config
+
+    def main(self, run: Callable[[dict], dict], argv: Sequence[str] | None = None) -> int:
+        """The stage's command line: parse, run, print the summary.
+
+        Returns 0 on success, 1 when some videos failed, 2 for a usage or input error, a busy, read-only or full
+        output (logged, no traceback).
+        """
+        from package_utils.io_utils import OutputBusyError
+
+        args = self.build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        try:
+            summary = run(self._from_args(args))
+        except (ValueError, OSError, OutputBusyError) as error:
+            logging.getLogger(f"package_utils.{self.stage}").error("%s", error)
+            return 2
+        print(format_summary(self.stage, summary))
+        return 0 if summary.get("failed", 0) == 0 else 1
+
+
+def set_value(config: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = config
+    for key in keys[:-1]:
+        node = node[key]
+    node[keys[-1]] = value

@@ -41,7 +41,7 @@ import cv2
 import numpy as np
 
 from package_utils import datasets
-from package_utils.config import run_stage
+from package_utils.config import Option, StageSpec
 from package_utils.detectors import Face, FaceDescriptor, FaceTracker, build_detector, choose_faces
 from package_utils.io_utils import (DEFAULT_DATA_ROOT, IMAGE_EXTENSIONS, BadInputError, atomic_write_json, inside,
                                     output_lock, read_finished_json, relative_to_root, remove_leftovers, replace_dir,
@@ -63,38 +63,53 @@ SKIP_IS_TEMPORARY = {"retried_on_rerun": True,
 #: What a killed run can leave in a split folder: temp files of atomic writes and unfinished crop folders.
 LEFTOVER_PATTERNS = (".*.tmp", "records/*/.*.tmp", "frames/*/*.partial", "masks/*/*.partial")
 
-DEFAULTS: dict[str, Any] = {
-    "input": None,
-    "dataset": "folder",
-    "split": "test",
-    "output": None,
-    "data_root": None,             # image paths in records are relative to this folder
-    "num_frames": 32,
-    "compression": "c23",
-    "methods": None,
-    "split_file": None,
-    "detector": {
-        "name": "retinaface",      # retinaface | dlib | none (input is already a face crop, e.g. DFW)
-        "score_threshold": None,   # None: the detector's own (RetinaFace 0.7 as LAA-Net; dlib SVM score 0.0)
-        "nms_threshold": 0.4,      # retinaface only
-        "max_size": 640,           # longest side the frame is shrunk to before detection (both detectors)
-        "upsample": 1,             # dlib: doublings of the shrunk frame (1: faces from ~40 px of it)
-        "threads": None,           # onnxruntime threads per worker (None: the worker's share of the cores)
-        "min_face_size": 40,       # faces whose shorter box side is below this many frame pixels are dropped
-    },
-    "faces": "largest",            # largest: the video's main person, followed over frames | all: every track
-    "min_relative_area": 0.5,      # with faces=all: keep faces at least this fraction of the largest
-    "max_descriptors": 8,          # faces=largest: face descriptors (~75 ms each) per video to join the person's
-                                   # tracks across shot cuts; 0 keeps the largest track alone
-    "crop": {"scale": 1.5, "size": 320},
-    "save_mask": False,
-    "workers": 1,
-    "threads_per_worker": 1,       # decoder/OpenCV/onnxruntime threads per worker; decoding already runs in its
-                                   # own thread beside detection, so 1 is fastest (measured); None: cores // workers
-    "backend": "loky",             # loky | sequential | dask
-    "scheduler": None,             # dask scheduler address
-    "device": "cpu",
-}
+
+def _options() -> list[Option]:
+    """The crop stage's settings (``configs/preprocess/crop.yaml`` documents the same keys)."""
+    return [
+        Option("input", help="dataset root, folder of videos/images, list/CSV file, or one video/image", type=str),
+        Option("dataset", "folder", choices=datasets.DATASETS),
+        Option("split", "test", choices=("train", "val", "test")),
+        Option("output", help="output folder (inside the data root)", type=str, output=True),
+        Option("data_root", help=f"folder image paths are relative to (default {DEFAULT_DATA_ROOT})", type=str,
+               output=True),
+        Option("num_frames", 32, "frames sampled per video (evenly spaced)", output=True),
+        Option("compression", "c23", "FF++/DFD compression: raw (c0), c23, c40"),
+        Option("methods", help="FF++/DFD method folders to read", type=str, many=True),
+        Option("split_file", help="official split list (FF++ <split>.json, Celeb-DF list, CSV)", type=str),
+        # retinaface | dlib | none (input is already a face crop, e.g. DFW)
+        Option("detector.name", "retinaface", name="detector", choices=("retinaface", "dlib", "none"), output=True),
+        Option("detector.score_threshold", None, "minimum detector score (default: RetinaFace 0.7, dlib SVM "
+               "score 0.0)", name="score_threshold", type=float, output=True),
+        Option("detector.nms_threshold", 0.4, name="nms_threshold", flag=False, output=True),  # retinaface only
+        # longest side the frame is shrunk to before detection (both detectors)
+        Option("detector.max_size", 640, name="max_size", flag=False, output=True),
+        # dlib: doublings of the shrunk frame (1: faces from ~40 px of it)
+        Option("detector.upsample", 1, name="upsample", flag=False, output=True),
+        # onnxruntime threads per worker (None: the worker's share of the cores)
+        Option("detector.threads", None, name="detector_threads", type=int, flag=False),
+        # a float, as the flag takes (a YAML 40.5 was refused while --min-face-size 40.5 passed); 40.0 == 40, so
+        # records written with the int default still match
+        Option("detector.min_face_size", 40.0, "drop faces whose shorter box side is below this many frame "
+               "pixels (default 40)", name="min_face_size", output=True),
+        Option("faces", "largest", "largest: the video's main person, followed from frame to frame; all: every "
+               "face, face_index = its track", choices=("largest", "all"), output=True),
+        # with faces=all: keep faces at least this fraction of the largest
+        Option("min_relative_area", 0.5, flag=False, output=True),
+        # faces=largest: face descriptors (~75 ms each) per video to join the person's tracks across shot cuts;
+        # 0 keeps the largest track alone
+        Option("max_descriptors", 8, flag=False, output=True),
+        Option("crop.scale", 1.5, "crop side / detector box side", name="crop_scale", output=True),
+        Option("crop.size", 320, "side of the saved crops in pixels", name="crop_size", output=True),
+        Option("save_mask", False, "also crop FF++ mask videos", switch=True, output=True),
+        Option("workers", 1, "parallel worker processes"),
+        # decoder/OpenCV/onnxruntime threads per worker; decoding already runs in its own thread beside
+        # detection, so 1 is fastest (measured); None: cores // workers
+        Option("threads_per_worker", 1, flag=False),
+        Option("backend", "loky", choices=("loky", "sequential", "dask")),
+        Option("scheduler", help="Dask scheduler address for --backend dask", type=str),
+        Option("device", "cpu", choices=("cpu", "cuda")),
+    ]
 
 
 # ----------------------------------------------------------------------------------------------- geometry
@@ -143,6 +158,62 @@ def check_geometry(scale: Any, size: Any) -> None:
         raise ValueError(f"crop.size (--crop-size) must be a whole number of pixels >= 1, got {size!r}")
 
 
+@dataclass
+class FaceCrop:
+    """One face cut out of a frame.
+
+    Attributes:
+        face: the detector's face (box, score, keypoints in frame pixels).
+        box: the square cut [x0, y0, x1, y1] in frame pixels (may leave the frame).
+        padding: zero padding [left, top, right, bottom] in frame pixels where the box leaves the frame.
+        image: the BGR cut resized to ``size`` x ``size`` (the box side when ``size`` is None).
+        track: the face's track id (:class:`FaceTracker`; 0 without a tracker).
+    """
+
+    face: Face
+    box: np.ndarray
+    padding: list[int]
+    image: np.ndarray
+    track: int = 0
+
+
+def crop_faces(frame: np.ndarray, detector: Any, size: int | None, scale: float = 1.5, faces: str = "largest",
+               min_relative_area: float = 0.0, min_face_size: float = 0.0, tracker: FaceTracker | None = None,
+               frame_index: int = 0) -> tuple[list[FaceCrop], int]:
+    """Detect -> choose (and track) -> square box -> cut with zero padding -> resize: the crop stage's geometry.
+
+    Args:
+        frame: BGR uint8 image.
+        detector: from :func:`face_detector`; None takes the whole frame as the face (already a face crop;
+            ``scale`` is then 1).
+        size: side of the returned crops; None keeps the box side.
+        scale: crop side / the detector box's longer side.
+        faces: ``largest`` (one face) or ``all`` (largest first).
+        min_relative_area: with ``all``, drop faces smaller than this fraction of the largest.
+        min_face_size: drop faces whose shorter box side is below this many frame pixels.
+        tracker: follows faces over frames (``frame_index`` is this frame's index in the video); each crop's
+            ``track`` is then its track id.
+
+    Returns:
+        (crops, number of faces dropped as smaller than ``min_face_size``).
+    """
+    if detector is None:
+        height, width = frame.shape[:2]
+        chosen, tracks, scale, dropped = [Face(np.array([0, 0, width, height], dtype=np.float32), 1.0)], [0], 1.0, 0
+    else:
+        detected = detector.detect(frame)
+        chosen = [f for f in detected if min(f.box[2] - f.box[0], f.box[3] - f.box[1]) >= min_face_size]
+        dropped = len(detected) - len(chosen)
+        chosen = choose_faces(chosen, faces, min_relative_area)
+        tracks = tracker.update(frame_index, frame, chosen) if tracker is not None else [0] * len(chosen)
+    crops = []
+    for face, track in zip(chosen, tracks):
+        box = square_box(face.box, scale)
+        patch, pad = cut_with_padding(frame, box)
+        crops.append(FaceCrop(face, box, pad, resize_square(patch, size) if size else patch, track))
+    return crops, dropped
+
+
 # ----------------------------------------------------------------------------------------------- per video
 _DETECTOR_CACHE: dict[str, Any] = {}
 
@@ -179,6 +250,15 @@ def _get_detector(options: dict):
     return _DETECTOR_CACHE[key]
 
 
+def face_detector(name: str = "retinaface", **options: Any):
+    """The crop stage's detector ``name`` with the stage's default settings, ``options`` (keys of its
+    ``detector`` config: score_threshold, threads, ...) overriding them; built once per process and settings.
+    None for ``none`` (the input already is a face crop)."""
+    if name == "none":
+        return None
+    return _get_detector({**DEFAULTS["detector"], **options, "name": name})
+
+
 def _describe_face(image: np.ndarray, box: np.ndarray) -> np.ndarray:
     """Face descriptor for linking a person's tracks; the model loads once per worker, on first need."""
     if "descriptor" not in _DETECTOR_CACHE:
@@ -193,27 +273,19 @@ class CropJob:
     output: Path
     data_root: Path
     num_frames: int
-    detector: dict
+    detector: dict            # detector_settings(), threads resolved
     faces: str
     min_relative_area: float
     scale: float
     size: int
     save_mask: bool
-    threads: int = 1  # per worker; does not change the output
+    settings: dict            # the stage's fingerprint: a record made with other settings is redone, not reused
+    threads: int = 1          # per worker; does not change the output
     max_descriptors: int = 8
 
     @property
     def min_face_size(self) -> float:
         return self.detector.get("min_face_size", 0)
-
-    @property
-    def settings(self) -> dict:
-        """Everything that shapes a video's crops: a record made with other settings is redone, not reused."""
-        detector = {key: value for key, value in self.detector.items() if key != "threads"}
-        return {"num_frames": self.num_frames, "detector": detector, "faces": self.faces,
-                "min_relative_area": self.min_relative_area, "crop_scale": self.scale, "crop_size": self.size,
-                "save_mask": self.save_mask, "max_descriptors": self.max_descriptors,
-                "output": relative_to_root(self.output, self.data_root)}
 
 
 def _cached_record(record_path: Path, settings: dict) -> dict | None:
@@ -330,31 +402,23 @@ def crop_video(entry: datasets.VideoEntry, job: CropJob) -> dict:
     largest_track: dict[int, int] = {}  # frame -> track of its largest face (a per-frame choice would crop it)
     for index, frame in reader.read(indices, prefetch=2):
         decoded += 1
-        if detector is None:  # already a face crop: the whole image is the face
-            height, width = frame.shape[:2]
-            faces, tracks = [Face(np.array([0, 0, width, height], dtype=np.float32), 1.0)], [0]
-        else:
-            detected = detector.detect(frame)
-            faces = [f for f in detected if min(f.box[2] - f.box[0], f.box[3] - f.box[1]) >= job.min_face_size]
-            dropped_small += len(detected) - len(faces)
-            # faces=largest crops every face here and keeps the main person's once the whole video is seen
-            faces = choose_faces(faces, "all", job.min_relative_area if job.faces == "all" else 0.0)
-            tracks = tracker.update(index, frame, faces)
-        if not faces:
+        # faces=largest crops every face here and keeps the main person's once the whole video is seen
+        crops, dropped = crop_faces(frame, detector, job.size, job.scale, "all",
+                                    job.min_relative_area if job.faces == "all" else 0.0, job.min_face_size,
+                                    tracker if detector is not None else None, index)
+        dropped_small += dropped
+        if not crops:
             without_face.append(int(index))
             continue
-        largest_track[int(index)] = tracks[0]
-        scale = 1.0 if detector is None else job.scale
-        for face_index, face in zip(tracks, faces):
-            box = square_box(face.box, scale)
-            patch, pad = cut_with_padding(frame, box)
-            crop = resize_square(patch, job.size)
-            file_name = f"{index:03d}_{face_index}.png"
-            write_image(tmp_frames / file_name, crop)  # a full disk says so (cv2.imwrite only returns False)
+        largest_track[int(index)] = crops[0].track
+        for cut in crops:
+            face, box = cut.face, cut.box
+            file_name = f"{index:03d}_{cut.track}.png"
+            write_image(tmp_frames / file_name, cut.image)  # a full disk says so (cv2.imwrite only returns False)
             item = {
-                "frame_index": int(index), "face_index": face_index, "file_name": file_name,
+                "frame_index": int(index), "face_index": cut.track, "file_name": file_name,
                 "image_path": relative_to_root(frames_dir / file_name, job.data_root),
-                "box": box.tolist(), "padding": pad,
+                "box": box.tolist(), "padding": cut.padding,
                 "face_box": _rounded(to_crop_coords(face.box, box, job.size).reshape(-1)),
                 "face_score": round(face.score, 4),
                 "keypoints": _rounded(None if face.keypoints is None else to_crop_coords(face.keypoints, box, job.size)),
@@ -473,8 +537,34 @@ def summarize(records: list[dict]) -> dict:
     }
 
 
-def run(config: dict) -> dict:
-    """Run the crop stage for one split; returns the summary (also written into crop_index.json)."""
+def stage_detector(config: dict) -> dict:
+    """The detector settings a split is cropped with: DFW is already face-cropped (detector none)."""
+    detector = dict(config["detector"])
+    if config["dataset"] == "dfw":
+        detector["name"] = "none"
+    return detector_settings(detector)
+
+
+def fingerprint(config: dict) -> dict:
+    """What a video's record is keyed on (stored as its ``settings``; a record made with others is redone):
+    the output-changing settings by name, the detector as the options the chosen detector uses, and the output
+    folder relative to the data root."""
+    settings = {name: value for name, value in SPEC.output_settings(config).items()
+                if name not in ("output", "data_root") and not SPEC.by_name[name].key.startswith("detector.")}
+    settings["detector"] = {key: value for key, value in stage_detector(config).items() if key != "threads"}
+    data_root = Path(config["data_root"] or DEFAULT_DATA_ROOT).resolve()
+    settings["output"] = relative_to_root(Path(config["output"]).resolve(), data_root)
+    return settings
+
+
+def run(config: dict | None = None, /, **settings: Any) -> dict:
+    """Run the crop stage for one split; returns the summary (also written into crop_index.json).
+
+    Pass a full config (as ``main`` builds it) or keyword settings named as the flags, the others keeping their
+    defaults, e.g. ``run(input="videos", output="crops/demo", split="train", num_frames=16, crop_size=256)``
+    (:data:`SPEC` lists them all).
+    """
+    config = SPEC.resolve(config, settings)
     if config["input"] is None or config["output"] is None:
         raise ValueError("--input and --output are required")
     output = Path(config["output"]).resolve()
@@ -498,18 +588,17 @@ def run(config: dict) -> dict:
 def _crop_split(config: dict, output: Path, data_root: Path) -> dict:
     """The crop stage proper, run while this process holds the split folder's lock."""
     entries = list_inputs(config)
-    detector = dict(config["detector"])
-    if config["dataset"] == "dfw" and detector["name"] != "none":
+    if config["dataset"] == "dfw" and config["detector"]["name"] != "none":
         log.info("DFW is already face-cropped: using the whole image as the face box (detector none)")
-        detector["name"] = "none"
     workers = 1 if config["backend"] == "sequential" else max(1, config["workers"])
     threads = config["threads_per_worker"] or max(1, (os.cpu_count() or 1) // workers)
-    detector["threads"] = detector["threads"] or threads
-    detector = detector_settings(detector)
+    detector = stage_detector(config)
+    if "threads" in detector:
+        detector["threads"] = detector["threads"] or threads
     job = CropJob(output=output, data_root=data_root, num_frames=config["num_frames"], detector=detector,
                   faces=config["faces"], min_relative_area=config["min_relative_area"],
                   scale=config["crop"]["scale"], size=config["crop"]["size"], save_mask=config["save_mask"],
-                  threads=threads, max_descriptors=config["max_descriptors"])
+                  settings=fingerprint(config), threads=threads, max_descriptors=config["max_descriptors"])
     log.info("cropping %d videos of %s/%s into %s", len(entries), config["dataset"], config["split"], output)
     for path in remove_leftovers(output / config["split"], LEFTOVER_PATTERNS):
         log.info("removed %s, left by an interrupted run", path)
@@ -535,50 +624,17 @@ def _crop_split(config: dict, output: Path, data_root: Path) -> dict:
     return summary
 
 
+SPEC = StageSpec("crop", _options(), __doc__.split("\n\n")[0], fingerprint)
+#: The stage's default config (nested as in configs/preprocess/crop.yaml).
+DEFAULTS: dict[str, Any] = SPEC.defaults
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m package_utils.crop", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (keys as in configs/preprocess/crop.yaml)")
-    parser.add_argument("--input", help="dataset root, folder of videos/images, list/CSV file, or one video/image")
-    parser.add_argument("--dataset", choices=datasets.DATASETS)
-    parser.add_argument("--split", choices=("train", "val", "test"))
-    parser.add_argument("--output", help="output folder (inside the data root)")
-    parser.add_argument("--data-root", help=f"folder image paths are relative to (default {DEFAULT_DATA_ROOT})")
-    parser.add_argument("--num-frames", type=int, help="frames sampled per video (evenly spaced)")
-    parser.add_argument("--compression", help="FF++/DFD compression: raw (c0), c23, c40")
-    parser.add_argument("--methods", nargs="+", help="FF++/DFD method folders to read")
-    parser.add_argument("--split-file", help="official split list (FF++ <split>.json, Celeb-DF list, CSV)")
-    parser.add_argument("--detector", choices=("retinaface", "dlib", "none"))
-    parser.add_argument("--score-threshold", type=float,
-                        help="minimum detector score (default: RetinaFace 0.7, dlib SVM score 0.0)")
-    parser.add_argument("--min-face-size", type=float,
-                        help="drop faces whose shorter box side is below this many frame pixels (default 40)")
-    parser.add_argument("--faces", choices=("largest", "all"),
-                        help="largest: the video's main person, followed from frame to frame; all: every face, "
-                             "face_index = its track")
-    parser.add_argument("--crop-size", type=int, help="side of the saved crops in pixels")
-    parser.add_argument("--crop-scale", type=float, help="crop side / detector box side")
-    parser.add_argument("--save-mask", action="store_true", default=None, help="also crop FF++ mask videos")
-    parser.add_argument("--workers", type=int, help="parallel worker processes")
-    parser.add_argument("--backend", choices=("loky", "sequential", "dask"))
-    parser.add_argument("--scheduler", help="Dask scheduler address for --backend dask")
-    parser.add_argument("--device", choices=("cpu", "cuda"))
-    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
-    return parser
-
-
-_FLAG_TO_KEY = {
-    "input": "input", "dataset": "dataset", "split": "split", "output": "output", "data_root": "data_root",
-    "num_frames": "num_frames", "compression": "compression", "methods": "methods", "split_file": "split_file",
-    "detector": "detector.name", "score_threshold": "detector.score_threshold",
-    "min_face_size": "detector.min_face_size", "faces": "faces",
-    "crop_size": "crop.size", "crop_scale": "crop.scale", "save_mask": "save_mask", "workers": "workers",
-    "backend": "backend", "scheduler": "scheduler", "device": "device",
-}
+    return SPEC.build_parser()
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("crop", build_parser(), DEFAULTS, _FLAG_TO_KEY, run, argv)
+    return SPEC.main(run, argv)
 
 
 if __name__ == "__main__":

@@ -252,6 +252,16 @@ def identity_of(name: str) -> str:
     raise KeyError(f"{name!r} is not a demo video")
 
 
+def call_stage(stage, **settings) -> bool:
+    """Run a preprocessing stage module (crop, landmarks, partners) through its keyword entry point and print
+    its summary; False when some videos failed."""
+    from package_utils.config import format_summary
+
+    summary = stage.run(**settings)
+    print(format_summary(stage.SPEC.stage, summary))
+    return summary.get("failed", 0) == 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m package_utils.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", default=str(DEFAULT_DATA_ROOT))
@@ -272,17 +282,13 @@ def main(argv: list[str] | None = None) -> int:
     log.info("demo videos ready in %s (%.1f s)", demo_root / "videos", time.perf_counter() - started)
     outputs = {}
     for split in SPLITS:
-        crop_args = ["--input", str(folders[split]), "--dataset", "folder", "--split", split, "--num-frames",
-                     str(args.num_frames), "--output", str(demo_root / "crops"), "--data-root", str(data_root),
-                     "--workers", str(args.workers)]
-        if crop.main(crop_args) != 0:
-            return 1
         outputs[split] = processed / JSON_NAMES[split]
-        landmark_args = ["--input", str(demo_root / "crops" / split), "--output", str(outputs[split]),
-                         "--landmarks", "68", "--align", "rotate", "--save-aligned", "--workers", str(args.workers)]
-        if landmarks.main(landmark_args) != 0:
+        if not (call_stage(crop, input=folders[split], dataset="folder", split=split, num_frames=args.num_frames,
+                          output=demo_root / "crops", data_root=data_root, workers=args.workers)
+                and call_stage(landmarks, input=demo_root / "crops" / split, output=outputs[split], landmarks=68,
+                              align="rotate", save_aligned=True, workers=args.workers)):
             return 1
-    if partners.main(["--input", str(outputs["train"]), "--output", str(outputs["train"]), "--k", "30"]) != 0:
+    if not call_stage(partners, input=outputs["train"], output=outputs["train"], k=30):
         return 1
     print(f"[demo] metadata: {', '.join(str(p) for p in outputs.values())}")
     print("[demo] next: python -m training.demo (manipulated test videos, previews, training, evaluation)")

@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from package_utils import align, metadata
-from package_utils.config import run_stage
+from package_utils.config import Option, StageSpec
 from package_utils.crop import CROP_INDEX_NAME
 from package_utils.detectors import DlibHogDetector, LandmarkPredictor, choose_faces
 from package_utils.io_utils import (PROJECT_ROOT, BadInputError, atomic_write_image, atomic_write_json,
@@ -80,21 +80,47 @@ MAX_LANDMARK_ERROR = 0.25
 LANDMARK_CHECK_VERSION = 1
 LANDMARK_FITS = ("detector_box", "keypoint_box")
 
-DEFAULTS: dict[str, Any] = {
-    "input": None,
-    "output": None,
-    "data_root": None,           # default: the crop index's data root
-    "landmarks": 68,
-    "align": "none",             # none | rotate | similarity
-    "save_aligned": False,
-    "aligned_size": None,        # similarity output side (default: the crop size)
-    "calibrate_box": True,       # map RetinaFace boxes onto dlib-like boxes before predicting
-    "max_landmark_error": MAX_LANDMARK_ERROR,  # landmark_ok threshold (mean keypoint distance / eye distance)
-    "pretrained_dir": None,
-    "workers": 1,
-    "backend": "loky",
-    "scheduler": None,
-}
+
+def _options() -> list[Option]:
+    """The landmarks stage's settings (``configs/preprocess/landmarks.yaml`` documents the same keys)."""
+    return [
+        Option("input", help="crop split folder (<crop output>/<split>) or its crop_index.json", type=str),
+        Option("output", help="metadata JSON to write (default processed_data/<split>_<dataset>_<n>.json)",
+               type=str),
+        # data_root and the crops enter each video's own fingerprint (crop_fingerprint), not the settings tag
+        Option("data_root", help="folder the image paths are relative to (default: the crop index's)", type=str),
+        Option("landmarks", 68, choices=(68, 81), output=True),
+        Option("align", "none", choices=align.ALIGN_MODES, output=True),
+        Option("save_aligned", False, "write aligned images (implied by --align rotate|similarity)", switch=True,
+               output=True),
+        Option("aligned_size", None, "side of similarity-aligned images (default: the crop size)", type=int,
+               output=True),
+        # map RetinaFace boxes onto dlib-like boxes before predicting
+        Option("calibrate_box", True, flag=False, output=True),
+        Option("max_landmark_error", MAX_LANDMARK_ERROR,
+               f"landmark_ok threshold: mean distance of the fit's eye centres, nose tip and mouth corners to the "
+               f"detector's keypoints / their eye distance (default {MAX_LANDMARK_ERROR})", output=True),
+        Option("pretrained_dir", help="folder holding shape_predictor_81_face_landmarks.dat", type=str),
+        Option("workers", 1),
+        Option("backend", "loky", choices=("loky", "sequential", "dask")),
+        Option("scheduler", help="Dask scheduler address for --backend dask", type=str),
+    ]
+
+
+def geometry_tag(config: dict) -> str:
+    """Names what decides landmarks and aligned pixels: model, alignment, its size, box calibration and
+    (when not the default) the landmark check's threshold, which decides when the second fit is kept."""
+    size = f"{config['aligned_size']}" if config["align"] == "similarity" and config["aligned_size"] else ""
+    error = config["max_landmark_error"]
+    threshold = "" if error == MAX_LANDMARK_ERROR else f"_err{error:g}"
+    return f"dlib{config['landmarks']}_{config['align']}{size}{'' if config['calibrate_box'] else '_nocal'}{threshold}"
+
+
+def fingerprint(config: dict) -> str:
+    """The stage's fingerprint, its cache tag: runs with different settings keep separate caches (and aligned
+    folders). ``--align rotate|similarity`` implies ``--save-aligned``, as ``run`` applies it."""
+    saved = config["save_aligned"] or config["align"] != "none"
+    return f"{geometry_tag(config)}{'_saved' if saved else ''}"
 
 
 @dataclass(frozen=True)
@@ -110,17 +136,19 @@ class LandmarkJob:
     max_landmark_error: float = MAX_LANDMARK_ERROR
 
     @property
+    def _settings(self) -> dict:
+        return {"landmarks": self.num_points, "align": self.align, "save_aligned": self.save_aligned,
+                "aligned_size": self.aligned_size, "calibrate_box": self.calibrate_box,
+                "max_landmark_error": self.max_landmark_error}
+
+    @property
     def geometry_tag(self) -> str:
-        """Names what decides landmarks and aligned pixels: model, alignment, its size, box calibration and
-        (when not the default) the landmark check's threshold, which decides when the second fit is kept."""
-        size = f"{self.aligned_size}" if self.align == "similarity" and self.aligned_size else ""
-        threshold = "" if self.max_landmark_error == MAX_LANDMARK_ERROR else f"_err{self.max_landmark_error:g}"
-        return f"dlib{self.num_points}_{self.align}{size}{'' if self.calibrate_box else '_nocal'}{threshold}"
+        return geometry_tag(self._settings)
 
     @property
     def tag(self) -> str:
-        """Cache name: runs with different settings keep separate caches (and aligned folders)."""
-        return f"{self.geometry_tag}{'_saved' if self.save_aligned else ''}"
+        """Cache name (:func:`fingerprint`)."""
+        return fingerprint(self._settings)
 
 
 _MODELS: dict[tuple, Any] = {}
@@ -348,7 +376,13 @@ def load_crop_index(source: Path) -> tuple[Path, dict]:
     return index_path.parent, index
 
 
-def run(config: dict) -> dict:
+def run(config: dict | None = None, /, **settings: Any) -> dict:
+    """Run the landmarks stage on one crop split; returns the summary.
+
+    Pass a full config (as ``main`` builds it) or keyword settings named as the flags, the others keeping their
+    defaults, e.g. ``run(input="crops/train", output="train_68.json", align="rotate")`` (:data:`SPEC` lists them).
+    """
+    config = SPEC.resolve(config, settings)
     if config["input"] is None:
         raise ValueError("--input is required (a crop split folder or its crop_index.json)")
     if config["landmarks"] not in (68, 81):
@@ -453,36 +487,17 @@ def landmark_check_counts(items: list[dict], threshold: float) -> dict:
     }}
 
 
+SPEC = StageSpec("landmarks", _options(), __doc__.split("\n\n")[0], fingerprint)
+#: The stage's default config (as in configs/preprocess/landmarks.yaml).
+DEFAULTS: dict[str, Any] = SPEC.defaults
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m package_utils.landmarks", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="YAML config")
-    parser.add_argument("--input", help="crop split folder (<crop output>/<split>) or its crop_index.json")
-    parser.add_argument("--output", help="metadata JSON to write (default processed_data/<split>_<dataset>_<n>.json)")
-    parser.add_argument("--data-root", help="folder the image paths are relative to (default: the crop index's)")
-    parser.add_argument("--landmarks", type=int, choices=(68, 81))
-    parser.add_argument("--align", choices=align.ALIGN_MODES)
-    parser.add_argument("--save-aligned", action="store_true", default=None,
-                        help="write aligned images (implied by --align rotate|similarity)")
-    parser.add_argument("--aligned-size", type=int, help="side of similarity-aligned images")
-    parser.add_argument("--max-landmark-error", type=float,
-                        help=f"landmark_ok threshold: mean distance of the fit's eye centres, nose tip and mouth "
-                             f"corners to the detector's keypoints / their eye distance (default {MAX_LANDMARK_ERROR})")
-    parser.add_argument("--pretrained-dir", help="folder holding shape_predictor_81_face_landmarks.dat")
-    parser.add_argument("--workers", type=int)
-    parser.add_argument("--backend", choices=("loky", "sequential", "dask"))
-    parser.add_argument("--scheduler", help="Dask scheduler address for --backend dask")
-    parser.add_argument("overrides", nargs="*", help="config overrides key=value")
-    return parser
-
-
-_FLAG_TO_KEY = {"input": "input", "output": "output", "data_root": "data_root", "landmarks": "landmarks",
-                "align": "align", "save_aligned": "save_aligned", "aligned_size": "aligned_size",
-                "pretrained_dir": "pretrained_dir", "workers": "workers", "backend": "backend",
-                "scheduler": "scheduler", "max_landmark_error": "max_landmark_error"}
+    return SPEC.build_parser()
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("landmarks", build_parser(), DEFAULTS, _FLAG_TO_KEY, run, argv)
+    return SPEC.main(run, argv)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Usage::
 
     python -m package_utils.partners --input processed_data/train.json --output processed_data/train_bi.json \\
         --k 30 [--metric l2|laa] [--device cpu|cuda] [--block-size N] [--laa-paths] [--candidates other.json] \\
-        [--max-tile-mb 128] [--laa-kernel auto|fused|eager] [--pool real|all] [--keep-bad-landmarks]
+        [--max-tile-mb 128] [--laa-kernel auto|fused|eager] [--pool real|all] [--keep-bad-landmarks] \\
+        [--config partners.yaml] [key=value ...]
 
 For every item with landmarks (``aligned_lms``, the points on ``image_path``'s pixels) the ``k`` nearest faces
 of **other videos** are found by brute force over every candidate frame (no sampling, unlike LAA-Net's 10,000
@@ -43,7 +44,6 @@ import logging
 import math
 import time
 from collections import Counter
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -52,9 +52,10 @@ import torch
 from tqdm import tqdm
 
 from package_utils import metadata
-from package_utils.io_utils import OutputBusyError, output_file_lock, remove_leftovers
+from package_utils.config import Option, StageSpec
+from package_utils.io_utils import output_file_lock, remove_leftovers
 
-__all__ = ["METRICS", "find_partners", "add_partners", "main"]
+__all__ = ["METRICS", "SPEC", "find_partners", "add_partners", "run", "main"]
 
 log = logging.getLogger("package_utils.partners")
 
@@ -477,67 +478,78 @@ def add_partners(document: dict, candidates: dict | None = None, *, k: int = 30,
     return stats
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m package_utils.partners", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", required=True, help="metadata JSON whose items need partners")
-    parser.add_argument("--output", required=True, help="metadata JSON to write (may equal --input)")
-    parser.add_argument("--k", type=int, default=30, help="partners per item (LAA-Net: 30)")
-    parser.add_argument("--metric", choices=METRICS, default="l2",
-                        help="l2: flattened Euclidean (fast); laa: sum of per-landmark distances (LAA-Net)")
-    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ...")
-    parser.add_argument("--block-size", type=int, help=f"queries per tile (default {DEFAULT_BLOCK_SIZE})")
-    parser.add_argument("--max-tile-mb", type=float, default=DEFAULT_TILE_MB,
-                        help="bound on the float32 distance tiles held at once, MiB")
-    parser.add_argument("--laa-kernel", choices=LAA_KERNELS, default="auto",
-                        help="laa tile kernel: fused (torch.compile), eager, or auto (fused, else eager)")
-    parser.add_argument("--laa-paths", action="store_true", help="also write best_match (partner image paths)")
-    parser.add_argument("--candidates", help="metadata JSON to search (train frames; default: --input)")
-    parser.add_argument("--pool", choices=POOLS, default="real",
-                        help="candidates: real faces (label 0) only, as BI blends two reals (default), or all")
-    parser.add_argument("--keep-bad-landmarks", action="store_true",
-                        help="also search with and for faces whose landmarks failed the landmark stage's check")
-    parser.add_argument("--data-root", help="override the input's data_root header")
-    return parser
+def _options() -> list[Option]:
+    """The partner search's settings."""
+    return [
+        Option("input", help="metadata JSON whose items need partners", type=str, output=True),
+        Option("output", help="metadata JSON to write (may equal --input)", type=str),
+        Option("k", 30, "partners per item (LAA-Net: 30)", output=True),
+        Option("metric", "l2", "l2: flattened Euclidean (fast); laa: sum of per-landmark distances (LAA-Net)",
+               choices=METRICS, output=True),
+        Option("device", "cpu", "torch device: cpu, cuda, cuda:1 ..."),
+        Option("block_size", None, f"queries per tile (default {DEFAULT_BLOCK_SIZE})", type=int),
+        Option("max_tile_mb", DEFAULT_TILE_MB, "bound on the float32 distance tiles held at once, MiB"),
+        Option("laa_kernel", "auto", "laa tile kernel: fused (torch.compile), eager, or auto (fused, else eager)",
+               choices=LAA_KERNELS),
+        Option("laa_paths", False, "also write best_match (partner image paths)", switch=True, output=True),
+        Option("candidates", help="metadata JSON to search (train frames; default: --input)", type=str, output=True),
+        Option("pool", "real", "candidates: real faces (label 0) only, as BI blends two reals (default), or all",
+               choices=POOLS, output=True),
+        Option("keep_bad_landmarks", False, "also search with and for faces whose landmarks failed the landmark "
+               "stage's check", switch=True, output=True),
+        Option("data_root", help="override the input's data_root header", type=str, output=True),
+    ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+#: The search's results do not depend on tile sizes, kernel or device; its fingerprint is the output settings.
+SPEC = StageSpec("partners", _options(), __doc__.split("\n\n")[0])
+DEFAULTS: dict[str, Any] = SPEC.defaults
+
+
+def run(config: dict | None = None, /, **settings: Any) -> dict:
+    """Search blend partners for one metadata file and write it; returns the summary.
+
+    Pass a full config (as ``main`` builds it) or keyword settings named as the flags, the others keeping their
+    defaults, e.g. ``run(input="train_68.json", output="train_68.json", k=30)`` (:data:`SPEC` lists them).
+    """
+    config = SPEC.resolve(config, settings)
+    if config["input"] is None or config["output"] is None:
+        raise ValueError("--input and --output are required")
     # torch.compile's C++ toolchain probe warns "No CUDA runtime is found" on CPU machines: not our concern
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    locks = ExitStack()
-    try:
-        # one writer per output file, and a read-only or full output folder is found before the search
-        locks.enter_context(output_file_lock(args.output, "metadata file"))
-        output = Path(args.output)
+    # one writer per output file, and a read-only or full output folder is found before the search
+    with output_file_lock(config["output"], "metadata file"):
+        output = Path(config["output"])
         for path in remove_leftovers(output.parent, (f".{output.name}.*.tmp", ".write-check.*.tmp")):
             log.info("removed %s, left by an interrupted run", path)
-        if str(args.device).startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: torch sees no CUDA device")
-        document = metadata.load(args.input, args.data_root)
-        candidates = metadata.load(args.candidates) if args.candidates else None
-        stats = add_partners(document, candidates, k=args.k, metric=args.metric, device=args.device,
-                             block_size=args.block_size, max_tile_mb=args.max_tile_mb, laa_kernel=args.laa_kernel,
-                             laa_paths=args.laa_paths, pool=args.pool, keep_bad_landmarks=args.keep_bad_landmarks,
-                             source=args.input, candidate_source=args.candidates, progress=True)
-        document.setdefault("config", {})["partners"] = {
-            "input": args.input, "output": args.output, "candidates": args.candidates, "k": args.k,
-            "metric": args.metric, "device": args.device, "block_size": args.block_size,
-            "max_tile_mb": args.max_tile_mb, "laa_kernel": args.laa_kernel, "laa_paths": args.laa_paths,
-            "tie_margin": TIE_MARGIN, "pool": args.pool, "keep_bad_landmarks": args.keep_bad_landmarks,
-        }
-        metadata.save(args.output, document)
-    except (ValueError, OSError, OutputBusyError) as error:
-        log.error("%s", error)
-        return 2
-    finally:
-        locks.close()
+        if str(config["device"]).startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {config['device']}: torch sees no CUDA device")
+        document = metadata.load(config["input"], config["data_root"])
+        candidates = metadata.load(config["candidates"]) if config["candidates"] else None
+        stats = add_partners(document, candidates, k=config["k"], metric=config["metric"], device=config["device"],
+                             block_size=config["block_size"], max_tile_mb=config["max_tile_mb"],
+                             laa_kernel=config["laa_kernel"], laa_paths=config["laa_paths"], pool=config["pool"],
+                             keep_bad_landmarks=config["keep_bad_landmarks"], source=config["input"],
+                             candidate_source=config["candidates"], progress=True)
+        document.setdefault("config", {})["partners"] = {**config, "tie_margin": TIE_MARGIN}
+        metadata.save(config["output"], document)
     log.info("partners: %d queries x %d candidates (%s pool), k=%d, %s, %.1f s: %d ok, %d fewer than k, %d without "
              "landmarks, %d with failed landmarks; %d of %d reals have fewer than k real partners -> %s",
              stats["queries"], stats["candidates"], stats["pool"], stats["k"], stats["metric"], stats["seconds"],
              stats["items_ok"], stats["items_fewer_than_k"], stats["items_no_landmarks"],
-             stats["items_bad_landmarks"], stats["reals_fewer_than_k_real_partners"], stats["reals"], args.output)
-    return 0
+             stats["items_bad_landmarks"], stats["reals_fewer_than_k_real_partners"], stats["reals"],
+             config["output"])
+    keys = ("queries", "candidates", "items_ok", "items_fewer_than_k", "items_no_landmarks", "items_bad_landmarks",
+            "reals_fewer_than_k_real_partners", "seconds")
+    return {**{key: stats[key] for key in keys}, "index": str(config["output"])}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return SPEC.build_parser()
+
+
+def main(argv: list[str] | None = None) -> int:
+    return SPEC.main(run, argv)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# python -m package_utils.landmarks with the project's .venv; all arguments are passed on (--help lists them).
+# Stage 2: python -m package_utils.landmarks with the project's .venv; all arguments are passed on (--help lists
+# them) and relative paths resolve from the caller's folder, e.g.
+#   scripts/landmarks.sh --input datasets_df/processed/ff_c23/train --output processed_data/train_ff_68.json
 set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/caller_env.sh"
 exec python -m package_utils.landmarks "$@"

@@ -3,15 +3,13 @@
 Pure tensor code: every random draw comes from a ``torch.Generator`` passed in, so one seed gives one batch.
 ``reference_sbi`` holds the per-sample numpy/OpenCV version used as a baseline and test oracle.
 """
-from synthesis.masks import MASK_TYPES, flip_landmarks, hull_mask_numpy, hull_masks, reorder_forehead_81
+from synthesis.masks import MASK_TYPES, hull_mask_numpy, hull_masks
 from synthesis.sbi import SBIConfig, SelfBlender
 
 __all__ = [
     "MASK_TYPES",
     "SBIConfig",
     "SelfBlender",
-    "flip_landmarks",
     "hull_mask_numpy",
     "hull_masks",
-    "reorder_forehead_81",
 ]

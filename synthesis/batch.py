@@ -1,6 +1,6 @@
 """From a loader batch of real faces to a training batch: pseudo-fakes, labels and targets, on the device.
 
-:class:`PseudoFakeBatcher` takes the dict a ``training.data`` loader yields (uint8 images, landmarks, and
+:class:`PseudoFakeBatcher` takes the dict a ``facedata.faces`` loader yields (uint8 images, landmarks, and
 for BI one blend partner per face), moves it to the training device, synthesises the fakes there (SBI or
 BI), and computes LAA-Net's targets at the heatmap resolution:
 
@@ -89,7 +89,9 @@ class PseudoFakeBatcher:
         :meth:`models.base.Detector.model_input`), ``label`` (N,) float (1 = fake),
         ``mask`` (N, 1, S, S) blend mask (0 for reals), ``valid_fake`` count, ``item`` (N,) source item of
         each image, and with targets ``boundary``, ``heatmap``, ``consistency`` (N, 1, h, h) and
-        ``anchor`` (N,); with ``return_sources`` also ``source`` and ``background`` (N, 3, S, S) in [0, 1].
+        ``anchor`` (N,); with ``return_sources`` also ``source`` and ``background`` (N, 3, S, S) in [0, 1];
+        when the loader batch carries per-frame ``quality`` scores, ``quality`` (N,): a fake gets the score of
+        the real frame it was made from.
         ``train=False`` (validation, as LAA-Net's val split) skips the BI background jitter and the geometry's
         crop/scale/erasing; the SBI margin crop stays.
         """
@@ -97,6 +99,7 @@ class PseudoFakeBatcher:
         images = batch["image"].to(device, non_blocking=True).float().div_(255.0)
         landmarks = batch["landmarks"].to(device, non_blocking=True).float()
         items = batch["item"].to(device)
+        quality = batch["quality"].to(device).float() if "quality" in batch else None
         count = images.shape[0]
         paired = config.pairing == "paired"
         if paired:
@@ -141,6 +144,8 @@ class PseudoFakeBatcher:
             source = torch.cat([items, items[keep]])
             order = torch.randperm(image.shape[0], generator=generator, device=generator.device).to(device)
             image, label, mask, source = image[order], label[order], mask[order], source[order]
+            if quality is not None:
+                quality = torch.cat([quality, quality[keep]])[order]
             if sources is not None:
                 blend_sources = torch.cat([torch.zeros_like(reals), sources[keep]])[order]
                 backgrounds = torch.cat([reals, reals[keep]])[order]
@@ -163,6 +168,8 @@ class PseudoFakeBatcher:
                   "valid_fake": int(fake_ok.sum())}
         if sources is not None:
             result.update(source=blend_sources, background=backgrounds)
+        if quality is not None:
+            result["quality"] = quality  # mixed: one image per loader sample, already aligned
         if config.heatmap_size:
             result.update(make_targets(mask, label.bool(), config.heatmap_size, config.adaptive_sigma))
         return result

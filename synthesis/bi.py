@@ -1,8 +1,8 @@
-"""Blended Images (Face X-ray, spec §3) synthesised online on batches of tensors, on any device.
+"""Blended Images (Face X-ray, docs/synthesis.md §3) synthesised online on batches of tensors, on any device.
 
 Recipe per fake sample (AlgoHunt / LAA-Net, constants derived from the image size ``S`` instead of 317 px):
 
-1. working size ``a ~ U{round(128/317·S) … S}``; a random hull mask (spec §1) of the **background** landmarks is
+1. working size ``a ~ U{round(128/317·S) … S}``; a random hull mask (§1) of the **background** landmarks is
    drawn at ``a × a``;
 2. the mask is deformed by a smooth random warp, then thresholded (values < 1 → 0, the references' uint8 cast) and
    eroded (p 0.5, square kernel ``randint(1, 21·S/317)`` made odd) or dilated (``randint(1, 5·S/317)`` made odd);
@@ -85,7 +85,7 @@ class BIConfig:
         post_process_min: Smallest downscaled size over ``S`` (64/317).
         post_process_reals: Degrade reals too, as both references do (AlgoHunt's ``gen_one_datapoint`` and LAA-Net's
             ``_gen_target`` degrade every sample after the real/fake draw). Off, resolution alone gives the label.
-        jitter: LAA-Net's train colour jitter of the background before synthesis (spec §4.1), for reals and fakes.
+        jitter: LAA-Net's train colour jitter of the background before synthesis (§4.1), for reals and fakes.
     """
 
     mask_types: tuple[str, ...] = MASK_TYPES
@@ -411,7 +411,7 @@ def color_transfer(foreground: Tensor, background: Tensor, region: Tensor) -> Te
 
 
 # ----------------------------------------------------------------------------------------------------------
-# LAA-Net's train colour jitter (spec §4.1), batched
+# LAA-Net's train colour jitter (docs/synthesis.md §4.1), batched
 # ----------------------------------------------------------------------------------------------------------
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -440,7 +440,7 @@ def color_jitter(images: Tensor, factors: Tensor, hue_degrees: Tensor) -> Tensor
 
 
 def laa_color_jitter(images: Tensor, generator: torch.Generator) -> Tensor:
-    """LAA-Net's BI train colour jitter (spec §4.1) on (B, 3, H, W) RGB in [0, 1], each sample independently.
+    """LAA-Net's BI train colour jitter (docs/synthesis.md §4.1) on (B, 3, H, W) RGB in [0, 1], per sample.
 
     In sequence, with albumentations' limits converted to [0, 1] units:
 

@@ -1,4 +1,4 @@
-"""LAA-Net's train geometry (synthesis spec §2.1 and §4.2) on batches of images and blend masks, on any device.
+"""LAA-Net's train geometry (docs/synthesis.md §2.1 and §4.2) on batches of images and blend masks, on any device.
 
 After the blend, per sample:
 

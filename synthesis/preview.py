@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 import torch
 
+from facedata.faces import build_loader, load_frame_table
 from synthesis.batch import BatcherConfig, PseudoFakeBatcher
 
 COLUMNS = ("real", "fake", "blend mask", "heatmap", "consistency")
@@ -46,8 +47,6 @@ def render_grid(rows: list[list[np.ndarray]], titles: tuple[str, ...] = COLUMNS)
 
 def preview(json_path: str, out: str, method: str = "sbi", samples: int = 6, size: int = 256, seed: int = 0,
             device: str = "cpu", data_root: str | None = None) -> Path:
-    from training.data import build_loader, load_frame_table
-
     table = load_frame_table(json_path, data_root, labels=(0,))
     if method == "bi" and table.partners is None:
         raise ValueError(f"{json_path}: no blend partners in this file; run the partners stage first")

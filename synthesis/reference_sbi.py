@@ -1,6 +1,6 @@
 """Per-sample SBI in the references' style: numpy/OpenCV/albumentations, one uint8 image at a time.
 
-The same algorithm as :class:`synthesis.sbi.SelfBlender` (steps 2-8 of synthesis spec §2, same
+The same algorithm as :class:`synthesis.sbi.SelfBlender` (steps 2-8 of docs/synthesis.md §2, same
 :class:`~synthesis.sbi.SBIConfig`), written the way SBI's ``sbi.py`` / ``blend.py`` do it: albumentations
 colour transforms on uint8, ``cv2.warpAffine`` for the affine, an OpenCV-smoothed displacement field and
 ``cv2.remap`` for the elastic step, ``cv2.GaussianBlur`` for the blend mask, a float32 blend cast to uint8.
@@ -177,7 +177,7 @@ class ReferenceSelfBlender:
 
 
 class ShippedStyleSelfBlender(ReferenceSelfBlender):
-    """:class:`ReferenceSelfBlender` with the two costs SBI's code as shipped pays on top (anchors.md: 42.2 ms a
+    """:class:`ReferenceSelfBlender` with the two costs SBI's code as shipped pays on top (docs/anchors.md: 42.2 ms a
     sample there, 69% in affine + elastic): the elastic step runs on the **image and** the mask and the warped
     image is thrown away, and the blend is float64.
 

@@ -1,4 +1,4 @@
-"""Self-blended images (SBI, synthesis spec §2, steps 2-8), batched on tensors of any device.
+"""Self-blended images (SBI, docs/synthesis.md §2, steps 2-8), batched on tensors of any device.
 
 The loader has already reordered the forehead points, flipped and cropped (steps 1 and 9 are not here).
 :class:`SelfBlender` turns a batch of real faces into (real, fake) pairs:
@@ -74,7 +74,7 @@ _EROSION_TOLERANCE = 1e-5
 
 @dataclass
 class SBIConfig:
-    """Parameters of SBI (spec §2); the defaults are the spec's.
+    """Parameters of SBI (docs/synthesis.md §2); the defaults are its values.
 
     Colour limits are in albumentations' uint8 units, as in the references: RGB shifts out of 255, HSV shifts as
     (OpenCV hue in half-degrees, saturation out of 255, value out of 255); only the integer parts of the HSV
@@ -191,7 +191,7 @@ class SelfBlender:
     def __init__(self, config: SBIConfig | None = None, chunk_size: int | None = None) -> None:
         """
         Args:
-            config: SBI parameters; the spec defaults when None.
+            config: SBI parameters; the defaults of docs/synthesis.md §2 when None.
             chunk_size: the full-resolution image work (source transforms, warp, blend, post transforms) runs on
                 this many samples at a time; masks are always done for the whole batch. None: the whole batch on
                 GPUs, 1 on CPU, where one sample stays in cache and gets its own support box.

@@ -1,11 +1,12 @@
-"""LAA-Net training targets from a blending-boundary map: heatmaps (spec §5) and self-consistency maps (spec §6).
+"""LAA-Net training targets from a blending-boundary map: heatmaps and self-consistency maps
+(docs/synthesis.md §5 and §6).
 
 All functions are batched tensor code and keep the input's device. The boundary map ``T`` that the encoders read is
 on LAA-Net's **0..255 scale** (uint8, or float holding 0..255 values): LAA-Net stores ``4·M·(1 − M)`` as uint8 ×255,
 warps it to 96² and encodes that. :func:`boundary_from_mask` gives the 0..1 map and :func:`quantize_boundary` turns
 it into the uint8 map the reference encodes.
 
-Differences from the reference encoder (pitfalls.md §5), all on purpose:
+Differences from the reference encoder (docs/pitfalls.md §5), all on purpose:
 
 * the run lengths that set the adaptive σ count the centre pixel once, ``h`` is the vertical and ``w`` the
   horizontal run, and the walk stops at the map border instead of wrapping to negative indices;
@@ -41,7 +42,7 @@ _DRAW_CHUNK_ELEMENTS = 4_000_000
 
 
 def gaussian_radius(det_size: tuple[float, float], min_overlap: float = 0.7) -> float:
-    """CenterNet's Gaussian radius for a box of ``det_size = (height, width)`` (spec §5).
+    """CenterNet's Gaussian radius for a box of ``det_size = (height, width)`` (docs/synthesis.md §5).
 
     Each quadratic root is divided by 2 rather than ``2a`` -- CenterNet's convention, kept so that the radii match
     the reference exactly. Symmetric in height and width.
@@ -124,7 +125,7 @@ def _quadrant_maxima(values: Tensor) -> Tensor:
 
 
 def quadrant_points(boundary: Tensor, is_fake: Tensor) -> Tensor:
-    """Boolean (B, H, W) map of the heatmap points of spec §5 step 1.
+    """Boolean (B, H, W) map of the heatmap points of docs/synthesis.md §5 step 1.
 
     In each of the four quadrants the points are the pixels equal to the quadrant maximum ``m_q`` (``m_q = 0`` is
     replaced by 1, so an all-zero quadrant has no points). Reals have no points.
@@ -229,7 +230,7 @@ def heatmap_targets(
     min_overlap: float = 0.7,
     reference_offset: bool = False,
 ) -> Tensor:
-    """LAA-Net heatmap target (spec §5), batched and vectorised.
+    """LAA-Net heatmap target (docs/synthesis.md §5), batched and vectorised.
 
     For every quadrant point ``(j, i)`` (row, column) a Gaussian ``exp(−((x − i)² + (y − j)²)/(2σ²))`` is drawn in a
     square window of half-size ``⌊3σ⌋`` and all Gaussians are merged by element-wise max, so the map is exactly 1.0
@@ -287,7 +288,7 @@ def heatmap_targets(
 
 
 def consistency_targets(boundary: Tensor, is_fake: Tensor) -> Tensor:
-    """LAA-Net self-consistency target (spec §6), divided by 255.
+    """LAA-Net self-consistency target (docs/synthesis.md §6), divided by 255.
 
     In each quadrant that has heatmap points, ``C = 255 − |max(T) − T|`` with ``max(T)`` the maximum of the whole
     map (as in the reference); quadrants without points and reals are 0. With ``max(T) = 255`` this is ``T/255``.

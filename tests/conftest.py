@@ -44,6 +44,37 @@ def face_with_landmarks(media_dir):
     return image, points
 
 
+FACE_CROP_SIZE = 320
+
+
+@pytest.fixture(scope="session")
+def face_crop(face_with_landmarks) -> tuple[np.ndarray, np.ndarray]:
+    """A square crop around the face resized to 320 px wide, with its 68 landmarks (float, sub-pixel)."""
+    import cv2
+
+    image, landmarks = face_with_landmarks
+    low, high = landmarks.min(0), landmarks.max(0)
+    centre, side = (low + high) / 2, float((high - low).max()) * 1.6
+    x0, y0 = (centre - side / 2).astype(int)
+    crop = image[max(y0, 0): y0 + int(side), max(x0, 0): x0 + int(side)]
+    scale = FACE_CROP_SIZE / crop.shape[1]
+    crop = cv2.resize(crop, (FACE_CROP_SIZE, round(crop.shape[0] * scale)), interpolation=cv2.INTER_AREA)
+    return crop, ((landmarks - [max(x0, 0), max(y0, 0)]) * scale).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def face_crop_81(face_crop) -> np.ndarray:
+    """``face_crop``'s landmarks as 81 points: the 68 plus 13 forehead points on an arc above the brows, in the
+    reordered (left-to-right) order."""
+    landmarks = face_crop[1]
+    brow_left, brow_right = landmarks[17], landmarks[26]
+    height = float(landmarks[8, 1] - landmarks[27, 1])
+    t = np.linspace(0.0, 1.0, 13)[:, None]
+    arc = brow_left + t * (brow_right - brow_left)
+    arc[:, 1] -= height * (0.2 + 0.35 * np.sin(np.pi * t[:, 0]))
+    return np.concatenate([landmarks, arc]).astype(np.float32)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Preprocessing-stage fixtures (video/crop/landmark tests)
 # ------------------------------------------------------------------------------------------------------------
@@ -273,3 +304,51 @@ def single_thread_for_synthesis(request):
     if "synthesis" in Path(str(request.fspath)).parts:
         request.getfixturevalue("single_thread")
     yield
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Image-folder fixtures (AIGC loader and per-generator tables)
+# ------------------------------------------------------------------------------------------------------------
+FOLDER_FACES = ("photos/face_recognition/obama.jpg", "photos/face_recognition/biden.jpg", "photos/sber-swap/tgt1.png")
+
+
+def write_face_pngs(folder: Path, count: int, size: tuple[int, int], media_dir: Path, seed: int, noise: float) -> None:
+    """``count`` PNGs of real faces resized to ``size`` (w, h) plus Gaussian noise."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        face = cv2.imread(str(media_dir / FOLDER_FACES[(seed + i) % len(FOLDER_FACES)]))
+        image = cv2.resize(face, size, interpolation=cv2.INTER_AREA).astype(np.float32)
+        image = np.clip(image + rng.normal(0, noise, image.shape), 0, 255).astype(np.uint8)
+        cv2.imwrite(str(folder / f"{i:03d}.png"), image)
+
+
+@pytest.fixture(scope="session")
+def forensynths(media_dir, tmp_path_factory) -> Path:
+    """A tiny ForenSynths tree.
+
+    train/{car,cat}/{0_real,1_fake}: 2 + 2 each, 72x72.
+    test/progan/{car,cat}/{0_real,1_fake}: class folders, 2 + 2 each, 64x64.
+    test/biggan/{0_real,1_fake}: direct, 3 real + 1 fake, 67x65 (odd).
+    test/stylegan/{0_real,1_fake}: direct, 1 real + 4 fake, 64x64 and one 80x48 fake in a subfolder.
+    """
+    root = tmp_path_factory.mktemp("forensynths")
+    for c, name in enumerate(("car", "cat")):
+        write_face_pngs(root / "train" / name / "0_real", 2, (72, 72), media_dir, 10 + c, 2)
+        write_face_pngs(root / "train" / name / "1_fake", 2, (72, 72), media_dir, 20 + c, 12)
+        write_face_pngs(root / "test" / "progan" / name / "0_real", 2, (64, 64), media_dir, 30 + c, 2)
+        write_face_pngs(root / "test" / "progan" / name / "1_fake", 2, (64, 64), media_dir, 40 + c, 12)
+    write_face_pngs(root / "test" / "biggan" / "0_real", 3, (67, 65), media_dir, 50, 2)
+    write_face_pngs(root / "test" / "biggan" / "1_fake", 1, (67, 65), media_dir, 51, 12)
+    write_face_pngs(root / "test" / "stylegan" / "0_real", 1, (64, 64), media_dir, 60, 2)
+    write_face_pngs(root / "test" / "stylegan" / "1_fake", 3, (64, 64), media_dir, 61, 12)
+    write_face_pngs(root / "test" / "stylegan" / "1_fake" / "wide", 1, (80, 48), media_dir, 62, 12)
+    return root
+
+
+@pytest.fixture(scope="session")
+def write_faces():
+    """:func:`write_face_pngs`, for tests that build their own image folders."""
+    return write_face_pngs

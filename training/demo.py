@@ -353,13 +353,11 @@ def make_manipulated_videos(real_videos: Sequence[Path], out_root: Path, identit
 def preprocess_videos(folder: Path, crops: Path, data_root: Path, out_json: Path, num_frames: int,
                       workers: int) -> Path:
     """The crop and landmarks stages on a ``real/``-``fake/`` folder, with the demo reals' settings."""
-    crop_args = ["--input", str(folder), "--dataset", "folder", "--split", "test", "--num-frames", str(num_frames),
-                 "--output", str(crops), "--data-root", str(data_root), "--workers", str(workers)]
-    if crop.main(crop_args) != 0:
+    if not preprocessing.call_stage(crop, input=folder, dataset="folder", split="test", num_frames=num_frames,
+                                    output=crops, data_root=data_root, workers=workers):
         raise RuntimeError(f"crop stage failed on {folder} (see the log above)")
-    landmark_args = ["--input", str(crops / "test"), "--output", str(out_json), "--landmarks", "68", "--align",
-                     "rotate", "--save-aligned", "--workers", str(workers)]
-    if landmarks.main(landmark_args) != 0:
+    if not preprocessing.call_stage(landmarks, input=crops / "test", output=out_json, landmarks=68, align="rotate",
+                                    save_aligned=True, workers=workers):
         raise RuntimeError(f"landmarks stage failed on {crops / 'test'} (see the log above)")
     return out_json
 

@@ -30,7 +30,7 @@ from package_utils.config import build_config
 from package_utils.io_utils import DEFAULT_DATA_ROOT, PROJECT_ROOT, atomic_write_image
 from training import comm
 from training import train as trainer
-from training.image_folders import evaluate_folders, format_table
+from training.aigc_eval import evaluate_folders, format_table
 
 log = logging.getLogger("training.demo_aigc")
 

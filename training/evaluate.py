@@ -28,11 +28,11 @@ import torch
 from tqdm import tqdm
 
 import models
+from facedata.faces import build_loader, load_frame_table, trained_crop_protocol
 from package_utils.config import ConfigError, build_config
 from package_utils.io_utils import check_writable
 from training import comm
 from training.comm import resolve_device
-from training.data import build_loader, load_frame_table, trained_crop_protocol
 from training.metrics import BinaryEvaluator, format_metrics, plot_roc, write_metrics_json, write_video_csv
 from training.train import DEFAULTS, _project_path, check_values, predict_logits
 
@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="flip test (default: eval.flip of the config)")
     parser.add_argument("--suite-root", help="AIGC image-folder test suite (generator folders with 0_real/1_fake); "
                         "per-generator ACC/AP instead of --test")
-    parser.add_argument("--suite", default="native", help="resize rule of the suite (training/image_folders.py "
+    parser.add_argument("--suite", default="native", help="resize rule of the suite (facedata/image_folders.py "
                         "SUITE_RULES: forensynths, gangen-detection, diffusionforensics, universalfakedetect, "
                         "diffusion1kstep, aigcdetectbenchmark, genimage, native)")
     parser.add_argument("--out", help="output folder (default: eval/ beside the weights)")
@@ -247,7 +247,7 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
 def run_suite(model: torch.nn.Module, args: argparse.Namespace, settings: dict, device: torch.device) -> dict:
     """NPR/LFM protocol: per generator folder ACC (sigmoid > 0.5) and AP, then the unweighted mean."""
     from package_utils.io_utils import atomic_write_json, atomic_write_text
-    from training.image_folders import evaluate_folders, format_table
+    from training.aigc_eval import evaluate_folders, format_table
 
     root = _project_path(args.suite_root)
     if root is None or not root.is_dir():

@@ -6,16 +6,17 @@ Usage::
     python -m training.infer --weights pretrained/<official LAA-Net file>.pth \\
         --model laanet --model-arg static_padding_size=380 photo.jpg
 
-Faces are found and cut exactly as the crop stage does for training (same detector and thresholds, square
-box of ``crop.scale`` x the detector box, zero padding outside the frame, resized to ``crop.size`` as stored,
-then to the model's ``input_size`` as the training loader does), so the model sees what it was trained on.
+Faces are found and cut exactly as the crop stage does for training (``package_utils.crop.crop_faces``: same
+detector and thresholds, square box of ``crop.scale`` x the detector box, zero padding outside the frame,
+resized to ``crop.size`` as stored, then to the model's ``input_size`` as the training loader does), so the
+model sees what it was trained on.
 Models trained with ``data.crop_protocol: sbi`` (and official SBI/FPG weights, ``--crop-protocol sbi``) see
 SBI's test window instead: the detector box plus w/8 and h/8 per side (1.25 x the box, not square), cut from
 that stored crop and resized to ``input_size``. ``--detector none`` takes the whole input as the face (an
 image that is already a crop), resized whatever the protocol.
 
 Scores are calibrated probabilities: the sigmoid of the fake logit (LAA-Net's own single-image mode
-thresholds the raw logit, pitfalls.md section 7). With ``--flip`` (default) the logit is the mean of the
+thresholds the raw logit, docs/pitfalls.md §7). With ``--flip`` (default) the logit is the mean of the
 logits of the face and its mirror. A video's probability is the mean over its sampled frames of the
 per-frame probability, which is the max over the faces at least half as large as the largest (SBI's rule;
 with ``--faces largest`` the one face). Frames without a face are counted and reported, never scored 0.5.
@@ -43,15 +44,16 @@ import torch
 from torch import nn
 
 import models
+from facedata.faces import CROP_PROTOCOLS, cut_window, sbi_window, trained_crop_protocol
 from package_utils.config import parse_override
 from package_utils.crop import DEFAULTS as CROP_DEFAULTS
-from package_utils.crop import _get_detector, cut_with_padding, resize_square, square_box, to_crop_coords
-from package_utils.detectors import Face, choose_faces
+from package_utils.crop import face_detector, resize_square, to_crop_coords
+from package_utils.crop import crop_faces as cut_faces
+from package_utils.detectors import Face
 from package_utils.io_utils import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, BadInputError, atomic_write_image,
                                     check_writable, read_image)
 from package_utils.video import MediaReader, sample_indices
 from training.comm import resolve_device
-from training.data import CROP_PROTOCOLS, cut_window, sbi_window, trained_crop_protocol
 
 log = logging.getLogger("training.infer")
 
@@ -101,12 +103,8 @@ def load_model_and_config(weights: str | os.PathLike, model_name: str | None = N
 
 def build_face_detector(name: str, threads: int | None = None) -> Detector | None:
     """The crop stage's detector with its default settings (same thresholds as for training); None for none."""
-    if name == "none":
-        return None
-    options = dict(CROP_DEFAULTS["detector"], name=name)
-    options["threads"] = threads or options["threads"] or torch.get_num_threads()
     # The crop stage's own constructor, so config keys map to detector arguments in exactly one place.
-    return _get_detector(options)
+    return face_detector(name, threads=threads or CROP_DEFAULTS["detector"]["threads"] or torch.get_num_threads())
 
 
 # ----------------------------------------------------------------------------------------------- crops
@@ -134,16 +132,9 @@ def crop_faces(frame: np.ndarray, detector: Detector | None, input_size: int, fa
     """
     if crop_protocol not in CROP_PROTOCOLS:
         raise ValueError(f"crop_protocol must be one of {', '.join(CROP_PROTOCOLS)}, got {crop_protocol!r}")
-    if detector is None:
-        height, width = frame.shape[:2]
-        chosen, scale = [Face(np.array([0, 0, width, height], dtype=np.float32), 1.0)], 1.0
-    else:
-        chosen, scale = choose_faces(detector.detect(frame), faces, min_relative_area), crop_scale
     results = []
-    for face in chosen:
-        box = square_box(face.box, scale)
-        patch, _ = cut_with_padding(frame, box)
-        crop = resize_square(patch, crop_size) if crop_size else patch
+    for cut in cut_faces(frame, detector, crop_size, crop_scale, faces, min_relative_area)[0]:
+        face, box, crop = cut.face, cut.box, cut.image
         if crop_protocol == "sbi" and detector is not None:
             side = crop.shape[0]
             window = sbi_window(to_crop_coords(face.box, box, side).reshape(-1))

@@ -1,6 +1,6 @@
 """Detection metrics at frame and video level, a distributed evaluator and result writers.
 
-Conventions (models.md section 7): a score is the **fake probability** in [0, 1] and the positive class is
+Conventions (docs/models.md §7): a score is the **fake probability** in [0, 1] and the positive class is
 fake = 1. Videos are keyed by their full key ``dataset/method/name`` (FF++ methods reuse names such as
 ``000_003``) and a video's score is the **mean of its frame probabilities**.
 
@@ -18,7 +18,7 @@ Metrics (``binary_metrics``):
 
 :class:`BinaryEvaluator` follows detectron2's reset / process / evaluate: it accumulates per-rank batches and
 gathers across ranks only in ``evaluate()``. Failed videos (no face found) are counted and, only if asked,
-scored (SBI scores them 0.5, which moves the AUC silently; pitfalls.md section 7).
+scored (SBI scores them 0.5, which moves the AUC silently; docs/pitfalls.md §7).
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def _check_scores_labels(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarr
     if np.isnan(scores).any():
         raise ValueError(f"{int(np.isnan(scores).sum())} of {scores.size} scores are NaN")
     if scores.size and (scores.min() < 0 or scores.max() > 1):
-        # Logits thresholded at 0.5 are LAA-Net's single-image bug (pitfalls.md section 7).
+        # Logits thresholded at 0.5 are LAA-Net's single-image bug (docs/pitfalls.md §7).
         raise ValueError(f"scores must be fake probabilities in [0, 1], got range [{scores.min():.4g}, "
                          f"{scores.max():.4g}]; apply a sigmoid (or softmax) to logits first")
     return scores, labels.astype(np.int64)

@@ -38,6 +38,7 @@ import yaml
 from tqdm import tqdm
 
 import models
+from facedata.faces import build_loader, load_frame_table, loader_generator
 from models.base import to_memory_format
 from package_utils.config import ConfigError, build_config
 from package_utils.io_utils import (PROJECT_ROOT, BadInputError, OutputBusyError, atomic_write_bytes,
@@ -49,7 +50,6 @@ from synthesis.geometry import GeometryConfig
 from synthesis.sbi import SBIConfig
 from training import comm
 from training.comm import resolve_device
-from training.data import loader_generator
 from training.metrics import BinaryEvaluator
 from training.optim import SAM, build_optimizer, build_scheduler
 
@@ -73,14 +73,14 @@ DEFAULTS: dict = {
         "train_frames_per_video": 8,
         "val_frames_per_video": 8,
         "train_frame_sampling": "random",  # random: new frames each epoch (LAA-Net's intent) | even: fixed (SBI, FPG)
-        "crop_protocol": "square",     # square: the whole stored crop | sbi: SBI's face-box window (training/data.py)
+        "crop_protocol": "square",     # square: the whole stored crop | sbi: SBI's face-box window (facedata/faces.py)
         "skip_bad_landmarks": True,    # pseudo_fake: leave out faces whose landmarks failed the keypoint check
         "batch_size": 8,               # pseudo_fake + paired: reals per batch (the batch doubles)
         "val_batch_size": 0,           # 0 = batch_size
         "workers": 2,
         "flip_probability": 0.5,
         "load_size": 256,              # image_folder: resize before the random crop (NPR recipe)
-        "val_suite": "forensynths-val",  # image_folder: the eval resize rule (training/image_folders.py)
+        "val_suite": "forensynths-val",  # image_folder: the eval resize rule (facedata/image_folders.py)
         "classes": [],                 # image_folder: class folders of train and val to use; [] = all
     },
     "synthesis": {
@@ -158,6 +158,10 @@ def _derive(config: dict, key: str, wanted, given, unset, model: torch.nn.Module
                           f"which needs {wanted!r} ({why}); drop the key, it is derived from the model")
 
 
+#: Per-sample side information the data table can join to its items: field -> load_frame_table's argument.
+SIDE_INFORMATION = {"quality": "quality_scores"}
+
+
 def resolve_model_settings(config: dict, model: torch.nn.Module) -> dict:
     """A copy of ``config`` with the settings the model decides filled in from its contract.
 
@@ -189,6 +193,10 @@ def resolve_model_settings(config: dict, model: torch.nn.Module) -> dict:
     if needs.side_information and kind == "image_folder":
         raise ConfigError(f"data.kind: model {name} reads {', '.join(needs.side_information)} of every sample "
                           "from the data table, which data.kind image_folder does not have")
+    unknown = sorted(set(needs.side_information) - set(SIDE_INFORMATION))
+    if unknown:  # a model asking for something the data layer cannot join
+        raise ConfigError(f"model {name} reads per-sample {', '.join(unknown)}, which the data table cannot join "
+                          f"(it joins: {', '.join(SIDE_INFORMATION)})")
     if kind == "pseudo_fake":
         batcher_config(resolved)  # e.g. blend sources with synthesis.method bi
     return resolved
@@ -262,18 +270,16 @@ class BatchSource:
     """
 
     def __init__(self, config: dict, model: models.Detector, device: torch.device, rank: int, world: int):
-        from training.data import build_loader, load_frame_table
-
         config = resolve_model_settings(config, model)  # a no-op for the trainer's own, already resolved, config
         data = config["data"]
         self.config, self.device, self.kind, self.model = config, device, data["kind"], model
         self.size = model.input_size
-        self.side_information = model.batch_needs().side_information
+        side = model.batch_needs().side_information
         self.seed = config["seed"]
         self.channels_last = config["channels_last"]
         val_batch = data["val_batch_size"] or data["batch_size"]
         if self.kind == "image_folder":
-            from training import image_folders
+            from facedata import image_folders
             if world > 1:
                 log.warning("image_folder data is not sharded across ranks yet: every rank reads all images")
             self.train_loader = image_folders.build_image_loader(
@@ -291,9 +297,12 @@ class BatchSource:
         self.batcher = PseudoFakeBatcher(batcher_config(config)) if synthetic else None
         with_partner = synthetic and config["synthesis"]["method"] == "bi"
         root = data["data_root"]
+        # Per-frame side information a model's loss asks for (FPG: model.args.quality_scores) joins the
+        # training items here; validation computes no loss, so its table needs none.
         self.train_table = load_frame_table(_project_path(data["train"]), root, labels=labels,
                                             require_landmarks=synthetic,
-                                            skip_bad_landmarks=data["skip_bad_landmarks"])
+                                            skip_bad_landmarks=data["skip_bad_landmarks"],
+                                            **{SIDE_INFORMATION[key]: path for key, path in side.items()})
         self.train_loader = build_loader(
             self.train_table, image_size=self.size, batch_size=data["batch_size"],
             frames_per_video=data["train_frames_per_video"], train=True, seed=self.seed, workers=data["workers"],
@@ -313,7 +322,7 @@ class BatchSource:
     def __len__(self) -> int:
         return len(self.train_loader)
 
-    def _prepare(self, raw: dict, generator: torch.Generator, table=None, train: bool = True) -> dict:
+    def _prepare(self, raw: dict, generator: torch.Generator, train: bool = True) -> dict:
         if self.kind == "image_folder":
             return {"image": to_memory_format(raw["image"].to(self.device), self.channels_last),
                     "label": raw["label"].to(self.device).float()}
@@ -322,10 +331,9 @@ class BatchSource:
         else:
             batch = {"image": raw["image"].to(self.device),
                      "label": raw["label"].to(self.device).float(), "item": raw["item"].to(self.device)}
+            if "quality" in raw:
+                batch["quality"] = raw["quality"].to(self.device)
         batch["image"] = self.model.model_input(batch["image"], self.channels_last)
-        # Per-sample side information the model declares (e.g. FPG's image_path, for its quality scores).
-        for key in self.side_information:
-            batch[key] = [table.items[int(i)][key] for i in batch["item"].tolist()]
         return batch
 
     def epoch(self, epoch: int, generator: torch.Generator) -> Iterable[dict]:
@@ -336,11 +344,11 @@ class BatchSource:
         # dropout and synthesis draws of a resumed run (persistent workers draw it once per process).
         self.train_loader.generator = loader_generator(self.seed, epoch)
         for raw in self.train_loader:
-            yield self._prepare(raw, generator, getattr(self, "train_table", None))
+            yield self._prepare(raw, generator)
 
     def validation(self, generator: torch.Generator) -> Iterable[tuple[dict, list[str], torch.Tensor]]:
         for raw in self.val_loader:
-            batch = self._prepare(raw, generator, getattr(self, "val_table", None), train=False)
+            batch = self._prepare(raw, generator, train=False)
             if self.kind == "image_folder":
                 keys = list(raw["path"])
                 ids = None

@@ -50,9 +50,10 @@ def test_laanet_targets_follow_its_input_size():
         small("laanet", input_size=130).batch_needs()
 
 
-def test_fpg_asks_for_image_paths_only_with_quality_scores(tmp_path):
-    assert small("fpg").batch_needs().side_information == ()
-    assert small("fpg", quality_scores=str(tmp_path / "q.json")).batch_needs().side_information == ("image_path",)
+def test_fpg_asks_for_quality_only_with_a_scores_file(tmp_path):
+    assert small("fpg").batch_needs().side_information == {}
+    scores = str(tmp_path / "q.json")
+    assert small("fpg", quality_scores=scores).batch_needs().side_information == {"quality": scores}
 
 
 def test_a_builder_returning_something_else_is_refused():

@@ -1,4 +1,4 @@
-"""FPG: size, heads and losses, the quality-score file, forgery perception guidance (Grad-CAM on the last block,
+"""FPG: size, heads and losses, the batch's quality scores, forgery perception guidance (Grad-CAM on the last block,
 the reference's 2 x 1 erosion and blend-mask chain, shape and magnitude refinement) on hand-made cases, released
 checkpoints, the batcher's SBI sources, and a short training run on real faces."""
 from __future__ import annotations
@@ -17,18 +17,17 @@ from torch import nn
 import yaml
 
 import models
-from models.fpg import (attended_region, erode_tuple_kernel, grad_cam, load_quality_scores, loss_rows,
-                        magnitude_sign, refine_magnitude, refined_masks, similarity_loss)
+from facedata.faces import build_loader, load_frame_table
+from models.fpg import (attended_region, erode_tuple_kernel, grad_cam, loss_rows, magnitude_sign, refine_magnitude,
+                        refined_masks, similarity_loss)
 from package_utils import metadata
 from package_utils.config import build_config
 from synthesis.batch import BatcherConfig, PseudoFakeBatcher
 from synthesis.masks import hull_masks
 from synthesis.sbi import SBIConfig
 from training import train as trainer
-from training.data import build_loader, load_frame_table
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-PATHS = ["v0/000.png", "v1/000.png", "v0/000.png", "v1/000.png"]
 
 
 def _write_scores(path: Path, paths: list[str]) -> Path:
@@ -48,7 +47,7 @@ def _tiny_batch(size: int = 64) -> dict:
     return {"pixels": torch.cat([background, fake]), "label": torch.tensor([0.0, 0.0, 1.0, 1.0]),
             "mask": torch.cat([torch.zeros_like(mask), mask]), "item": torch.tensor([0, 1, 0, 1]),
             "source": torch.cat([torch.zeros_like(source), source]), "background": torch.cat([background, background]),
-            "image_path": list(PATHS)}
+            "quality": torch.tensor([40.0, 41.0, 40.0, 41.0])}  # raw scores of items 0, 1, 0, 1
 
 
 def _normalised(model, batch: dict) -> dict:
@@ -103,8 +102,9 @@ def test_forward_exposes_the_last_block_and_the_usual_trunk():
 
 def test_gradients_reach_every_parameter_with_quality_scores(tmp_path, caplog):
     torch.manual_seed(0)
-    scores = _write_scores(tmp_path / "quality.json", PATHS)
-    model = models.build("fpg", backbone="tf_efficientnet_b0", input_size=64, quality_scores=str(scores)).train()
+    # The model takes the batch's scores and never opens the file (the training table reads it).
+    never_read = tmp_path / "absent.json"
+    model = models.build("fpg", backbone="tf_efficientnet_b0", input_size=64, quality_scores=str(never_read)).train()
     batch = _normalised(model, _tiny_batch())
     outputs = model(batch["image"])
     assert outputs["logit"].shape == (4,) and outputs["quality"].shape == (4,)
@@ -129,18 +129,17 @@ def test_gradients_reach_every_parameter_with_quality_scores(tmp_path, caplog):
     assert plain.fc.weight.grad is not None and plain.local[0][0].weight.grad is not None
 
 
-def test_quality_file_formats_and_missing_frames(tmp_path):
-    (tmp_path / "q.csv").write_text("image_path,score\nv0/000.png,45.5\nv1/000.png,20\n")
-    assert load_quality_scores(tmp_path / "q.csv") == {"v0/000.png": 45.5, "v1/000.png": 20.0}
-    model = models.build("fpg", backbone="tf_efficientnet_b0", quality_scores=str(tmp_path / "q.csv"))
-    assert torch.allclose(model.quality_targets(["v1/000.png", "v0/000.png"]), torch.tensor([0.4, 0.91]))
-    with pytest.raises(ValueError, match="no score for image 'v2/003.png'"):
-        model.quality_targets(["v0/000.png", "v2/003.png"])
-    (tmp_path / "bad.csv").write_text("path,quality\na,1\n")
-    with pytest.raises(ValueError, match="image_path,score"):
-        load_quality_scores(tmp_path / "bad.csv")
-    with pytest.raises(FileNotFoundError, match="missing.json"):
-        load_quality_scores(tmp_path / "missing.json")
+def test_quality_term_needs_finite_scores_in_the_batch():
+    model = models.build("fpg", backbone="tf_efficientnet_b0", input_size=64, quality_scores="scores.json")
+    batch = _normalised(model, _tiny_batch())
+    with torch.no_grad():
+        outputs = model(batch["image"])
+    without = {k: v for k, v in batch.items() if k != "quality"}
+    with pytest.raises(ValueError, match="no per-sample 'quality'"):
+        model.compute_loss(outputs, without)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        model.compute_loss(outputs, dict(batch, quality=torch.tensor([40.0, math.nan, 40.0, 41.0])))
+    assert "quality" not in model.compute_loss(outputs, without, quality=0.0)  # weight 0: no term, no error
 
 
 def test_loss_pools_over_the_binary_support_and_drops_pairs_without_one():
@@ -487,6 +486,25 @@ def test_batcher_sources_rebuild_the_sbi_fakes(face_metadata):
     assert torch.equal(out["background"][~fake], out["image"][~fake]) and not out["source"][~fake].any()
     with pytest.raises(ValueError, match="return_sources"):
         BatcherConfig(method="bi", return_sources=True)
+
+
+def test_the_trainer_joins_the_quality_file_to_the_training_items(face_metadata, tmp_path):
+    """model.args.quality_scores reaches the training table; batches carry each image's source-frame score."""
+    overrides = [f"data.train={face_metadata}", "data.val=", f"output_dir={tmp_path}", "data.workers=0",
+                 "data.batch_size=2", "data.train_frames_per_video=1"]
+    config = build_config(trainer.DEFAULTS, CONFIGS / "tiny_fpg.yaml", overrides)
+    reals = load_frame_table(face_metadata, labels=(0,)).items
+    scores = _write_scores(tmp_path / "quality.json", [item["image_path"] for item in reals])
+    model = models.build("fpg", backbone="tf_efficientnet_b0", input_size=64, quality_scores=str(scores))
+    source = trainer.BatchSource(config, model, torch.device("cpu"), 0, 1)
+    batch = next(iter(source.epoch(0, torch.Generator().manual_seed(0))))
+    by_path = json.loads(scores.read_text())
+    expected = [by_path[source.train_table.items[i]["image_path"]] for i in batch["item"].tolist()]
+    assert batch["label"].sum() > 0 and batch["quality"].tolist() == expected and "image_path" not in batch
+
+    scores.write_text(json.dumps({path: value for path, value in by_path.items() if path != reals[0]["image_path"]}))
+    with pytest.raises(ValueError, match=f"no score for image {reals[0]['image_path']!r}"):
+        trainer.BatchSource(config, model, torch.device("cpu"), 0, 1)
 
 
 def test_tiny_config_trains_with_guidance_on_real_faces(face_metadata, tmp_path):

@@ -12,7 +12,7 @@ import models
 from models.backbones import lukemelas_to_timm
 from models.laanet import consistency_loss, heatmap_focal_loss
 
-SPEC_KEYS = Path(__file__).resolve().parents[2].parent / "shared" / "specs" / "laanet_state_dict.tsv"
+SPEC_KEYS = Path(__file__).resolve().parents[2] / "docs" / "laanet_state_dict.tsv"
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from package_utils import crop
-from package_utils.config import ConfigError, build_config, parse_override, read_yaml, set_if_given
+from package_utils.config import ConfigError, _merge, build_config, parse_override, read_yaml, set_if_given
 
 DEFAULTS = {
     "num_frames": 32,
@@ -216,3 +216,145 @@ def test_presets_are_the_named_recipes() -> None:
     for points in (81, 68):
         marks = load_preset(PRESETS / f"laanet_landmarks_{points}.yaml")
         assert (marks["landmarks"], marks["align"], marks["save_aligned"]) == (points, "rotate", True)
+
+
+# --- the stage declarations (package_utils.config.StageSpec) ------------------------------------------------
+
+def stage_specs() -> dict:
+    from package_utils import landmarks, partners
+
+    return {"crop": crop.SPEC, "landmarks": landmarks.SPEC, "partners": partners.SPEC}
+
+
+def other_value(option, tmp_path: Path):
+    """A valid value of ``option`` other than its default."""
+    if option.switch or isinstance(option.default, bool):
+        return not option.default
+    if option.choices is not None:
+        return next(choice for choice in option.choices if choice != option.default)
+    if option.many:
+        return ["Deepfakes", "original"]
+    if option.type is int:
+        return (option.default or 0) + 3
+    if option.type is float:
+        return round((option.default or 0.4) * 1.5, 3)
+    return str(tmp_path / "data" / f"{option.name}_elsewhere")
+
+
+def as_argv(option, value) -> list[str]:
+    if option.switch:
+        return [option.flag_text]
+    return [option.flag_text, *(map(str, value) if option.many else [str(value)])]
+
+
+def as_yaml(option, value) -> dict:
+    nested = value
+    for key in reversed(option.key.split(".")):
+        nested = {key: nested}
+    return nested
+
+
+@pytest.mark.parametrize("stage", ["crop", "landmarks", "partners"])
+def test_flag_yaml_key_and_keyword_give_the_same_config(stage: str, tmp_path: Path) -> None:
+    """Every flag of a stage, its YAML key and its keyword of ``run`` set the same config entry."""
+    import yaml
+
+    spec = stage_specs()[stage]
+    flagged = [option for option in spec.options if option.flag]
+    assert {option.name for option in flagged} == set(spec.flag_to_key)
+    values = {option.name: other_value(option, tmp_path) for option in spec.options}
+    argv = [text for option in flagged for text in as_argv(option, values[option.name])]
+    from_flags = spec.parse(argv)
+    yaml_content: dict = {}
+    for option in flagged:
+        _merge(yaml_content, as_yaml(option, values[option.name]), "test", None)
+    from_yaml = spec.parse(["--config", str(write(tmp_path, f"{stage}.yaml", yaml.safe_dump(yaml_content)))])
+    from_keywords = spec.config(**{option.name: values[option.name] for option in flagged})
+    assert from_flags == from_yaml == from_keywords != spec.defaults
+    for option in flagged:  # each one really moved away from its default
+        value = from_flags
+        for key in option.key.split("."):
+            value = value[key]
+        assert value == values[option.name] != option.default, option.name
+    # settings without a flag: YAML key and keyword still agree
+    unflagged = [option for option in spec.options if not option.flag]
+    if unflagged:
+        content: dict = {}
+        for option in unflagged:
+            _merge(content, as_yaml(option, values[option.name]), "test", None)
+        path = write(tmp_path, f"{stage}_more.yaml", yaml.safe_dump(content))
+        assert spec.parse(["--config", str(path)]) == spec.config(**{o.name: values[o.name] for o in unflagged})
+
+
+def test_keywords_are_checked_like_config_files(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="unknown setting 'crop_sise'"):
+        crop.SPEC.config(crop_sise=256)
+    with pytest.raises(ConfigError, match="crop.size"):
+        crop.SPEC.config(crop_size="big")
+    with pytest.raises(ConfigError, match="detector must be one of retinaface, dlib, none"):
+        crop.SPEC.config(detector="mtcnn")
+    # paths become the strings a config file would hold; ints are accepted for float settings
+    config = crop.SPEC.config(input=tmp_path, crop_scale=2)
+    assert config["input"] == str(tmp_path) and config["crop"]["scale"] == 2.0
+    assert isinstance(config["crop"]["scale"], float)
+
+
+def test_crop_fingerprint_keeps_its_serialised_form(tmp_path: Path) -> None:
+    """Records written before the declaration keep matching: the settings dict has the same keys and values."""
+    config = crop.SPEC.config(output=tmp_path / "out", data_root=tmp_path)
+    assert crop.fingerprint(config) == {
+        "crop_scale": 1.5, "crop_size": 320, "faces": "largest", "max_descriptors": 8, "min_relative_area": 0.5,
+        "num_frames": 32, "output": "out", "save_mask": False,
+        "detector": {"max_size": 640, "min_face_size": 40, "name": "retinaface", "nms_threshold": 0.4,
+                     "score_threshold": 0.7}}
+    dlib = crop.fingerprint(crop.SPEC.config(output=tmp_path / "out", data_root=tmp_path, detector="dlib"))
+    assert dlib["detector"] == {"name": "dlib", "score_threshold": 0.0, "max_size": 640, "upsample": 1,
+                                "min_face_size": 40}
+
+
+def test_landmark_fingerprint_keeps_its_tags() -> None:
+    from package_utils import landmarks
+
+    spec = landmarks.SPEC
+    assert spec.fingerprint(spec.config()) == "dlib68_none"
+    assert spec.fingerprint(spec.config(align="rotate")) == "dlib68_rotate_saved"  # --align implies --save-aligned
+    assert spec.fingerprint(spec.config(landmarks=81, align="similarity", aligned_size=256, calibrate_box=False,
+                                        max_landmark_error=0.3)) == "dlib81_similarity256_nocal_err0.3_saved"
+
+
+#: Output settings that matter only together with another setting: (stage, option) -> the settings they need.
+CONDITIONS = {("crop", "upsample"): {"detector": "dlib"}, ("landmarks", "aligned_size"): {"align": "similarity"}}
+
+
+#: The settings that change what each stage writes (reviewed by hand: workers, backends, devices, tile sizes and
+#: kernels do not; the partner search's results do not depend on its tiles, kernel or device).
+OUTPUT_SETTINGS = {
+    "crop": {"output", "data_root", "num_frames", "detector", "score_threshold", "nms_threshold", "max_size",
+             "upsample", "min_face_size", "faces", "min_relative_area", "max_descriptors", "crop_scale", "crop_size",
+             "save_mask"},
+    "landmarks": {"landmarks", "align", "save_aligned", "aligned_size", "calibrate_box", "max_landmark_error"},
+    "partners": {"input", "data_root", "k", "metric", "laa_paths", "candidates", "pool", "keep_bad_landmarks"},
+}
+
+
+@pytest.mark.parametrize("stage", ["crop", "landmarks", "partners"])
+def test_fingerprint_changes_exactly_with_output_settings(stage: str, tmp_path: Path) -> None:
+    spec = stage_specs()[stage]
+    assert {option.name for option in spec.output_options} == OUTPUT_SETTINGS[stage]
+    base_settings = {"output": str(tmp_path / "data" / "out"), "data_root": str(tmp_path / "data")}
+    for option in spec.options:
+        settings = {**base_settings, **CONDITIONS.get((stage, option.name), {})}
+        base = spec.config(**settings)
+        changed = spec.config(**{**settings, option.name: other_value(option, tmp_path)})
+        if option.name == "data_root" and stage == "crop":  # the output must stay inside the data root
+            changed = spec.config(**{**settings, "data_root": str(tmp_path)})
+        differs = spec.fingerprint(changed) != spec.fingerprint(base)
+        assert differs == option.output, f"{stage} {option.name}: output={option.output} but differs={differs}"
+
+
+def test_crop_fingerprint_follows_the_detector_dfw_implies() -> None:
+    """DFW images are already faces: the dataset turns the detector off, and the fingerprint says so."""
+    spec = crop.SPEC
+    settings = {"output": "/data/out", "data_root": "/data"}
+    dfw = crop.fingerprint(spec.config(**settings, dataset="dfw"))
+    assert dfw["detector"] == {"name": "none"} == crop.fingerprint(spec.config(**settings, detector="none"))["detector"]

@@ -182,6 +182,25 @@ def test_padding_recorded_when_box_leaves_frame(folder_run) -> None:
     assert image[:, padded + 1:].mean() > 20
 
 
+def test_public_crop_faces_cuts_what_the_stage_stored(folder_run) -> None:
+    """crop.crop_faces (shared with training.infer) gives the stage's box, padding and pixels for the same frame."""
+    root, _, recs = folder_run
+    record = recs["real/edge"]
+    [frame] = record["frames"]
+    image = cv2.imread(record["source"], cv2.IMREAD_COLOR)
+    detector = crop.face_detector("retinaface", threads=1)  # the stage ran with one thread per worker
+    [cut], dropped = crop.crop_faces(image, detector, SIZE, faces="largest", min_face_size=40)
+    assert dropped == 0 and cut.box.tolist() == frame["box"] and cut.padding == frame["padding"]
+    np.testing.assert_array_equal(cut.image, crop_image(root, frame))
+    # a minimum face size above the face drops it and counts it
+    assert crop.crop_faces(image, detector, SIZE, min_face_size=10_000) == ([], 1)
+    # no detector: the whole frame is the face, cut without the crop scale; size None keeps the cut's side
+    [whole], _ = crop.crop_faces(image, None, None)
+    height, width = image.shape[:2]
+    side = max(height, width)
+    assert whole.image.shape[:2] == (side, side) and whole.box[2] - whole.box[0] == side
+
+
 def test_single_image_is_one_frame(folder_run) -> None:
     _, _, recs = folder_run
     record = recs["real/obama"]
@@ -551,3 +570,23 @@ def test_dask_cluster_matches_loky(four_videos: Path, loky_records) -> None:
     assert index["config"]["backend"] == "dask" and index["summary"]["ok"] == 4
     dask_records = normalise(records(four_videos, "out_dask"), four_videos)
     assert json.dumps(dask_records).replace("out_dask", "X") == json.dumps(loky_records).replace("out_loky", "X")
+
+
+def test_keyword_entry_point_runs_as_the_command_line(tmp_path: Path, media_dir: Path) -> None:
+    """crop.run(**settings) (what the demos call) writes what crop.main(flags) writes, config included."""
+    data = tmp_path / "data"
+    for name in ("obama.jpg", "biden.jpg"):
+        link(media_dir / "photos/face_recognition" / name, data / "real" / name)
+    flags = crop_args(tmp_path, data, "by_flags", "--backend", "sequential")
+    assert crop.main(flags) == 0
+    summary = crop.run(input=data, dataset="folder", split="test", num_frames=4, crop_size=SIZE,
+                       output=tmp_path / "by_keywords", data_root=tmp_path, backend="sequential")
+    assert summary["ok"] == 2 and summary["index"] == str(tmp_path / "by_keywords/test" / crop.CROP_INDEX_NAME)
+    by_flags, by_keywords = snapshot(tmp_path, "by_flags"), snapshot(tmp_path, "by_keywords")
+    assert len(by_flags) > 4 and list(by_flags) == list(by_keywords)
+    for name, content in by_flags.items():
+        if name.endswith(".json"):  # the same files but for the output folder's name
+            assert json.dumps(content).replace("by_flags", "out") == \
+                json.dumps(by_keywords[name]).replace("by_keywords", "out"), name
+        else:
+            assert content == by_keywords[name], name

@@ -5,10 +5,10 @@ import cv2
 import pytest
 import torch
 
+from facedata.faces import build_loader, load_frame_table
 from synthesis.batch import BatcherConfig, PseudoFakeBatcher, make_targets
 from synthesis.bi import BIConfig
 from synthesis.preview import preview
-from training.data import build_loader, load_frame_table
 
 
 def loader_batch(face_metadata, size=128, with_partner=False, seed=0):
@@ -44,6 +44,19 @@ def test_same_seed_same_batch(face_metadata):
     for key in ("image", "label", "heatmap"):
         assert torch.equal(first[key], second[key]), key
     assert not torch.equal(first["image"], third["image"])
+
+
+def test_per_frame_quality_scores_follow_their_items(face_metadata):
+    """A fake carries the score of the real frame it was made from, in both pairings."""
+    batch = dict(loader_batch(face_metadata))
+    batch["quality"] = 10.0 + batch["item"].float()  # a distinct score per source item
+    for pairing in ("paired", "mixed"):
+        config = BatcherConfig(method="sbi", pairing=pairing, fake_probability=0.5, heatmap_size=0)
+        out = PseudoFakeBatcher(config)(batch, "cpu", torch.Generator().manual_seed(3))
+        assert out["quality"].shape == out["label"].shape
+        assert torch.equal(out["quality"], 10.0 + out["item"].float()), pairing
+    assert "quality" not in PseudoFakeBatcher(BatcherConfig(method="sbi", heatmap_size=0))(
+        loader_batch(face_metadata), "cpu", torch.Generator().manual_seed(3))
 
 
 def test_mixed_bi_batch_blends_partners_only_for_fakes(face_metadata):

@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from facedata.faces import build_loader, load_frame_table
 from synthesis.batch import BatcherConfig, PseudoFakeBatcher
 from synthesis.bi import BIConfig
 from synthesis.geometry import OPERATIONS, GeometryConfig, RandomGeometry
 from synthesis.sbi import SBIConfig
-from training.data import build_loader, load_frame_table
 
 SIZE = 128
 

@@ -1,4 +1,4 @@
-"""Hull masks (torch vs the OpenCV oracle) and the landmark index helpers, on a real dlib-landmarked face."""
+"""Hull masks (torch vs the OpenCV oracle), on a real dlib-landmarked face (``face_crop`` in conftest)."""
 from __future__ import annotations
 
 import cv2
@@ -6,30 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from synthesis.masks import (
-    FOREHEAD_REORDER_81,
-    MASK_TYPES,
-    flip_landmarks,
-    hull_mask_numpy,
-    hull_masks,
-    reorder_forehead_81,
-)
-
-CROP_SIZE = 320
-
-
-@pytest.fixture(scope="module")
-def face_crop(face_with_landmarks) -> tuple[np.ndarray, np.ndarray]:
-    """A square crop around the face resized to CROP_SIZE, with its 68 landmarks (float, sub-pixel)."""
-    image, landmarks = face_with_landmarks
-    low, high = landmarks.min(0), landmarks.max(0)
-    centre, side = (low + high) / 2, float((high - low).max()) * 1.6
-    x0, y0 = (centre - side / 2).astype(int)
-    crop = image[max(y0, 0): y0 + int(side), max(x0, 0): x0 + int(side)]
-    scale = CROP_SIZE / crop.shape[1]
-    crop = cv2.resize(crop, (CROP_SIZE, round(crop.shape[0] * scale)), interpolation=cv2.INTER_AREA)
-    return crop, ((landmarks - [max(x0, 0), max(y0, 0)]) * scale).astype(np.float32)
-
+from facedata.landmark_rules import flip_landmarks
+from synthesis.masks import MASK_TYPES, hull_mask_numpy, hull_masks
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.minimum(a, b).sum() / np.maximum(a, b).sum())
@@ -129,65 +107,10 @@ def test_rejects_bad_inputs(face_crop):
         hull_masks(batch[:, :60], 64, 64, ["facehull"])
 
 
-def _with_forehead(landmarks: np.ndarray) -> np.ndarray:
-    """81 points: the 68 plus 13 forehead points on an arc above the brows, in the reordered (left-to-right)
-    order."""
-    brow_left, brow_right = landmarks[17], landmarks[26]
-    height = float(landmarks[8, 1] - landmarks[27, 1])
-    t = np.linspace(0.0, 1.0, 13)[:, None]
-    arc = brow_left + t * (brow_right - brow_left)
-    arc[:, 1] -= height * (0.2 + 0.35 * np.sin(np.pi * t[:, 0]))
-    return np.concatenate([landmarks, arc]).astype(np.float32)
-
-
-@pytest.mark.parametrize("backend", ["numpy", "torch"])
-def test_flip_is_an_involution_and_swaps_sides(face_crop, backend):
-    image, landmarks68 = face_crop
-    width = image.shape[1]
-    for landmarks in (landmarks68, _with_forehead(landmarks68)):
-        points = torch.from_numpy(landmarks) if backend == "torch" else landmarks
-        flipped = flip_landmarks(points, width)
-        assert type(flipped) is type(points) and flipped.shape == points.shape
-        twice = flip_landmarks(flipped, width)
-        np.testing.assert_allclose(np.asarray(twice), landmarks, rtol=0, atol=1e-4)
-        flipped = np.asarray(flipped)
-        # The outer corner of the left eye (36) becomes the outer corner of the right eye (45), pixel-exact.
-        np.testing.assert_allclose(flipped[45], [width - 1 - landmarks[36, 0], landmarks[36, 1]])
-        np.testing.assert_allclose(flipped[36], [width - 1 - landmarks[45, 0], landmarks[45, 1]])
-        assert flipped[45, 0] > flipped[42, 0] > flipped[39, 0] > flipped[36, 0]  # still left-to-right
-        np.testing.assert_allclose(flipped[27:31, 0], width - 1 - landmarks[27:31, 0])  # nose bridge kept
-        if len(landmarks) == 81:
-            assert np.all(np.diff(flipped[68:, 0]) > 0)  # forehead still ordered left to right
-            np.testing.assert_allclose(flipped[68], [width - 1 - landmarks[80, 0], landmarks[80, 1]])
-    # Batched input works too.
-    batched = np.stack([landmarks68, landmarks68 + 1])
-    np.testing.assert_array_equal(flip_landmarks(batched, width)[1], flip_landmarks(landmarks68 + 1, width))
-    with pytest.raises(ValueError, match="68 or 81"):
-        flip_landmarks(landmarks68[:67], width)
-
-
-@pytest.mark.parametrize("backend", ["numpy", "torch"])
-def test_forehead_reorder(face_crop, backend):
-    _, landmarks68 = face_crop
-    dlib_order = np.concatenate([landmarks68, np.arange(26, dtype=np.float32).reshape(13, 2)])
-    points = torch.from_numpy(dlib_order) if backend == "torch" else dlib_order
-    reordered = reorder_forehead_81(points)
-    assert type(reordered) is type(points)
-    reordered = np.asarray(reordered)
-    np.testing.assert_array_equal(reordered[:68], landmarks68)
-    for new, old in enumerate(FOREHEAD_REORDER_81, start=68):
-        np.testing.assert_array_equal(reordered[new], dlib_order[old])
-    np.testing.assert_array_equal(reordered[68], dlib_order[77])
-    np.testing.assert_array_equal(reordered[80], dlib_order[78])
-    assert np.asarray(points).tolist() == dlib_order.tolist()  # input untouched
-    with pytest.raises(ValueError, match="81"):
-        reorder_forehead_81(landmarks68)
-
-
-def test_facehull_uses_the_forehead_points(face_crop):
-    image, landmarks = face_crop
+def test_facehull_uses_the_forehead_points(face_crop, face_crop_81):
+    image, _ = face_crop
     height, width = image.shape[:2]
-    with_forehead = _with_forehead(landmarks)
+    with_forehead = face_crop_81
     masks = hull_masks(torch.from_numpy(np.stack([with_forehead, with_forehead])), height, width,
                        ["facehull", "dfl_full"])
     facehull_top = int(masks[0, 0].any(dim=1).nonzero()[0])

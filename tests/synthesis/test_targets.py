@@ -1,4 +1,4 @@
-"""Heatmap and self-consistency targets (spec §5-6): exact radii, peaks, reference parity and the numpy oracle."""
+"""Heatmap and self-consistency targets (docs/synthesis.md §5-6): radii, peaks, reference parity, numpy oracle."""
 from __future__ import annotations
 
 import math

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from training import demo_aigc
-from training.image_folders import list_generators, list_images
+from facedata.image_folders import list_generators, list_images
 
 
 def test_generators_leave_their_upsampling_trace():

@@ -161,7 +161,7 @@ def _scores(folder: Path) -> tuple[str, dict[str, float]]:
 
 
 def test_score_frames_scores_sbi_test_windows(boxed_test_set, tmp_path):
-    from training.data import FaceFrames
+    from facedata.faces import FaceFrames
 
     crops = Path(json.loads(boxed_test_set.read_text())["data_root"])
     model, _ = evaluate.load_model(_checkpoint(tmp_path / "sbi.pth", {"crop_protocol": "sbi"}, crops=crops), None)

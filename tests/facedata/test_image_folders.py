@@ -1,63 +1,22 @@
-"""AIGC image folders: listing layouts, NPR transforms against torchvision, seeded loader, per-generator table."""
+"""AIGC image folders: listing layouts, NPR transforms against torchvision, seeded loader (``forensynths`` tree
+in conftest)."""
 from __future__ import annotations
 
-import math
-import re
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pytest
 import torch
 import torchvision.transforms as T
 from PIL import Image
-from torch import nn
 
-import models
+from facedata.image_folders import (SUITE_RULES, EvalRule, TrainImageSampler, build_image_loader, collate_images,
+                                    list_generators, list_images, suite_rule)
 from package_utils.io_utils import BadInputError
-from training.image_folders import (SUITE_RULES, EvalRule, TrainImageSampler, build_image_loader, collate_images,
-                                    evaluate_folders, format_table, generator_metrics, list_generators, list_images,
-                                    mean_row, suite_rule)
 
-FACES = ("photos/face_recognition/obama.jpg", "photos/face_recognition/biden.jpg", "photos/sber-swap/tgt1.png")
 NORMALISE = T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
 
-
 pytestmark = pytest.mark.usefixtures("single_thread")  # small tensors on a shared CPU
-
-
-def write_faces(folder: Path, count: int, size: tuple[int, int], media_dir: Path, seed: int, noise: float) -> None:
-    """``count`` PNGs of real faces resized to ``size`` (w, h) plus Gaussian noise."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        face = cv2.imread(str(media_dir / FACES[(seed + i) % len(FACES)]))
-        image = cv2.resize(face, size, interpolation=cv2.INTER_AREA).astype(np.float32)
-        image = np.clip(image + rng.normal(0, noise, image.shape), 0, 255).astype(np.uint8)
-        cv2.imwrite(str(folder / f"{i:03d}.png"), image)
-
-
-@pytest.fixture(scope="module")
-def forensynths(media_dir, tmp_path_factory) -> Path:
-    """A tiny ForenSynths tree.
-
-    train/{car,cat}/{0_real,1_fake}: 2 + 2 each, 72x72.
-    test/progan/{car,cat}/{0_real,1_fake}: class folders, 2 + 2 each, 64x64.
-    test/biggan/{0_real,1_fake}: direct, 3 real + 1 fake, 67x65 (odd).
-    test/stylegan/{0_real,1_fake}: direct, 1 real + 4 fake, 64x64 and one 80x48 fake in a subfolder.
-    """
-    root = tmp_path_factory.mktemp("forensynths")
-    for c, name in enumerate(("car", "cat")):
-        write_faces(root / "train" / name / "0_real", 2, (72, 72), media_dir, 10 + c, 2)
-        write_faces(root / "train" / name / "1_fake", 2, (72, 72), media_dir, 20 + c, 12)
-        write_faces(root / "test" / "progan" / name / "0_real", 2, (64, 64), media_dir, 30 + c, 2)
-        write_faces(root / "test" / "progan" / name / "1_fake", 2, (64, 64), media_dir, 40 + c, 12)
-    write_faces(root / "test" / "biggan" / "0_real", 3, (67, 65), media_dir, 50, 2)
-    write_faces(root / "test" / "biggan" / "1_fake", 1, (67, 65), media_dir, 51, 12)
-    write_faces(root / "test" / "stylegan" / "0_real", 1, (64, 64), media_dir, 60, 2)
-    write_faces(root / "test" / "stylegan" / "1_fake", 3, (64, 64), media_dir, 61, 12)
-    write_faces(root / "test" / "stylegan" / "1_fake" / "wide", 1, (80, 48), media_dir, 62, 12)
-    return root
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -90,41 +49,6 @@ def test_classes_cannot_select_inside_a_folder_without_classes(forensynths):
     with pytest.raises(ValueError, match="holds label folders directly"):
         list_images(forensynths / "test" / "biggan", ["car"])
 
-
-@pytest.mark.parametrize("name, classes", [("npr", ["car", "cat", "chair", "horse"]),
-                                           ("lfm", ["car", "cat", "chair", "horse"]),
-                                           ("tiny_npr", []), ("tiny_lfm", [])])
-def test_configs_select_the_papers_four_classes(name, classes):
-    from package_utils.config import build_config
-    from training import train as trainer
-
-    path = Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml"
-    assert build_config(trainer.DEFAULTS, path)["data"]["classes"] == classes
-
-
-def test_trainer_filters_train_and_val_classes(image_folder_tree):
-    """data.classes reaches both listings of the trainer's image_folder source; a missing class names its folder."""
-    from package_utils.config import build_config
-    from training import train as trainer
-
-    tiny = Path(__file__).resolve().parents[2] / "configs" / "tiny_npr.yaml"
-
-    def source(*overrides: str) -> "trainer.BatchSource":
-        config = build_config(trainer.DEFAULTS, tiny, [f"data.train={image_folder_tree / 'train'}",
-                                                       f"data.val={image_folder_tree / 'val'}", *overrides])
-        return trainer.BatchSource(config, models.build("npr"), torch.device("cpu"), 0, 1)
-
-    def classes_of(loader) -> set[str]:
-        return {Path(path).parent.parent.name for path, _ in loader.dataset.entries}
-
-    everything = source()
-    assert classes_of(everything.train_loader) == classes_of(everything.val_loader) == {"face", "person"}
-    face = source("data.classes=[face]")
-    assert classes_of(face.train_loader) == classes_of(face.val_loader) == {"face"}
-    with pytest.raises(ValueError, match=f"no class folder {re.escape(str(image_folder_tree / 'train' / 'car'))}"):
-        source("data.classes=[car, face]")
-
-
 def test_test_suite_lists_generators_sorted_with_or_without_class_folders(forensynths):
     generators = list_generators(forensynths / "test")
     assert list(generators) == ["biggan", "progan", "stylegan"]
@@ -133,7 +57,7 @@ def test_test_suite_lists_generators_sorted_with_or_without_class_folders(forens
     assert counts == {"biggan": (3, 1), "progan": (4, 4), "stylegan": (1, 4)}  # nested fake subfolder included
 
 
-def test_generic_real_fake_layouts(tmp_path, media_dir):
+def test_generic_real_fake_layouts(tmp_path, media_dir, write_faces):
     write_faces(tmp_path / "plain" / "real", 2, (32, 32), media_dir, 1, 2)
     write_faces(tmp_path / "plain" / "fake", 1, (32, 32), media_dir, 2, 2)
     (tmp_path / "plain" / "real" / "notes.txt").write_text("not an image")
@@ -186,7 +110,7 @@ def test_eval_rules_equal_torchvision_on_pil(forensynths, suite, transforms):
         assert (image - expected).abs().max() < 1e-5
 
 
-def test_genimage_rule_tiles_small_images_then_center_crops(tmp_path, media_dir):
+def test_genimage_rule_tiles_small_images_then_center_crops(tmp_path, media_dir, write_faces):
     write_faces(tmp_path / "g" / "1_fake", 1, (100, 150), media_dir, 7, 2)  # w 100, h 150
     entries = list_images(tmp_path / "g")
     image = next(iter(build_image_loader(entries, False, 1, suite="genimage")))["image"][0]
@@ -221,7 +145,7 @@ def test_mixed_sizes_in_one_batch_are_a_clear_error():
         collate_images(samples)
 
 
-def test_unreadable_image_names_the_file(tmp_path, media_dir):
+def test_unreadable_image_names_the_file(tmp_path, media_dir, write_faces):
     write_faces(tmp_path / "bad" / "real", 1, (32, 32), media_dir, 8, 2)
     broken = tmp_path / "bad" / "fake" / "broken.png"
     broken.parent.mkdir(parents=True)
@@ -286,70 +210,6 @@ def test_train_sampler_draws_cover_every_crop_offset_and_both_flips():
     assert 0.45 < flip.float().mean() < 0.55
     with pytest.raises(ValueError, match="larger than load_size"):
         TrainImageSampler(4, load_size=200, crop_size=224)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Per-generator evaluation
-# ------------------------------------------------------------------------------------------------------------
-class ConstantFake(nn.Module):
-    """Calls every image fake (logit +1): per generator ACC = fake share, real_acc 0, fake_acc 1."""
-
-    input_size, mean, std = 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"logit": torch.ones(images.shape[0])}
-
-
-ROW_KEYS = ["generator", "n_real", "n_fake", "acc", "real_acc", "fake_acc", "ap"]
-
-
-def test_table_mean_is_the_unweighted_mean_over_generators(forensynths):
-    rows = evaluate_folders(ConstantFake(), forensynths / "test", "gangen-detection", "cpu", batch_size=4)
-    assert [r["generator"] for r in rows] == ["biggan", "progan", "stylegan", "mean"]
-    assert all(list(r) == ROW_KEYS for r in rows)
-    by_name = {r["generator"]: r for r in rows}
-    assert [by_name[g]["acc"] for g in ("biggan", "progan", "stylegan")] == [0.25, 0.5, 0.8]
-    assert by_name["biggan"]["real_acc"] == 0.0 and by_name["biggan"]["fake_acc"] == 1.0
-    assert by_name["progan"]["ap"] == pytest.approx(0.5)  # constant score: AP = share of fakes
-    mean = rows[-1]
-    assert mean["acc"] == pytest.approx((0.25 + 0.5 + 0.8) / 3)
-    assert mean["ap"] == pytest.approx((0.25 + 0.5 + 0.8) / 3)
-    pooled = (1 + 4 + 4) / (4 + 8 + 5)
-    assert mean["acc"] != pytest.approx(pooled), "the suite mean must not weight generators by size"
-    assert (mean["n_real"], mean["n_fake"]) == (8, 9)
-
-
-def test_random_npr_table_on_resized_suite(forensynths):
-    torch.manual_seed(0)
-    model = models.build("npr").train()
-    rows = evaluate_folders(model, forensynths / "test", "forensynths", "cpu", batch_size=3)
-    assert model.training, "evaluation must restore the model's mode"
-    assert [r["generator"] for r in rows] == ["biggan", "progan", "stylegan", "mean"]
-    for row in rows:
-        for key in ("acc", "real_acc", "fake_acc", "ap"):
-            assert 0.0 <= row[key] <= 1.0, (row["generator"], key)
-    for key in ("acc", "real_acc", "fake_acc", "ap"):
-        assert rows[-1][key] == pytest.approx(np.mean([r[key] for r in rows[:-1]]), abs=1e-12)
-    table = format_table(rows)
-    lines = table.splitlines()
-    assert lines[0].split() == ["generator", "n_real", "n_fake", "acc", "real_acc", "fake_acc", "ap"]
-    assert [line.split()[0] for line in lines[2:]] == ["biggan", "progan", "stylegan", "mean"]
-    assert lines[3].split()[1:3] == ["4", "4"]
-    assert lines[3].split()[3] == f"{100 * rows[1]['acc']:.1f}"
-
-
-def test_mean_row_does_not_depend_on_row_order():
-    rng = np.random.default_rng(0)
-    rows = [generator_metrics(f"g{i}", rng.integers(0, 2, 50), rng.random(50)) for i in range(7)]
-    assert mean_row(rows) == mean_row(rows[::-1]) == mean_row(rows[3:] + rows[:3])
-
-
-def test_single_class_generator_has_undefined_metrics_shown_as_na():
-    row = generator_metrics("fake-only", np.array([1, 1, 1]), np.array([0.9, 0.2, 0.7]))
-    assert row["fake_acc"] == pytest.approx(2 / 3) and math.isnan(row["real_acc"]) and math.isnan(row["ap"])
-    assert math.isnan(mean_row([row])["ap"])
-    assert "n/a" in format_table([row])
-
 
 def test_eval_rule_dataclass_can_be_passed_directly(forensynths):
     entries = list_generators(forensynths / "test")["progan"]

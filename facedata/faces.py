@@ -32,10 +32,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from facedata.landmark_rules import flip_landmarks, reorder_forehead_81
+from facedata.quality import scores_of_items
 from package_utils import metadata
 from package_utils.crop import cut_with_padding
 from package_utils.io_utils import read_image
-from synthesis.masks import flip_landmarks, reorder_forehead_81
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,8 @@ class FrameTable:
         frames_of_video: for each video, its item positions in frame order.
         partners: (N, K) int64 positions of each item's blend partners in ``items`` (-1 = none), or None.
         source: the metadata file it came from (for messages).
+        quality: (N,) float32 raw face-quality score of each item (:mod:`facedata.quality`), or None when the
+            table was loaded without a score file.
     """
 
     document: dict
@@ -102,6 +105,7 @@ class FrameTable:
     frames_of_video: list[np.ndarray]
     partners: np.ndarray | None
     source: str = "<document>"
+    quality: np.ndarray | None = None
 
     @property
     def labels(self) -> np.ndarray:
@@ -113,7 +117,8 @@ class FrameTable:
 
 def load_frame_table(source: str | os.PathLike | dict, data_root: str | os.PathLike | None = None,
                      labels: tuple[int, ...] | None = None, require_landmarks: bool = True,
-                     skip_bad_landmarks: bool = True) -> FrameTable:
+                     skip_bad_landmarks: bool = True,
+                     quality_scores: str | os.PathLike | None = None) -> FrameTable:
     """Read a metadata file (or take a loaded document) and index it by video.
 
     Args:
@@ -122,6 +127,9 @@ def load_frame_table(source: str | os.PathLike | dict, data_root: str | os.PathL
         skip_bad_landmarks: with ``require_landmarks``, also drop items whose landmarks failed the landmark
             stage's keypoint check (``landmark_ok`` false; logged): their points would shape wrong blend masks.
             Items not checked (no ``landmark_ok``, or null) are kept.
+        quality_scores: a JSON/CSV of raw face-quality scores by ``image_path`` (:mod:`facedata.quality`);
+            every item kept must have one (an error names the first frame without), and each sample then
+            carries its ``quality``. None: no scores.
     """
     document = source if isinstance(source, dict) else metadata.load(source, data_root)
     name = "<document>" if isinstance(source, dict) else str(source)
@@ -158,8 +166,10 @@ def load_frame_table(source: str | os.PathLike | dict, data_root: str | os.PathL
     for position in sorted(range(len(items)), key=lambda p: (items[p]["frame_index"], items[p].get("face_index", 0))):
         frames_of_video[video_index[position]].append(position)
     partners = _partner_positions(data, keep, items, name, document.get("config"))
+    quality = None if quality_scores is None else \
+        np.asarray(scores_of_items(quality_scores, items, name), dtype=np.float32)
     return FrameTable(document, items, landmarks, video_index, videos,
-                      [np.asarray(f, dtype=np.int64) for f in frames_of_video], partners, name)
+                      [np.asarray(f, dtype=np.int64) for f in frames_of_video], partners, name, quality)
 
 
 def _partner_positions(data: list[dict], keep: list[int], items: list[dict], source: str = "<document>",
@@ -286,10 +296,11 @@ class FaceFrames(Dataset):
 
     Returns a dict of tensors: ``image`` (3, S, S) uint8 RGB, ``landmarks`` (L, 2) float32 in image
     pixels, ``label`` (int64), ``item`` (position in the table), ``video`` (video index); with a partner
-    (BI) also ``partner_image`` (3, S, S) uint8 and ``has_partner`` (bool). With ``crop_protocol="square"``
-    the whole (square) crop is resized to ``image_size``; with ``"sbi"`` the window of :func:`sbi_window`
-    around the item's ``face_box`` is cut (``margins`` from the sampler, or the test window when None) and
-    resized. A flip mirrors image and landmarks with the 68/81-point index mapping.
+    (BI) also ``partner_image`` (3, S, S) uint8 and ``has_partner`` (bool); when the table has quality
+    scores also ``quality`` (float32, the raw score). With ``crop_protocol="square"`` the whole (square) crop
+    is resized to ``image_size``; with ``"sbi"`` the window of :func:`sbi_window` around the item's
+    ``face_box`` is cut (``margins`` from the sampler, or the test window when None) and resized. A flip
+    mirrors image and landmarks with the 68/81-point index mapping.
 
     Raises:
         ValueError: (``sbi``) an item has no ``face_box`` or its image is an aligned one, which the box does
@@ -363,6 +374,8 @@ class FaceFrames(Dataset):
             "item": torch.tensor(position, dtype=torch.int64),
             "video": torch.tensor(self.table.video_index[position], dtype=torch.int64),
         }
+        if self.table.quality is not None:
+            sample["quality"] = torch.tensor(self.table.quality[position], dtype=torch.float32)
         if self.with_partner:
             has_partner = partner >= 0
             # Same flip and window as the background: partners were matched on unflipped crop landmarks.

@@ -16,7 +16,7 @@ from package_utils.config import build_config
 from package_utils.detectors import RetinaFaceDetector, choose_faces
 from package_utils.io_utils import read_image
 from training import train as trainer
-from training.data import FaceFrames, VideoFrameSampler, build_loader, load_frame_table
+from facedata.faces import FaceFrames, VideoFrameSampler, build_loader, load_frame_table
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
