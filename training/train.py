@@ -39,7 +39,6 @@ from tqdm import tqdm
 
 import models
 from facedata.faces import build_loader, load_frame_table, loader_generator
-from models.base import to_memory_format
 from package_utils.config import ConfigError, build_config
 from package_utils.io_utils import (PROJECT_ROOT, BadInputError, OutputBusyError, atomic_write_bytes,
                                     atomic_write_text, explain_os_error, output_lock, remove_leftovers,
@@ -286,11 +285,11 @@ class BatchSource:
                 image_folders.list_images(_project_path(data["train"]), data["classes"]), train=True,
                 batch_size=data["batch_size"],
                 workers=data["workers"], seed=self.seed, load_size=data["load_size"], crop_size=self.size,
-                flip_probability=data["flip_probability"], mean=model.mean, std=model.std)
+                flip_probability=data["flip_probability"])
             self.val_loader = None if not data["val"] else image_folders.build_image_loader(
                 image_folders.list_images(_project_path(data["val"]), data["classes"]), train=False,
                 batch_size=val_batch,
-                workers=data["workers"], seed=self.seed, suite=data["val_suite"], mean=model.mean, std=model.std)
+                workers=data["workers"], seed=self.seed, suite=data["val_suite"])
             return
         synthetic = self.kind == "pseudo_fake"
         labels = (0,) if synthetic else None
@@ -324,7 +323,7 @@ class BatchSource:
 
     def _prepare(self, raw: dict, generator: torch.Generator, train: bool = True) -> dict:
         if self.kind == "image_folder":
-            return {"image": to_memory_format(raw["image"].to(self.device), self.channels_last),
+            return {"image": self.model.model_input(raw["image"].to(self.device), self.channels_last),
                     "label": raw["label"].to(self.device).float()}
         if self.batcher is not None:
             batch = self.batcher(raw, self.device, generator, train=train)  # val: no jitter, no augmenting geometry
