@@ -143,7 +143,7 @@ def batcher_config(config: dict) -> BatcherConfig:
         raise ConfigError(f"synthesis: {error}") from None
 
 
-def _derive(config: dict, key: str, wanted, given, unset, model: torch.nn.Module, why: str) -> None:
+def _derive(config: dict, key: str, wanted, given, unset, model: models.Detector, why: str) -> None:
     """Set ``key`` to ``wanted`` when the config leaves it ``unset``; a different value is a ConfigError."""
     section, _, name = key.rpartition(".")
     node = config
@@ -161,7 +161,7 @@ def _derive(config: dict, key: str, wanted, given, unset, model: torch.nn.Module
 SIDE_INFORMATION = {"quality": "quality_scores"}
 
 
-def resolve_model_settings(config: dict, model: torch.nn.Module) -> dict:
+def resolve_model_settings(config: dict, model: models.Detector) -> dict:
     """A copy of ``config`` with the settings the model decides filled in from its contract.
 
     ``data.image_size`` is the model's ``input_size`` (the one size training, evaluation and inference use; set
