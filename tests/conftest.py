@@ -101,6 +101,13 @@ def numbered_frame(index: int, width: int = 128, height: int = 96) -> np.ndarray
     return frame
 
 
+def link(target: Path, path: Path) -> Path:
+    """A symlink at ``path`` (parents made) to a media file: test datasets without copying the media."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.symlink_to(target)
+    return path
+
+
 def frame_index_of(frame: np.ndarray, count: int) -> int:
     """Which numbered frame this decoded frame is, judged by its background colour (robust to compression)."""
     corner = frame[:6, :6].reshape(-1, 3).mean(0)
@@ -109,16 +116,22 @@ def frame_index_of(frame: np.ndarray, count: int) -> int:
 
 
 def encode_video(path: Path, frames, codec: str = "libx264", fps: int = 25, gop: int = 12, bframes: int = 2,
-                 container_options: dict | None = None) -> Path:
-    """Encode BGR frames with PyAV. libx264 gets a fixed GOP and non-reference B-frames (b-pyramid off)."""
+                 container_options: dict | None = None, stream_options: dict | None = None,
+                 max_b_frames: int | None = None) -> Path:
+    """Encode BGR frames with PyAV. Without ``stream_options``, libx264 gets a fixed GOP and non-reference
+    B-frames (b-pyramid off); with them, the codec gets exactly those options, ``gop`` and ``max_b_frames``."""
     import av
 
     frames = list(frames)
     height, width = frames[0].shape[:2]
     with av.open(str(path), "w", options=container_options or {}) as container:
-        stream = container.add_stream(codec, rate=fps)
+        stream = container.add_stream(codec, rate=fps, options=stream_options or {})
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        if codec == "libx264":
+        if stream_options is not None:
+            stream.codec_context.gop_size = gop
+            if max_b_frames is not None:
+                stream.codec_context.max_b_frames = max_b_frames
+        elif codec == "libx264":
             stream.options = {"crf": "12", "preset": "veryfast", "x264-params":
                               f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes={bframes}:b-pyramid=none"}
         for frame in frames:
@@ -352,3 +365,25 @@ def forensynths(media_dir, tmp_path_factory) -> Path:
 def write_faces():
     """:func:`write_face_pngs`, for tests that build their own image folders."""
     return write_face_pngs
+
+
+def kill_after_first_record(command: list[str], record_dir: Path, timeout: float) -> int:
+    """Run a stage command (from the repository root) and SIGKILL it as soon as its first per-video record
+    exists; returns how many records were finished by then."""
+    import signal
+    import subprocess
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    try:
+        while process.poll() is None and time.monotonic() < deadline:
+            if record_dir.is_dir() and any(record_dir.rglob("*.json")):
+                break
+            time.sleep(0.002)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, "the stage ended before it could be killed"
+    return len(list(record_dir.rglob("*.json")))

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, kill_after_first_record, link
 from package_utils import crop, io_utils, landmarks, metadata, partners
 from package_utils.io_utils import output_file_lock, output_lock
 
@@ -26,11 +25,6 @@ SOURCES = {"real/obama.jpg": "photos/face_recognition/obama.jpg",
            "real/dance.mp4": "fakes/sber-swap/dance.mp4",
            "fake/alex.png": "photos/face_recognition/alex-lacamoire.png"}
 
-
-def link(target: Path, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.symlink_to(target)
-    return path
 
 
 def make_dataset(root: Path, media_dir: Path, sources: dict[str, str] = SOURCES) -> Path:
@@ -143,7 +137,6 @@ def test_symlink_planted_in_the_crop_output_is_not_followed(cropped_copy: Path, 
 
 def test_metadata_paths_leaving_the_data_root_are_refused(cropped_copy: Path, tmp_path: Path, caplog) -> None:
     """image_path values that are absolute or climb out of data_root: a clear error naming file, item and key."""
-    split = cropped_copy / "out/test"
     meta = tmp_path / "meta.json"
     assert landmarks.main(landmark_args(cropped_copy, meta)) == 0
     for escaping in ("/etc/hostname", "out/../../secret.png"):
@@ -566,21 +559,8 @@ def test_crop_killed_mid_run_resumes_to_the_uninterrupted_output(cropped: Path, 
     bytes as the run that was never interrupted, no temp files; the lock died with the killed process."""
     root = tmp_path / "root"
     make_dataset(root, media_dir)
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    process = subprocess.Popen([sys.executable, "-m", "package_utils.crop", *crop_args(root, "--backend", "sequential")],
-                               cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    records = root / "out/test/records"
-    deadline = time.monotonic() + 60
-    try:
-        while process.poll() is None and time.monotonic() < deadline:
-            if records.is_dir() and any(records.rglob("*.json")):
-                break
-            time.sleep(0.002)
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    assert process.returncode == -signal.SIGKILL
-    done = len(list(records.rglob("*.json")))
+    done = kill_after_first_record([sys.executable, "-m", "package_utils.crop",
+                                    *crop_args(root, "--backend", "sequential")], root / "out/test/records", 60)
     assert 1 <= done < 3, f"{done} videos finished before the kill: nothing left to resume"
     assert not (root / "out/test" / crop.CROP_INDEX_NAME).exists()
     run_crop(root)

@@ -4,17 +4,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, box_iou, encode_video
+from conftest import REPO_ROOT, box_iou, encode_video, kill_after_first_record, link
 from package_utils import crop
 from package_utils.detectors import RetinaFaceDetector
 from package_utils.io_utils import read_image
@@ -26,11 +24,6 @@ FOUR_VIDEOS = {"real/dance.mp4": "fakes/sber-swap/dance.mp4",
                "fake/elon.mp4": "fakes/sber-swap/elon.webp.mp4",
                "fake/mark.mp4": "fakes/sber-swap/mark.webp.mp4"}
 
-
-def link(target: Path, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.symlink_to(target)
-    return path
 
 
 def crop_args(root: Path, data: Path, output: str = "out", *extra: str) -> list[str]:
@@ -508,19 +501,7 @@ def test_killed_run_restarts_to_the_same_output(tmp_path: Path, media_dir: Path)
             link(media_dir / source, root / "data" / rel)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     command = [sys.executable, "-m", "package_utils.crop", *crop_args(killed, killed / "data"), "--workers", "1"]
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    record_dir = killed / "out/test/records"
-    deadline = time.monotonic() + 120
-    try:
-        while process.poll() is None and time.monotonic() < deadline:
-            if record_dir.is_dir() and any(record_dir.rglob("*.json")):
-                break
-            time.sleep(0.002)
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    assert process.returncode == -signal.SIGKILL
-    done = len(list(record_dir.rglob("*.json")))
+    done = kill_after_first_record(command, killed / "out/test/records", 120)
     assert 1 <= done < 4, f"{done} videos finished before the kill: nothing left to resume"
     assert not (killed / "out/test" / crop.CROP_INDEX_NAME).exists()
     assert subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True).returncode == 0

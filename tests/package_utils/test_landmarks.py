@@ -9,16 +9,12 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import box_iou
+from conftest import box_iou, link
 from package_utils import align, crop, landmarks, metadata
 
 SIZE = 128
 GROUP = "2009_004587.jpg"  # two frontal faces with annotated landmarks
 
-
-def link(target: Path, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.symlink_to(target)
 
 
 def run_landmarks(split: Path, output: Path, *extra: str) -> dict:

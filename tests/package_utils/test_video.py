@@ -319,20 +319,8 @@ def packed_bframes_avi(path: Path, frames) -> Path:
 
 def encode_clip(path: Path, frames, codec: str, options: dict | None = None, max_b_frames: int | None = None,
                 gop: int = 12) -> Path:
-    frames = list(frames)
-    height, width = frames[0].shape[:2]
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=25, options=options or {})
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.codec_context.gop_size = gop
-        if max_b_frames is not None:
-            stream.codec_context.max_b_frames = max_b_frames
-        for image in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="bgr24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+    """A clip encoded with exactly ``options`` (the containers table below)."""
+    return encode_video(path, frames, codec, gop=gop, stream_options=options or {}, max_b_frames=max_b_frames)
 
 
 def save_with_pillow(path: Path, frames, **options) -> Path:
