@@ -77,10 +77,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 import models  # noqa: E402
-from models.laanet import LAANet  # noqa: E402
 from package_utils.config import build_config  # noqa: E402
 from training.optim import build_optimizer  # noqa: E402
-from training.train import DEFAULTS, BatchSource, _parameter_groups, batcher_config, train_step  # noqa: E402
+from training.train import DEFAULTS, BatchSource, batcher_config, resolve_model_settings, train_step  # noqa: E402
 
 DEFAULT_DATA = REPO_ROOT / "processed_data" / "demo" / "train_demo_68.json"
 CONFIG = REPO_ROOT / "configs" / "laanet_sbi.yaml"
@@ -98,9 +97,8 @@ def make_config(args: argparse.Namespace, precision: str = "fp32", optimizer: st
     overrides = ["device=cpu", f"precision={precision}", f"threads={args.threads}",
                  f"channels_last={str(args.channels_last).lower()}",
                  f"optimizer.name={optimizer}", f"data.train={args.data}", "data.val=",
-                 f"data.batch_size={args.batch // 2}", f"data.image_size={args.size}",
-                 f"data.workers={args.workers}", f"model.args.input_size={args.size}",
-                 f"synthesis.heatmap_size={args.size // 4}"]
+                 f"data.batch_size={args.batch // 2}", f"data.workers={args.workers}",
+                 f"model.args.input_size={args.size}"]  # the heatmap size follows (input / 4)
     return build_config(DEFAULTS, CONFIG, overrides)
 
 
@@ -141,8 +139,11 @@ class InputSide:
         torch.manual_seed(0)
         self.args = args
         config = make_config(args)
-        # BatchSource reads only the model's input size and normalisation: no need to build the model here.
-        stand_in = argparse.Namespace(input_size=args.size, mean=LAANet.mean, std=LAANet.std)
+        # BatchSource reads only the model's contract (input size, normalisation, batch needs): the model built
+        # on the meta device has it and takes no memory, so this side's peak RSS stays the loader's.
+        with torch.device("meta"):
+            stand_in = models.build(config["model"]["name"], **config["model"]["args"])
+        config = resolve_model_settings(config, stand_in)  # the heatmap size follows the input size
         self.generator = torch.Generator().manual_seed(0)
         self.main_seconds, self.main_images = 0.0, 0
         if args.data.is_file():
@@ -165,8 +166,7 @@ class InputSide:
             self.raw = {"image": torch.from_numpy(faces.images).permute(0, 3, 1, 2).contiguous()[index],
                         "landmarks": torch.from_numpy(faces.landmarks)[index], "item": index}
             self.batcher = PseudoFakeBatcher(batcher_config(config))
-            self.mean = torch.tensor(stand_in.mean).view(1, -1, 1, 1)
-            self.std = torch.tensor(stand_in.std).view(1, -1, 1, 1)
+            self.stand_in = stand_in
             self.what = (f"SBI + targets only (no demo data: {len(faces.images)} faces of shared/media, "
                          "no image reading)")
             ready = [self._synthetic()]
@@ -176,7 +176,7 @@ class InputSide:
 
     def _synthetic(self) -> dict:
         batch = self.batcher(self.raw, "cpu", self.generator)
-        batch["image"] = (batch["image"] - self.mean) / self.std
+        batch["image"] = self.stand_in.model_input(batch["image"], channels_last=False)
         return batch
 
     def _prepare(self, raw: dict, _device, generator: torch.Generator) -> dict:
@@ -223,8 +223,8 @@ class ModelSide:
         if self.config["channels_last"]:  # as the trainer does (the batches are NHWC then too)
             self.core = self.core.to(memory_format=torch.channels_last)
         self.core.train()
-        self.optimizer = build_optimizer(_parameter_groups(self.core, self.config["optimizer"]),
-                                         **self.config["optimizer"])
+        groups = self.core.parameter_groups(self.config["optimizer"]["lr"], self.config["optimizer"]["weight_decay"])
+        self.optimizer = build_optimizer(groups, **self.config["optimizer"])
         self.batches = torch.load(pool_file, weights_only=True)
         self.steps = 0
 

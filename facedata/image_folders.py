@@ -12,10 +12,11 @@ Label folders are searched recursively, as torchvision's ImageFolder does; hidde
 Transforms reproduce the references' torchvision-on-PIL pipelines: images are decoded with OpenCV
 (``package_utils.io_utils.read_image``; PNG decodes identically, JPEG decoders may differ by a grey level),
 resized with PIL's bilinear filter exactly as ``transforms.Resize((S, S))`` does on a PIL image, then
-cropped / flipped in numpy and ImageNet-normalised.
+cropped / flipped in numpy. The loader yields uint8 images; the consumer normalises them for its model
+(``models.base.Detector.model_input``: ImageNet's mean/std for NPR and LFM, as their ``Normalize``).
 
-* Train (NPR recipe): Resize (256, 256) bilinear ignoring aspect -> RandomCrop 224 -> horizontal flip (p 0.5)
-  -> normalise; no blur or JPEG.
+* Train (NPR recipe): Resize (256, 256) bilinear ignoring aspect -> RandomCrop 224 -> horizontal flip (p 0.5);
+  no blur or JPEG.
 * Eval: one rule per suite (:data:`SUITE_RULES`), each naming where it comes from.
 
 All randomness lives in :class:`TrainImageSampler` in the main process: a ``torch.Generator`` seeded from
@@ -44,11 +45,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from package_utils.io_utils import IMAGE_EXTENSIONS as _IO_IMAGE_EXTENSIONS
 from package_utils.io_utils import read_image
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "REAL_FOLDERS", "FAKE_FOLDERS", "EvalRule", "SUITE_RULES", "suite_rule",
+__all__ = ["REAL_FOLDERS", "FAKE_FOLDERS", "EvalRule", "SUITE_RULES", "suite_rule",
            "list_images", "list_generators", "TrainImageSampler", "ImageFolderDataset", "build_image_loader"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 REAL_FOLDERS = ("0_real", "real")
 FAKE_FOLDERS = ("1_fake", "fake")
 #: torchvision ImageFolder's extensions (case-insensitive) that OpenCV decodes.
@@ -249,9 +248,9 @@ def apply_eval_rule(rgb: np.ndarray, rule: EvalRule, path: str = "<image>") -> n
     return rgb
 
 
-def _normalise(rgb: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
-    chw = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
-    return (chw.float() / 255.0 - mean[:, None, None]) / std[:, None, None]
+def _to_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) uint8 (a quarter of float32's bytes between loader processes)."""
+    return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -302,17 +301,15 @@ class ImageFolderDataset(Dataset):
 
     Train requests are ``(index, top, left, flip)`` from :class:`TrainImageSampler` (resize to ``load_size``
     square, crop ``crop_size`` at (top, left), flip); eval requests are an index (``rule`` applied).
-    Returns ``{"image": (3, H, W) float32 normalised, "label": float32, "path": str}``.
+    Returns ``{"image": (3, H, W) uint8 RGB, "label": float32, "path": str}``.
     """
 
     def __init__(self, entries: Sequence[Entry], train: bool, rule: EvalRule | None = None, load_size: int = 256,
-                 crop_size: int = 224, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+                 crop_size: int = 224):
         if not train and rule is None:
             raise ValueError("evaluation needs a rule (a suite name or an EvalRule)")
         self.entries, self.train, self.rule = list(entries), train, rule
         self.load_size, self.crop_size = load_size, crop_size
-        self.mean = torch.tensor(mean, dtype=torch.float32)
-        self.std = torch.tensor(std, dtype=torch.float32)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -330,7 +327,7 @@ class ImageFolderDataset(Dataset):
                 rgb = rgb[:, ::-1]
         else:
             rgb = apply_eval_rule(rgb, self.rule, path)
-        return {"image": _normalise(rgb, self.mean, self.std), "label": torch.tensor(float(label)), "path": path}
+        return {"image": _to_tensor(rgb), "label": torch.tensor(float(label)), "path": path}
 
 
 def _image_size(path: str) -> tuple[int, int]:
@@ -377,9 +374,8 @@ def collate_images(samples: list[dict]) -> dict:
 
 def build_image_loader(entries: Sequence[Entry], train: bool, batch_size: int, workers: int = 0, seed: int = 0, *,
                        suite: str | EvalRule = "native", load_size: int = 256, crop_size: int = 224,
-                       flip_probability: float = 0.5, mean: Sequence[float] = IMAGENET_MEAN,
-                       std: Sequence[float] = IMAGENET_STD, drop_last: bool | None = None) -> DataLoader:
-    """A DataLoader yielding ``{"image": (B, 3, H, W) float32 normalised, "label": (B,) float32, "path": [str]}``.
+                       flip_probability: float = 0.5, drop_last: bool | None = None) -> DataLoader:
+    """A DataLoader yielding ``{"image": (B, 3, H, W) uint8 RGB, "label": (B,) float32, "path": [str]}``.
 
     Args:
         entries: ``(path, label)`` pairs from :func:`list_images` / :func:`list_generators`.
@@ -395,12 +391,12 @@ def build_image_loader(entries: Sequence[Entry], train: bool, batch_size: int, w
     common = {"num_workers": workers, "collate_fn": collate_images, "persistent_workers": workers > 0,
               "pin_memory": False, "generator": torch.Generator().manual_seed(seed)}  # not torch's global one
     if train:
-        dataset = ImageFolderDataset(entries, True, None, load_size, crop_size, mean, std)
+        dataset = ImageFolderDataset(entries, True, None, load_size, crop_size)
         sampler = TrainImageSampler(len(dataset), load_size, crop_size, flip_probability, seed)
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                           drop_last=True if drop_last is None else drop_last, **common)
     rule = suite_rule(suite)
-    dataset = ImageFolderDataset(entries, False, rule, load_size, crop_size, mean, std)
+    dataset = ImageFolderDataset(entries, False, rule, load_size, crop_size)
     if rule.fixed_size:
         return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=bool(drop_last), **common)
     batches = size_grouped_batches(dataset.entries, rule, batch_size)

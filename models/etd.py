@@ -39,14 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.base import IMAGENET_MEAN, IMAGENET_STD, Detector
 from models.registry import extract_state_dict, read_weight_file, register
 
 __all__ = ["ExposingTheDeception", "AutomaticLossWeights", "FixedLossWeights", "kl_divergence",
            "sinkhorn_distance", "sinkhorn_divergence", "global_information_loss", "local_information_loss",
            "load_backbone_weights", "sample_beta"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB
-IMAGENET_STD = (0.229, 0.224, 0.225)  # RGB
 NUM_BLOCKS = 4
 FEATURE_DIM = 512  # ResNet-34 pooled feature
 LOSS_NAMES = ("ce", "gil", "lil")
@@ -239,7 +238,7 @@ def load_backbone_weights(backbone: nn.Module, path: str) -> None:
 # The model
 # ------------------------------------------------------------------------------------------------------------
 @register("etd")
-class ExposingTheDeception(nn.Module):
+class ExposingTheDeception(Detector):
     """EtD detector: 4 ResNet-34 LIBs, heads p_all / p_z / o_1..o_4, GIL + LIL losses and mixup.
 
     Args:
@@ -254,17 +253,18 @@ class ExposingTheDeception(nn.Module):
         mixup: Mix training batches in :meth:`prepare_batch`.
         mixup_alpha: Beta(alpha, alpha) parameter of the mixing coefficient.
         dropout: Dropout of the bottleneck and before the ``p_z`` classifier.
+        input_size: Training and inference side (224 in the reference; the LIBs pool globally, any size works).
     """
 
-    input_size = 224
     mean = IMAGENET_MEAN
     std = IMAGENET_STD
 
     def __init__(self, backbone_weights: str | None = None, temperature: float = 1.5, gil: bool = True,
                  lil: bool = True, divergence: str = "kl", balance: str = "auto",
                  hyper_weights: Sequence[float] = (1.0, 2.0, 10.0), mixup: bool = True, mixup_alpha: float = 0.5,
-                 dropout: float = 0.5) -> None:
+                 dropout: float = 0.5, input_size: int = 224) -> None:
         super().__init__()
+        self.input_size = int(input_size)
         self.gil = _require_bool("gil", gil)
         self.lil = _require_bool("lil", lil)
         self.mixup = _require_bool("mixup", mixup)

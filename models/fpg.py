@@ -14,7 +14,8 @@ Layout (channels at B4, 380 px input):
 tf_efficientnet_b0 trunk (B: 320 channels) of the tiny config.
 
 **Guidance** (:meth:`FPG.prepare_batch`, on each training batch of reals and their SBI fakes, before the
-forward; the batch must carry ``source``/``background``, i.e. ``synthesis.return_sources: true``):
+forward; the batch must carry ``source``/``background``: ``needs_blend_sources``, which the trainer turns into
+``synthesis.return_sources``):
 
 1. Perception of the fakes, in eval mode (BN statistics, no dropout): Grad-CAM on B for class 1 (the
    reference also computes the reals' CAMs, for class 0, and never uses them) as pytorch-grad-cam computes it
@@ -82,6 +83,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.backbones import create_efficientnet, lukemelas_to_timm
+from models.base import Detector
 from models.registry import register
 from models.sbi_effnet import INPUT_RANGES
 from synthesis.sbi import smooth_blend_masks
@@ -207,9 +209,17 @@ def _eval_mode(model: nn.Module):
         model.train(was_training)
 
 
-class FPG(nn.Module):
+class FPG(Detector):
     """FPG detector. ``forward`` returns ``logit`` (B,), ``logits`` (B, 2), ``quality`` (B,) and
     ``block_features`` (B, C_b, h, w), the trunk's last block (Grad-CAM's layer and L_sim's features)."""
+
+    needs_blend_sources = True  # the magnitude refinement moves each fake between its source and background
+    needs_mask_with_ratio = True  # mask = M r, the source's weight in the fake, which the refinements rescale
+
+    @property
+    def side_information(self) -> dict[str, str]:
+        """Each sample's ``quality`` score, from the ``quality_scores`` file (the data table joins it)."""
+        return {"quality": self.quality_scores} if self.quality_scores is not None else {}
 
     def __init__(self, backbone: str = "tf_efficientnet_b4", backbone_weights: str | os.PathLike | None = None,
                  static_padding_size: int | None = None, drop_path_rate: float = 0.2, dropout: float = 0.4,
@@ -275,11 +285,6 @@ class FPG(nn.Module):
 
     # --- guidance ----------------------------------------------------------------------------------------
 
-    def _normalisation(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean = torch.tensor(self.mean, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
-        return mean, std
-
     def perceive(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """In eval mode: Grad-CAM on the last block for class ``target`` (N, 1, H, W) and p(fake) (N,).
         Parameters' ``.grad`` stay untouched."""
@@ -297,7 +302,7 @@ class FPG(nn.Module):
             inputs = images.detach().requires_grad_(True)
             logits = self(inputs)["logits"].float()
             (gradient,) = torch.autograd.grad(F.cross_entropy(logits, target, reduction="sum"), inputs)
-        return gradient / self._normalisation(gradient)[1]  # d/d[0, 1] = d/d(normalised) / std
+        return gradient / self.normalisation(gradient)[1]  # d/d[0, 1] = d/d(normalised) / std
 
     @torch.no_grad()
     def prepare_batch(self, batch: dict, generator: torch.Generator) -> dict:
@@ -306,7 +311,7 @@ class FPG(nn.Module):
         magnitude refinement did not run)."""
         if "source" not in batch or "background" not in batch:
             raise ValueError("FPG's guidance needs each fake's SBI source and background in the batch "
-                             "(set synthesis.return_sources: true)")
+                             "(synthesis.return_sources, which the trainer sets from the model's batch needs)")
         images, mask, label = batch["image"], batch["mask"], batch["label"]
         count, device = images.shape[0], images.device
         # The same draws for every batch of this size, whatever is refined.
@@ -327,7 +332,7 @@ class FPG(nn.Module):
         rows = (fake & support.flatten(1).any(1)).nonzero().flatten()
         if not len(rows):
             return out
-        mean, std = self._normalisation(images)
+        mean, std = self.normalisation(images)
         pixels = images * std + mean  # [0, 1]
         source, background = batch["source"], batch["background"]
         new_pixels, new_mask = pixels.clone(), mask.clone()

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.backbones import create_efficientnet, feature_channels, is_lukemelas, lukemelas_to_timm
+from models.base import Detector
 from models.registry import register
 
 log = logging.getLogger(__name__)
@@ -74,12 +75,13 @@ def gated_fusion(x: torch.Tensor, endpoint: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, (1.0 - torch.sigmoid(x)) * endpoint], dim=1)
 
 
-class LAANet(nn.Module):
+class LAANet(Detector):
     """LAA-Net detector. ``forward`` returns ``logit`` (B,), ``heatmap`` (B, 1, h, h), ``consistency``
-    (B, 256, h, h) with h = input/4."""
+    (B, 256, h, h) with h = input/4, the size of the targets it trains on."""
 
     mean = (0.5, 0.5, 0.5)  # inputs in [-1, 1], what the AdvProp weights expect
     std = (0.5, 0.5, 0.5)
+    heatmap_stride = 4  # the decoder ends at 1/4 of the input: targets at input_size / 4
 
     def __init__(self, backbone: str = "tf_efficientnet_b4", backbone_weights: str | os.PathLike | None = None,
                  static_padding_size: int | None = None, dropout: float = 0.4, drop_path_rate: float = 0.2,

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.npr import IMAGENET_MEAN, IMAGENET_STD
+from models.base import IMAGENET_MEAN, IMAGENET_STD, Detector
 from models.registry import register
 
 __all__ = ["LFMSN", "SNet", "rank_based_linear_dropout", "RBLD_MODES"]
@@ -86,7 +86,7 @@ class SNet(nn.Module):
         return self.layer4(x)
 
 
-class LFMSN(nn.Module):
+class LFMSN(Detector):
     """LFM detector: |NPR residual| -> SNet -> 1x1 conv 512->64 -> top-16 per channel -> fc 1024 -> 1.
 
     Args:
@@ -95,15 +95,16 @@ class LFMSN(nn.Module):
         p_min, p_max: RBLD drop probabilities of the smallest and the largest kept value.
         rks: add the random-k auxiliary logit ``"logit_rks"`` in train mode.
         top_k: values kept per channel; the released model uses 16 (fc1 takes 64 * top_k inputs).
+        input_size: training and inference side (224 as released; any even size works).
     """
 
-    input_size = 224
     mean = IMAGENET_MEAN
     std = IMAGENET_STD
 
     def __init__(self, rbld: str = "linear", p_min: float = 0.1, p_max: float = 0.3, rks: bool = False,
-                 top_k: int = 16):
+                 top_k: int = 16, input_size: int = 224):
         super().__init__()
+        self.input_size = input_size
         if rbld not in RBLD_MODES:
             raise ValueError(f"rbld must be one of {RBLD_MODES}, got {rbld!r}")
         if not 0 <= p_min <= p_max < 1:
@@ -182,6 +183,7 @@ class LFMSN(nn.Module):
 
 
 @register("lfm")
-def build_lfm(rbld: str = "linear", p_min: float = 0.1, p_max: float = 0.3, rks: bool = False) -> LFMSN:
+def build_lfm(rbld: str = "linear", p_min: float = 0.1, p_max: float = 0.3, rks: bool = False,
+              input_size: int = 224) -> LFMSN:
     """LFM as released (725,641 parameters: 725,569 trainable, 72 frozen)."""
-    return LFMSN(rbld=rbld, p_min=p_min, p_max=p_max, rks=rks)
+    return LFMSN(rbld=rbld, p_min=p_min, p_max=p_max, rks=rks, input_size=input_size)

@@ -21,12 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import Bottleneck
 
+from models.base import IMAGENET_MEAN, IMAGENET_STD, Detector
 from models.registry import register
 
 __all__ = ["NPR", "IMAGENET_MEAN", "IMAGENET_STD", "npr_residual", "block_reference"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def block_reference(x: torch.Tensor) -> torch.Tensor:
@@ -46,23 +44,23 @@ def npr_residual(x: torch.Tensor) -> torch.Tensor:
     return x - block_reference(x)
 
 
-class NPR(nn.Module):
+class NPR(Detector):
     """NPR detector: residual -> conv3x3/2 stem -> max-pool -> layer1 (3 bottlenecks) -> layer2 (4) -> GAP -> fc.
 
     Args:
         residual_scale: factor on the residual before ``conv1``. The released checkpoints were trained with
             2/3 (the reference multiplies by ``2.0 / 3.0``) and fail without it.
+        input_size: training and inference side (224 as released; any size works, the head pools globally).
 
     Shapes at 224: 112^2 after conv1, 56^2 after the max-pool, layer1 256 x 56^2, layer2 512 x 28^2, then 512 -> 1.
     """
 
-    input_size = 224
     mean = IMAGENET_MEAN
     std = IMAGENET_STD
 
-    def __init__(self, residual_scale: float = 2.0 / 3.0):
+    def __init__(self, residual_scale: float = 2.0 / 3.0, input_size: int = 224):
         super().__init__()
-        self.residual_scale = residual_scale
+        self.residual_scale, self.input_size = residual_scale, input_size
         self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
@@ -108,6 +106,6 @@ class NPR(nn.Module):
 
 
 @register("npr")
-def build_npr(residual_scale: float = 2.0 / 3.0) -> NPR:
+def build_npr(residual_scale: float = 2.0 / 3.0, input_size: int = 224) -> NPR:
     """NPR as released (1,437,761 parameters)."""
-    return NPR(residual_scale=residual_scale)
+    return NPR(residual_scale=residual_scale, input_size=input_size)

@@ -1,19 +1,13 @@
 """Build detectors by name and load weights into them, whatever file they come from.
 
-Every method registers a builder with :func:`register`; :func:`build` looks it up and checks the keyword
-arguments against the builder's signature, so a misspelt config key fails with its name. Weight files are
-read with ``weights_only=True`` on the CPU; :func:`load_weights` unwraps the usual containers (our
-checkpoints, ``{'state_dict': ...}``, ``{'model': ...}``, DataParallel/DDP ``module.`` prefixes) and lets a
-model translate foreign key names (``convert_state_dict``) before a strict load.
-
-The model contract the trainer, evaluator and inference rely on:
-
-* ``forward(images) -> dict`` with ``"logit"``: (B,) fake logit (for two-class models ``l_fake - l_real``,
-  whose sigmoid equals softmax[:, 1]); method-specific extras beside it;
-* ``compute_loss(outputs, batch, **weights) -> dict`` with ``"loss"`` (the total) and its named parts;
-* attributes ``input_size`` (int), ``mean`` and ``std`` (per-channel tuples applied to [0, 1] RGB);
-* optional ``prepare_batch(batch, generator) -> batch`` run on training batches before the forward
-  (mixup, guided mask refinement), and ``convert_state_dict(state_dict) -> state_dict``.
+Every method registers a builder with :func:`register`; :func:`build` looks it up, checks the keyword
+arguments against the builder's signature (a misspelt config key fails with its name) and that the result
+follows the model contract (:class:`models.base.Detector`). Weight files are read with ``weights_only=True``
+on the CPU; :func:`load_weights` unwraps the usual containers (our checkpoints, ``{'state_dict': ...}``,
+``{'model': ...}``, DataParallel/DDP ``module.`` prefixes) and lets the model translate foreign key names
+(``convert_state_dict``) before a strict load. :func:`load_model` is the one entry point for "a model from
+this file": our self-describing checkpoints rebuild themselves (at the input size they were trained at), any
+other file is built by name.
 """
 from __future__ import annotations
 
@@ -25,7 +19,14 @@ from typing import Callable
 import torch
 from torch import nn
 
+from models.base import Detector
+
 CHECKPOINT_FORMAT = "ffpipe-checkpoint"
+
+
+class UnnamedModelError(ValueError):
+    """A weight file that is not one of our checkpoints, loaded without naming the model it holds."""
+
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -55,13 +56,16 @@ def _lookup(name: str) -> Callable[..., nn.Module]:
     return _BUILDERS[name]
 
 
-def build(name: str, **kwargs) -> nn.Module:
+def build(name: str, **kwargs) -> Detector:
     """The model registered as ``name``; an argument it does not take is an error naming it."""
     known = builder_arguments(name)
     unknown = sorted(set(kwargs) - set(known))
     if unknown:
         raise ValueError(f"model {name!r} has no argument(s) {', '.join(unknown)} (known: {', '.join(known)})")
     model = _lookup(name)(**kwargs)
+    if not isinstance(model, Detector):  # the trainer, evaluation and inference rely on its contract
+        raise TypeError(f"model {name!r}: its builder returned a {type(model).__name__}, which does not derive "
+                        "from models.base.Detector")
     model.model_name, model.model_args = name, dict(kwargs)  # what a checkpoint needs to rebuild it
     return model
 
@@ -134,22 +138,43 @@ def fit_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str | os
     return model
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
+def load_weights(model: Detector, path: str | os.PathLike, strict: bool = True) -> nn.Module:
     """Load a weight file into ``model`` (ours, or an official release the model knows how to convert).
 
     With ``strict`` every key must match in name and shape; the error lists what is missing or unexpected.
     Non-finite weights are refused.
     """
     state = extract_state_dict(read_weight_file(path), str(path))
-    if hasattr(model, "convert_state_dict"):
-        state = model.convert_state_dict(state)
-    return fit_weights(model, state, path, strict)
+    return fit_weights(model, model.convert_state_dict(state), path, strict)
 
 
-def build_from_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
-    """Rebuild the model a checkpoint of ours describes and load its weights; returns (model, checkpoint)."""
+def is_checkpoint(content) -> bool:
+    """Whether a weight file's content is one of our self-describing checkpoints."""
+    return isinstance(content, dict) and content.get("format") == CHECKPOINT_FORMAT
+
+
+def trained_input_size(content: dict, path: str | os.PathLike) -> int | None:
+    """The input size a checkpoint of ours was trained at: its ``input_size``, or for checkpoints written before
+    that key a non-zero ``data.image_size`` of its config (the trainer's size then); None when neither says."""
+    if "input_size" in content:
+        size = content["input_size"]
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"{path}: the checkpoint's 'input_size' is unusable ({size!r})")
+        return size
+    config = content.get("config")
+    data = config.get("data") if isinstance(config, dict) else None
+    size = data.get("image_size") if isinstance(data, dict) else None
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+
+
+def build_from_checkpoint(path: str | os.PathLike) -> tuple[Detector, dict]:
+    """Rebuild the model a checkpoint of ours describes and load its weights; returns (model, checkpoint).
+
+    The model's ``input_size`` is the one it was trained at (:func:`trained_input_size`), which evaluation and
+    inference then use.
+    """
     content = read_weight_file(path)
-    if not isinstance(content, dict) or content.get("format") != CHECKPOINT_FORMAT:
+    if not is_checkpoint(content):
         raise ValueError(f"{path}: not a checkpoint written by training.train (no model description inside); "
                          "build the model by name and use load_weights instead")
     described = checkpoint_entry(content, "model", dict, path)
@@ -161,4 +186,41 @@ def build_from_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     except (ValueError, TypeError) as error:
         raise ValueError(f"{path}: the checkpoint's model cannot be built here ({error})") from None
     model.model_args = dict(args)
+    size = trained_input_size(content, path)
+    if size is not None:
+        model.input_size = size
     return fit_weights(model, state, path, strict=True), content
+
+
+def load_model(weights: str | os.PathLike, name: str | None = None, args: dict | None = None,
+               describes_checkpoints: bool = True) -> tuple[Detector, dict | None]:
+    """The model in any weight file, in eval mode on the CPU, and the training config our checkpoints hold.
+
+    Our checkpoints rebuild themselves (:func:`build_from_checkpoint`); any other file (an official release) is
+    loaded into ``build(name, **args)``. With ``describes_checkpoints`` (a user named the model), ``name`` and
+    ``args`` must not contradict a checkpoint of ours; without it they only serve foreign files (a config's
+    ``model`` section, which always names some model).
+
+    Returns:
+        ``(model, config)``; ``config`` is the checkpoint's training config, None for other files.
+    """
+    content = read_weight_file(weights)
+    if is_checkpoint(content):
+        described = content.get("model", {}).get("name") if isinstance(content.get("model"), dict) else None
+        if describes_checkpoints and name is not None and name != described:
+            raise ValueError(f"{weights}: the checkpoint holds a {described!r} model, not {name!r}; drop --model, "
+                             "our checkpoints describe their model")
+        if describes_checkpoints and args:
+            raise ValueError(f"{weights}: the checkpoint stores its model arguments; drop --model-arg")
+        del content  # build_from_checkpoint reads the file itself; do not hold two copies
+        model, checkpoint = build_from_checkpoint(weights)
+        config = checkpoint.get("config") if isinstance(checkpoint.get("config"), dict) else None
+        return model.eval(), config
+    del content
+    if name is None:
+        raise UnnamedModelError(
+            f"{weights}: not a checkpoint written by training.train (it does not say which model it holds); "
+            f"name the model (--model NAME, or model.name in a config; known: {', '.join(available())}) and its "
+            "arguments (--model-arg K=V, or model.args), e.g. --model laanet --model-arg static_padding_size=380 "
+            "for the official LAA-Net weights")
+    return load_weights(build(name, **dict(args or {})), weights).eval(), None

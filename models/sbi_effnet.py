@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.backbones import create_efficientnet, is_lukemelas, lukemelas_to_timm
+from models.base import Detector
 from models.registry import register
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 INPUT_RANGES = {"unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), "symmetric": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
 
 
-class SBIEfficientNet(nn.Module):
+class SBIEfficientNet(Detector):
     """EfficientNet trunk + pooled two-class linear head. ``forward`` returns ``logit`` (B,) and ``logits``
     (B, 2) (real, fake)."""
 

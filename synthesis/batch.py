@@ -37,14 +37,6 @@ from synthesis.geometry import GeometryConfig, RandomGeometry
 from synthesis.sbi import SBIConfig, SelfBlender, _affine_grid
 from synthesis.targets import consistency_anchor, consistency_targets, heatmap_targets, quantize_boundary
 
-#: Input normalisations: LAA-Net feeds [-1, 1] (what AdvProp weights expect), SBI [0, 1].
-NORMALIZATIONS = {
-    "unit": (0.0, 1.0),
-    "symmetric": (0.5, 0.5),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
-
-
 @dataclass
 class BatcherConfig:
     """How a training batch is made.
@@ -55,7 +47,6 @@ class BatcherConfig:
         fake_probability: chance that a sample becomes a fake with ``mixed`` pairing.
         heatmap_size: side of the target maps (96 for 384 px inputs); 0 disables the targets.
         adaptive_sigma: LAA-Net's adaptive Gaussian sigma for the heatmap (``ADAPTIVE_SIGMA: True``).
-        normalization: key of :data:`NORMALIZATIONS` applied to the images last.
         sbi, bi: the synthesis recipes.
         geometry: LAA-Net's train geometry after the synthesis (off by default).
         return_sources: also return ``source`` and ``background`` (SBI only; see the module docstring).
@@ -66,7 +57,6 @@ class BatcherConfig:
     fake_probability: float = 0.5
     heatmap_size: int = 96
     adaptive_sigma: bool = True
-    normalization: str = "symmetric"
     sbi: SBIConfig = field(default_factory=SBIConfig)
     bi: BIConfig = field(default_factory=BIConfig)
     geometry: GeometryConfig = field(default_factory=GeometryConfig)
@@ -77,8 +67,6 @@ class BatcherConfig:
             raise ValueError(f"method must be sbi or bi, got {self.method!r}")
         if self.pairing not in ("paired", "mixed"):
             raise ValueError(f"pairing must be paired or mixed, got {self.pairing!r}")
-        if self.normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {sorted(NORMALIZATIONS)}, got {self.normalization!r}")
         if self.return_sources and self.method != "sbi":
             raise ValueError(f"return_sources needs method 'sbi' (BI fakes have no single source), got {self.method!r}")
 
@@ -97,7 +85,8 @@ class PseudoFakeBatcher:
                  train: bool = True) -> dict:
         """Build the training batch on ``device``.
 
-        Returns a dict with ``image`` (N, 3, S, S) normalised float, ``label`` (N,) float (1 = fake),
+        Returns a dict with ``image`` (N, 3, S, S) float in [0, 1] (the model's input once normalised,
+        :meth:`models.base.Detector.model_input`), ``label`` (N,) float (1 = fake),
         ``mask`` (N, 1, S, S) blend mask (0 for reals), ``valid_fake`` count, ``item`` (N,) source item of
         each image, and with targets ``boundary``, ``heatmap``, ``consistency`` (N, 1, h, h) and
         ``anchor`` (N,); with ``return_sources`` also ``source`` and ``background`` (N, 3, S, S) in [0, 1];
@@ -175,7 +164,7 @@ class PseudoFakeBatcher:
                 else:
                     image, mask = self.geometry([image, mask], generator, augment=train)
 
-        result = {"image": normalize(image, config.normalization), "label": label, "mask": mask, "item": source,
+        result = {"image": image, "label": label, "mask": mask, "item": source,
                   "valid_fake": int(fake_ok.sum())}
         if sources is not None:
             result.update(source=blend_sources, background=backgrounds)
@@ -223,13 +212,6 @@ class _SourceKeepingBlender(SelfBlender):
                     augment.jpeg_image_(source[row], int(quality))
         out["source"] = source
         return out
-
-
-def normalize(images: torch.Tensor, name: str) -> torch.Tensor:
-    mean, std = NORMALIZATIONS[name]
-    mean = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(-1, 1, 1)
-    std = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(-1, 1, 1)
-    return (images - mean) / std
 
 
 def make_targets(mask: torch.Tensor, is_fake: torch.Tensor, size: int, adaptive_sigma: bool = True) -> dict:

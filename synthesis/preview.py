@@ -55,7 +55,7 @@ def preview(json_path: str, out: str, method: str = "sbi", samples: int = 6, siz
     batch = next(iter(loader))
     generator = torch.Generator(device=device).manual_seed(seed)
     batcher = PseudoFakeBatcher(BatcherConfig(method=method, pairing="mixed", fake_probability=1.0,
-                                              heatmap_size=size // 4, normalization="unit"))
+                                              heatmap_size=size // 4))
     result = batcher(batch, device, generator)
     reals = batch["image"].float() / 255.0
     rows = []

@@ -13,11 +13,10 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
-from facedata.image_folders import (IMAGENET_MEAN, IMAGENET_STD, EvalRule, build_image_loader, list_generators,
-                                    suite_rule)
+import models
+from facedata.image_folders import EvalRule, build_image_loader, list_generators, suite_rule
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +27,16 @@ __all__ = ["score_images", "generator_metrics", "mean_row", "evaluate_folders", 
 # Per-generator evaluation
 # ------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def score_images(model: nn.Module, loader: DataLoader, device: str | torch.device = "cpu"
+def score_images(model: models.Detector, loader: DataLoader, device: str | torch.device = "cpu"
                  ) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(paths, labels (N,) int64, fake probabilities (N,) float64) of every image in ``loader``.
 
-    Probabilities are ``sigmoid(logit)`` in float32, as the references compute them before ``> 0.5``.
+    Images are normalised for the model (:meth:`models.base.Detector.model_input`). Probabilities are
+    ``sigmoid(logit)`` in float32, as the references compute them before ``> 0.5``.
     """
     paths, labels, probabilities = [], [], []
     for batch in loader:
-        logit = model(batch["image"].to(device))["logit"]
+        logit = models.predict(model, model.model_input(batch["image"].to(device)))["logit"]
         probabilities.append(torch.sigmoid(logit.float()).cpu().numpy().astype(np.float64))
         labels.append(batch["label"].numpy().astype(np.int64))
         paths += batch["path"]
@@ -78,7 +78,7 @@ def mean_row(rows: Sequence[dict], name: str = "mean") -> dict:
     return mean
 
 
-def evaluate_folders(model: nn.Module, suite_root: str | os.PathLike, suite: str | EvalRule,
+def evaluate_folders(model: models.Detector, suite_root: str | os.PathLike, suite: str | EvalRule,
                      device: str | torch.device = "cpu", batch_size: int = 32, workers: int = 0) -> list[dict]:
     """Evaluate ``model`` on every generator folder of a suite: rows sorted by generator, then the mean row.
 
@@ -89,14 +89,12 @@ def evaluate_folders(model: nn.Module, suite_root: str | os.PathLike, suite: str
     """
     rule = suite_rule(suite)
     generators = list_generators(suite_root)
-    mean, std = getattr(model, "mean", IMAGENET_MEAN), getattr(model, "std", IMAGENET_STD)
     was_training = model.training
     model.eval()
     rows = []
     try:
         for generator in sorted(generators):
-            loader = build_image_loader(generators[generator], False, batch_size, workers, suite=rule,
-                                        mean=mean, std=std)
+            loader = build_image_loader(generators[generator], False, batch_size, workers, suite=rule)
             _, labels, probabilities = score_images(model, loader, device)
             rows.append(generator_metrics(generator, labels, probabilities))
             log.info("%s %s: acc %.4f ap %.4f", suite if isinstance(suite, str) else "suite", generator,

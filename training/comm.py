@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "is_distributed", "get_world_size", "get_rank", "get_local_rank", "is_main_process", "synchronize",
     "all_gather", "broadcast_object", "reduce_dict", "init_distributed", "cleanup", "unwrap", "seed_everything",
+    "resolve_device",
 ]
 
 
@@ -190,6 +191,25 @@ def init_distributed(backend: str | None = None,
     log.info("distributed: rank %d of %d (local rank %d, backend %s, device %s)",
              rank, world_size, local_rank, backend, device)
     return rank, world_size, local_rank, device
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device a setting names: ``auto`` is this rank's own device under torchrun (its GPU, or the CPU with
+    gloo) and otherwise CUDA when available; ``cpu``, ``cuda``, ``cuda:N`` as written.
+
+    Raises:
+        ValueError: CUDA requested where there is none (the message names the setting's value).
+    """
+    if name == "auto":
+        if is_distributed():
+            return init_distributed()[3]
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name}: requested but CUDA is not available (use device cpu or auto)")
+    try:
+        return torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"device {name!r}: not a device name (cpu, cuda, cuda:N or auto; {error})") from None
 
 
 def cleanup() -> None:

@@ -530,9 +530,8 @@ def draw_heatmaps(weights: Path, videos: dict[str, Path], out_dir: Path
 def heatmap_contrast(weights: Path, val_json: Path) -> dict[str, float] | None:
     """Mean sigmoid heatmap on the validation pseudo-fakes' blend boundary (target boundary > 0.5), on the rest of
     the fakes (< 0.05) and on the reals: where the heatmap head looks, in numbers (None without a heatmap)."""
-    model, checkpoint = models.build_from_checkpoint(weights)
-    config = checkpoint["config"]
-    if config["data"]["kind"] != "pseudo_fake" or not config["synthesis"]["heatmap_size"]:
+    model, config = models.load_model(weights)
+    if config is None or config["data"]["kind"] != "pseudo_fake" or not config["synthesis"]["heatmap_size"]:
         return None
     config = {**config, "data": {**config["data"], "val": str(val_json), "workers": 0}}
     source = trainer.BatchSource(config, model, torch.device("cpu"), 0, 1)

@@ -28,6 +28,7 @@ import torch
 import models
 from package_utils.config import build_config
 from package_utils.io_utils import DEFAULT_DATA_ROOT, PROJECT_ROOT, atomic_write_image
+from training import comm
 from training import train as trainer
 from training.aigc_eval import evaluate_folders, format_table
 
@@ -101,12 +102,12 @@ def train_and_evaluate(model_name: str, root: Path, epochs: int, device: str) ->
     config = build_config(trainer.DEFAULTS, PROJECT_ROOT / "configs" / f"tiny_{model_name}.yaml", [
         f"experiment=demo_{model_name}", f"data.train={root / 'train'}", f"data.val={root / 'val'}",
         # 64 px patches as they are: the validation rule must not resize them (it would blur the traces).
-        "data.image_size=64", "data.load_size=64", "data.val_suite=native", "data.batch_size=16",
+        "model.args.input_size=64", "data.load_size=64", "data.val_suite=native", "data.batch_size=16",
         f"train.epochs={epochs}", "train.max_steps_per_epoch=0", f"device={device}"])
     started = time.time()
     summary = trainer.train(config)
-    model, _ = models.build_from_checkpoint(summary["best_checkpoint"])
-    rows = evaluate_folders(model, root / "test", "native", device=str(trainer.resolve_device(device)), batch_size=32)
+    model, _ = models.load_model(summary["best_checkpoint"])
+    rows = evaluate_folders(model, root / "test", "native", device=str(comm.resolve_device(device)), batch_size=32)
     table = format_table(rows)
     print(f"\n[{model_name}] trained {time.time() - started:.0f} s; test suite, per generator (seen: nearest_up)\n"
           f"{table}\n[{model_name}] best checkpoint: {summary['best_checkpoint']}")

@@ -32,28 +32,44 @@ from facedata.faces import build_loader, load_frame_table, trained_crop_protocol
 from package_utils.config import ConfigError, build_config
 from package_utils.io_utils import check_writable
 from training import comm
+from training.comm import resolve_device
 from training.metrics import BinaryEvaluator, format_metrics, plot_roc, write_metrics_json, write_video_csv
-from training.train import (DEFAULTS, _project_path, check_values, predict_logits, resolve_device,
-                            to_memory_format, uses_channels_last)
+from training.train import DEFAULTS, _project_path, check_values, predict_logits
 
 log = logging.getLogger("training.evaluate")
 
 
-def load_model(weights: str | Path, config: dict | None) -> tuple[torch.nn.Module, dict]:
-    """Our checkpoint rebuilds itself; an official file needs the config's ``model`` section."""
-    content = models.read_weight_file(weights)
-    if isinstance(content, dict) and content.get("format") == models.CHECKPOINT_FORMAT:
-        model, checkpoint = models.build_from_checkpoint(weights)
-        if isinstance(checkpoint.get("config"), dict):
-            return model, checkpoint["config"]
-        if config is None:
-            raise ConfigError(f"{weights}: the checkpoint holds no training config; give --config for the data "
-                              "and evaluation settings")
-        return model, config
+def load_model(weights: str | Path, config: dict | None) -> tuple[models.Detector, dict]:
+    """The model (:func:`models.load_model`) and the settings to evaluate it with.
+
+    Our checkpoint rebuilds itself, at the input size it was trained at, and brings its training config; an
+    official file is built from the ``model`` section of ``config``, which must agree with the model's input
+    size (``data.image_size``).
+    """
     if config is None:
-        raise ConfigError(f"{weights}: not one of our checkpoints; give --config naming the model to build")
-    model = models.build(config["model"]["name"], **config["model"]["args"])
-    return models.load_weights(model, weights), config
+        try:
+            model, trained = models.load_model(weights, describes_checkpoints=False)
+        except models.UnnamedModelError:
+            raise ConfigError(f"{weights}: not one of our checkpoints; give --config naming the model to build") \
+                from None
+    else:
+        model, trained = models.load_model(weights, config["model"]["name"], config["model"]["args"],
+                                           describes_checkpoints=False)
+    if trained is not None:
+        return model, trained
+    if config is None:
+        raise ConfigError(f"{weights}: the checkpoint holds no training config; give --config for the data "
+                          "and evaluation settings")
+    check_input_size(config, model)
+    return model, config
+
+
+def check_input_size(config: dict, model: models.Detector) -> None:
+    """A config's ``data.image_size`` may only restate the model's input size (ConfigError otherwise)."""
+    size = config["data"].get("image_size", 0)
+    if size and size != model.input_size:
+        raise ConfigError(f"data.image_size: {size} contradicts model {model.model_name}, whose input size is "
+                          f"{model.input_size}; set model.args.input_size instead")
 
 
 def with_defaults(config: dict, defaults: dict = DEFAULTS) -> dict:
@@ -92,12 +108,9 @@ def score_frames(model: torch.nn.Module, json_path: Path, data_root: str | None,
                           frames_per_video=frames_per_video, train=False, workers=workers,
                           num_replicas=comm.get_world_size(), rank=comm.get_rank(), drop_last=False,
                           crop_protocol=crop_protocol)
-    mean = torch.tensor(model.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(model.std, device=device).view(1, -1, 1, 1)
-    channels_last = uses_channels_last(model)
     positions, scores = [], []
     for raw in tqdm(loader, desc=json_path.stem, disable=not comm.is_main_process()):
-        images = to_memory_format((raw["image"].to(device).float() / 255.0 - mean) / std, channels_last)
+        images = model.model_input(raw["image"].to(device))
         scores.append(torch.sigmoid(predict_logits(model, images, device, precision, flip)).cpu().numpy())
         positions.append(raw["item"].numpy())
     broken = int((~np.isfinite(np.concatenate(scores))).sum()) if scores else 0
@@ -201,12 +214,11 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
     if model_config is not config:  # our checkpoint: score with the crops it was trained on
         settings["data"]["crop_protocol"] = checkpoint_crop_protocol(settings, model_config, args.overrides)
     check_values(settings)
-    _, world, _, distributed_device = comm.init_distributed()
+    comm.init_distributed()
     out_dir = Path(args.out) if args.out else Path(args.weights).resolve().parent / "eval"
     if comm.is_main_process():
         check_writable(out_dir, "evaluation output folder")  # before scoring, not after
-    device_name = args.device or settings["device"]
-    device = distributed_device if world > 1 and device_name == "auto" else resolve_device(device_name)
+    device = resolve_device(args.device or settings["device"])  # under torchrun "auto" is this rank's device
     model = model.to(device).eval()
     if settings.get("channels_last", True):
         model = model.to(memory_format=torch.channels_last)

@@ -53,6 +53,7 @@ from package_utils.detectors import Face
 from package_utils.io_utils import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, BadInputError, atomic_write_image,
                                     check_writable, read_image)
 from package_utils.video import MediaReader, sample_indices
+from training.comm import resolve_device
 
 log = logging.getLogger("training.infer")
 
@@ -69,15 +70,6 @@ class Detector(Protocol):
 
 
 # ----------------------------------------------------------------------------------------------- setup
-def resolve_device(name: str) -> torch.device:
-    """``cpu``, ``cuda`` or ``auto`` (CUDA when available)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    return torch.device(name)
-
-
 def parse_model_args(items: Sequence[str]) -> dict[str, Any]:
     """``["k=v", ...]`` -> ``{k: v}`` with YAML-typed values (``380`` is an int, ``true`` a bool)."""
     args = {}
@@ -105,27 +97,7 @@ def load_model(weights: str | os.PathLike, model_name: str | None = None, model_
 def load_model_and_config(weights: str | os.PathLike, model_name: str | None = None, model_args: dict | None = None,
                           device: str | torch.device = "cpu") -> tuple[nn.Module, dict | None]:
     """:func:`load_model` and the training config stored in our checkpoints (None for other weight files)."""
-    model_args = dict(model_args or {})
-    content = models.read_weight_file(weights)
-    if isinstance(content, dict) and content.get("format") == models.CHECKPOINT_FORMAT:
-        described = content.get("model", {}).get("name")
-        if model_name is not None and model_name != described:
-            raise ValueError(f"{weights}: the checkpoint holds a {described!r} model, not {model_name!r}; "
-                             "drop --model, our checkpoints describe their model")
-        if model_args:
-            raise ValueError(f"{weights}: the checkpoint stores its model arguments; drop --model-arg")
-        del content  # build_from_checkpoint reads the file itself; do not hold two copies
-        model, checkpoint = models.build_from_checkpoint(weights)
-        config = checkpoint.get("config") if isinstance(checkpoint.get("config"), dict) else None
-    else:
-        del content
-        if model_name is None:
-            raise ValueError(
-                f"{weights}: not a checkpoint written by training.train (it does not say which model it holds); "
-                f"name the model with --model NAME (known: {', '.join(models.available())}) and its "
-                "arguments with --model-arg, e.g. --model laanet --model-arg static_padding_size=380 for the "
-                "official LAA-Net weights")
-        model, config = models.load_weights(models.build(model_name, **model_args), weights), None
+    model, config = models.load_model(weights, model_name, model_args)
     return model.to(device).eval(), config
 
 
@@ -184,31 +156,20 @@ def score_crops(model: nn.Module, crops: Sequence[np.ndarray], flip: bool = True
                 device: str | torch.device | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Fake logits (N,) of BGR uint8 crops and, for models with a heatmap, sigmoid heatmaps (N, h, h).
 
-    With ``flip`` each crop and its mirror go through the model in one batch; the logit is the mean of the
-    two and the heatmap the mean of the two heatmap logits (the mirror's flipped back) before the sigmoid.
+    With ``flip`` the flip test of :func:`models.predict`: the logit is the mean over each crop and its mirror,
+    the heatmap the mean of the two heatmap logits (the mirror's flipped back) before the sigmoid.
     """
     device = torch.device(device) if device is not None else _model_device(model)
     rgb = np.stack([crop[:, :, ::-1] for crop in crops])  # (N, S, S, 3) BGR -> RGB
-    images = torch.from_numpy(np.ascontiguousarray(rgb)).to(device).permute(0, 3, 1, 2).float() / 255.0
-    mean = torch.tensor(model.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(model.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    images = (images - mean) / std
-    count = len(crops)
-    if flip:
-        images = torch.cat([images, images.flip(-1)])
-    outputs = model(images)
-    logits = outputs["logit"].float().reshape(-1)
+    images = model.model_input(torch.from_numpy(np.ascontiguousarray(rgb)).to(device).permute(0, 3, 1, 2))
+    outputs = models.predict(model, images, flip)
+    logits = outputs["logit"]
     if not bool(torch.isfinite(logits).all()):
         raise FloatingPointError("the model's fake logit is NaN or infinite for this face; its weights are broken "
                                  "(a diverged training?) or it does not take this input")
     heatmaps = outputs.get("heatmap")
-    if flip:
-        logits = (logits[:count] + logits[count:]) / 2
     if heatmaps is not None:
-        heatmaps = heatmaps.float()[:, 0]
-        if flip:
-            heatmaps = (heatmaps[:count] + heatmaps[count:].flip(-1)) / 2
-        heatmaps = torch.sigmoid(heatmaps).cpu().numpy()
+        heatmaps = torch.sigmoid(heatmaps[:, 0]).cpu().numpy()
     return logits.cpu().numpy(), heatmaps
 
 

@@ -7,13 +7,21 @@ epoch's checkpoint continues exactly as the uninterrupted run would have; ``last
 says the validation is pending, and a run stopped there validates that epoch first when resumed. Under
 ``torchrun`` each process trains on its shard with DistributedDataParallel; metrics are gathered across ranks.
 
+The model states what it needs (:class:`models.base.Detector`): its input size, and what its batches must
+carry. The settings that follow from it (``data.image_size``, ``synthesis.heatmap_size``,
+``synthesis.return_sources``, ``synthesis.sbi.return_mask_with_ratio``) are derived by
+:func:`resolve_model_settings`; a config only writes them to restate them, and one that contradicts the model
+fails before any data is read, naming the key.
+
 Outputs go to ``<output_dir>/<experiment>/``: ``config.yaml`` (resolved), ``log.jsonl``, TensorBoard
-events in ``tb/``, and checkpoints that carry the model's name and arguments and the config.
+events in ``tb/``, and checkpoints that carry the model's name and arguments, the input size it was trained
+at, and the config.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import io
 import json
@@ -40,6 +48,7 @@ from synthesis.bi import BIConfig
 from synthesis.geometry import GeometryConfig
 from synthesis.sbi import SBIConfig
 from training import comm
+from training.comm import resolve_device
 from training.metrics import BinaryEvaluator
 from training.optim import SAM, build_optimizer, build_scheduler
 
@@ -59,7 +68,7 @@ DEFAULTS: dict = {
         "train": "",                   # metadata JSON (frames kinds) or folder (image_folder)
         "val": "",
         "data_root": None,             # root the JSON's relative paths start from (default: the JSON's)
-        "image_size": 0,               # 0 = the model's input size
+        "image_size": 0,               # derived: the model's input_size (set model.args.input_size to change it)
         "train_frames_per_video": 8,
         "val_frames_per_video": 8,
         "train_frame_sampling": "random",  # random: new frames each epoch (LAA-Net's intent) | even: fixed (SBI, FPG)
@@ -74,10 +83,12 @@ DEFAULTS: dict = {
         "classes": [],                 # image_folder: class folders of train and val to use; [] = all
     },
     "synthesis": {
-        "method": "sbi", "pairing": "paired", "fake_probability": 0.5, "heatmap_size": 96,
-        "adaptive_sigma": True, "sbi": {}, "bi": {},
+        "method": "sbi", "pairing": "paired", "fake_probability": 0.5,
+        "heatmap_size": None,          # derived: LAA-Net's targets at input/4, else 0 (none)
+        "adaptive_sigma": True, "sbi": {},  # sbi.return_mask_with_ratio is derived (FPG: true)
+        "bi": {},
         "geometry": {},                # LAA-Net's train geometry after synthesis (synthesis.geometry.GeometryConfig)
-        "return_sources": False,       # also each fake's SBI source and background (FPG's magnitude refinement)
+        "return_sources": None,        # derived: each fake's SBI source and background (FPG: true)
     },
     "loss": {},                        # keyword weights of the model's compute_loss
     "optimizer": {"name": "sam_adam", "lr": 5.0e-5, "weight_decay": 1.0e-4, "momentum": 0.9,
@@ -116,14 +127,78 @@ def _dataclass_from(kind: type, values: dict, key: str):
 
 
 def batcher_config(config: dict) -> BatcherConfig:
+    """The batcher a config describes (derived settings not yet resolved count as off)."""
     synthesis = config["synthesis"]
-    return BatcherConfig(method=synthesis["method"], pairing=synthesis["pairing"],
-                         fake_probability=synthesis["fake_probability"], heatmap_size=synthesis["heatmap_size"],
-                         adaptive_sigma=synthesis["adaptive_sigma"], normalization="unit",
-                         sbi=_dataclass_from(SBIConfig, synthesis["sbi"], "synthesis.sbi"),
-                         bi=_dataclass_from(BIConfig, synthesis["bi"], "synthesis.bi"),
-                         geometry=_dataclass_from(GeometryConfig, synthesis["geometry"], "synthesis.geometry"),
-                         return_sources=synthesis["return_sources"])
+    try:
+        return BatcherConfig(method=synthesis["method"], pairing=synthesis["pairing"],
+                             fake_probability=synthesis["fake_probability"],
+                             heatmap_size=synthesis["heatmap_size"] or 0, adaptive_sigma=synthesis["adaptive_sigma"],
+                             sbi=_dataclass_from(SBIConfig, synthesis["sbi"], "synthesis.sbi"),
+                             bi=_dataclass_from(BIConfig, synthesis["bi"], "synthesis.bi"),
+                             geometry=_dataclass_from(GeometryConfig, synthesis["geometry"], "synthesis.geometry"),
+                             return_sources=bool(synthesis["return_sources"]))
+    except ConfigError:
+        raise
+    except ValueError as error:  # BatcherConfig's own checks: name the section
+        raise ConfigError(f"synthesis: {error}") from None
+
+
+def _derive(config: dict, key: str, wanted, given, unset, model: models.Detector, why: str) -> None:
+    """Set ``key`` to ``wanted`` when the config leaves it ``unset``; a different value is a ConfigError."""
+    section, _, name = key.rpartition(".")
+    node = config
+    for part in section.split("."):
+        node = node[part]
+    if given is unset:
+        node[name] = wanted
+        return
+    if type(given) is not type(wanted) or given != wanted:
+        raise ConfigError(f"{key}: {given!r} contradicts model {getattr(model, 'model_name', type(model).__name__)}, "
+                          f"which needs {wanted!r} ({why}); drop the key, it is derived from the model")
+
+
+#: Per-sample side information the data table can join to its items: field -> load_frame_table's argument.
+SIDE_INFORMATION = {"quality": "quality_scores"}
+
+
+def resolve_model_settings(config: dict, model: models.Detector) -> dict:
+    """A copy of ``config`` with the settings the model decides filled in from its contract.
+
+    ``data.image_size`` is the model's ``input_size`` (the one size training, evaluation and inference use; set
+    it with ``model.args.input_size``); ``synthesis.heatmap_size``, ``synthesis.return_sources`` and
+    ``synthesis.sbi.return_mask_with_ratio`` follow its :meth:`~models.base.Detector.batch_needs`. A config may
+    restate them; a different value, or a data kind that cannot give what the model needs, is a ConfigError
+    naming the key.
+    """
+    resolved = copy.deepcopy(config)
+    needs = model.batch_needs()
+    name = getattr(model, "model_name", type(model).__name__)
+    _derive(resolved, "data.image_size", model.input_size, config["data"]["image_size"], 0, model,
+            "its input_size; set model.args.input_size to train at another size")
+    synthesis = config["synthesis"]
+    _derive(resolved, "synthesis.heatmap_size", needs.heatmap_size, synthesis["heatmap_size"], None, model,
+            f"its targets at input_size / {model.heatmap_stride}" if model.heatmap_stride else "it takes no targets")
+    _derive(resolved, "synthesis.return_sources", needs.blend_sources, synthesis["return_sources"], None, model,
+            "each fake's source and background" if needs.blend_sources else "it does not read them")
+    _derive(resolved, "synthesis.sbi.return_mask_with_ratio", needs.mask_with_ratio,
+            synthesis["sbi"].get("return_mask_with_ratio", None), None, model,
+            "the blend mask times its ratio" if needs.mask_with_ratio else "the plain blend mask")
+    kind = config["data"]["kind"]
+    if needs.synthesis and kind != "pseudo_fake":
+        wants = [what for what, needed in (("heatmap targets", needs.heatmap_size), ("blend sources",
+                 needs.blend_sources), ("masks with ratio", needs.mask_with_ratio)) if needed]
+        raise ConfigError(f"data.kind: model {name} trains on synthesised batches ({', '.join(wants)}), which "
+                          f"data.kind {kind} does not make; use data.kind pseudo_fake")
+    if needs.side_information and kind == "image_folder":
+        raise ConfigError(f"data.kind: model {name} reads {', '.join(needs.side_information)} of every sample "
+                          "from the data table, which data.kind image_folder does not have")
+    unknown = sorted(set(needs.side_information) - set(SIDE_INFORMATION))
+    if unknown:  # a model asking for something the data layer cannot join
+        raise ConfigError(f"model {name} reads per-sample {', '.join(unknown)}, which the data table cannot join "
+                          f"(it joins: {', '.join(SIDE_INFORMATION)})")
+    if kind == "pseudo_fake":
+        batcher_config(resolved)  # e.g. blend sources with synthesis.method bi
+    return resolved
 
 
 #: The smallest value of each whole-number setting (0 where it means "the model's", "all" or "off").
@@ -177,14 +252,6 @@ def check_config(config: dict) -> None:
         batcher_config(config)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device: {name} requested but CUDA is not available (use device=cpu)")
-    return torch.device(name)
-
-
 def _project_path(path: str | None) -> Path | None:
     if not path:
         return None
@@ -201,12 +268,12 @@ class BatchSource:
     the model's targets); ``validation()`` yields (batch, video_keys, sample_ids).
     """
 
-    def __init__(self, config: dict, model: torch.nn.Module, device: torch.device, rank: int, world: int):
+    def __init__(self, config: dict, model: models.Detector, device: torch.device, rank: int, world: int):
+        config = resolve_model_settings(config, model)  # a no-op for the trainer's own, already resolved, config
         data = config["data"]
-        self.config, self.device, self.kind = config, device, data["kind"]
-        self.size = data["image_size"] or model.input_size
-        self.mean = torch.tensor(model.mean, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(model.std, device=device).view(1, -1, 1, 1)
+        self.config, self.device, self.kind, self.model = config, device, data["kind"], model
+        self.size = model.input_size
+        side = model.batch_needs().side_information
         self.seed = config["seed"]
         self.channels_last = config["channels_last"]
         val_batch = data["val_batch_size"] or data["batch_size"]
@@ -218,11 +285,11 @@ class BatchSource:
                 image_folders.list_images(_project_path(data["train"]), data["classes"]), train=True,
                 batch_size=data["batch_size"],
                 workers=data["workers"], seed=self.seed, load_size=data["load_size"], crop_size=self.size,
-                flip_probability=data["flip_probability"], mean=model.mean, std=model.std)
+                flip_probability=data["flip_probability"])
             self.val_loader = None if not data["val"] else image_folders.build_image_loader(
                 image_folders.list_images(_project_path(data["val"]), data["classes"]), train=False,
                 batch_size=val_batch,
-                workers=data["workers"], seed=self.seed, suite=data["val_suite"], mean=model.mean, std=model.std)
+                workers=data["workers"], seed=self.seed, suite=data["val_suite"])
             return
         synthetic = self.kind == "pseudo_fake"
         labels = (0,) if synthetic else None
@@ -234,7 +301,7 @@ class BatchSource:
         self.train_table = load_frame_table(_project_path(data["train"]), root, labels=labels,
                                             require_landmarks=synthetic,
                                             skip_bad_landmarks=data["skip_bad_landmarks"],
-                                            quality_scores=getattr(model, "quality_scores", None))
+                                            **{SIDE_INFORMATION[key]: path for key, path in side.items()})
         self.train_loader = build_loader(
             self.train_table, image_size=self.size, batch_size=data["batch_size"],
             frames_per_video=data["train_frames_per_video"], train=True, seed=self.seed, workers=data["workers"],
@@ -254,21 +321,18 @@ class BatchSource:
     def __len__(self) -> int:
         return len(self.train_loader)
 
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        return to_memory_format((images - self.mean) / self.std, self.channels_last)
-
     def _prepare(self, raw: dict, generator: torch.Generator, train: bool = True) -> dict:
         if self.kind == "image_folder":
-            return {"image": to_memory_format(raw["image"].to(self.device), self.channels_last),
+            return {"image": self.model.model_input(raw["image"].to(self.device), self.channels_last),
                     "label": raw["label"].to(self.device).float()}
         if self.batcher is not None:
             batch = self.batcher(raw, self.device, generator, train=train)  # val: no jitter, no augmenting geometry
         else:
-            batch = {"image": raw["image"].to(self.device).float().div_(255.0),
+            batch = {"image": raw["image"].to(self.device),
                      "label": raw["label"].to(self.device).float(), "item": raw["item"].to(self.device)}
             if "quality" in raw:
                 batch["quality"] = raw["quality"].to(self.device)
-        batch["image"] = self.normalize(batch["image"])
+        batch["image"] = self.model.model_input(batch["image"], self.channels_last)
         return batch
 
     def epoch(self, epoch: int, generator: torch.Generator) -> Iterable[dict]:
@@ -294,17 +358,6 @@ class BatchSource:
                         for i, l in zip(items, labels)]
                 ids = items * 2 + labels  # a real and its pseudo-fake are different samples
             yield batch, keys, ids
-
-
-def to_memory_format(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
-
-
-def uses_channels_last(model: torch.nn.Module) -> bool:
-    """Whether the model's spatial conv kernels are stored NHWC (then inputs should be too)."""
-    kernels = [p for p in model.parameters() if p.dim() == 4 and p.shape[-1] > 1]
-    return bool(kernels) and kernels[0].is_contiguous(memory_format=torch.channels_last) \
-        and not kernels[0].is_contiguous()
 
 
 def warn_random_trunk(config: dict) -> bool:
@@ -363,12 +416,9 @@ def train_step(model: torch.nn.Module, core: torch.nn.Module, optimizer: torch.o
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, device: torch.device, precision: str,
                    flip: bool) -> torch.Tensor:
-    """Fake logits; with ``flip`` the mean of the image's and its mirror's logits (LAA-Net's flip test)."""
+    """Fake logits at ``precision``; with ``flip`` the flip test (:func:`models.predict`)."""
     with autocast(device, precision):
-        logits = model(images)["logit"].float()
-        if flip:
-            logits = (logits + model(images.flip(-1))["logit"].float()) / 2
-    return logits
+        return models.predict(model, images, flip)["logit"]
 
 
 def validate(model: torch.nn.Module, source: BatchSource, device: torch.device, precision: str, flip: bool,
@@ -390,7 +440,7 @@ def validate(model: torch.nn.Module, source: BatchSource, device: torch.device, 
 def save_checkpoint(path: Path, core: torch.nn.Module, config: dict, **state) -> None:
     """Atomically write a self-describing checkpoint (model name and arguments, config, training state)."""
     content = {"format": models.CHECKPOINT_FORMAT, "version": 1,
-               "model": {"name": core.model_name, "args": core.model_args},
+               "model": {"name": core.model_name, "args": core.model_args}, "input_size": core.input_size,
                "state_dict": core.state_dict(), "config": config, "torch": str(torch.__version__), **state}
     # Serialised in memory, then written like every other output: a full disk is an OSError naming the file
     # ("no space left on device", not torch's "basic_ios::clear") and the half-written temp file is removed.
@@ -462,8 +512,8 @@ class RunLog:
 
 # --- the loop --------------------------------------------------------------------------------------------
 
-def _set_backbone_frozen(core: torch.nn.Module, frozen: bool) -> bool:
-    parameters = core.backbone_parameters() if hasattr(core, "backbone_parameters") else []
+def _set_backbone_frozen(core: models.Detector, frozen: bool) -> bool:
+    parameters = core.backbone_parameters()
     for p in parameters:
         p.requires_grad_(not frozen)
     return bool(parameters)
@@ -474,12 +524,6 @@ def _wrap(core: torch.nn.Module, device: torch.device, world: int) -> torch.nn.M
         return core
     ids = [device.index] if device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(core, device_ids=ids)
-
-
-def _parameter_groups(core: torch.nn.Module, optimizer_config: dict) -> list[dict]:
-    if hasattr(core, "parameter_groups"):  # e.g. EtD's learned loss weights get their own group
-        return core.parameter_groups(optimizer_config["lr"], optimizer_config["weight_decay"])
-    return [{"params": list(core.parameters())}]
 
 
 def train(config: dict, on_step: Callable[[dict], None] | None = None) -> dict:
@@ -511,20 +555,19 @@ def train(config: dict, on_step: Callable[[dict], None] | None = None) -> dict:
 
 def _train_in(run_dir: Path, config: dict, on_step: Callable[[dict], None] | None) -> dict:
     """The training itself, in a run folder this run holds (on the main process)."""
-    rank, world, _, distributed_device = comm.init_distributed()
-    # Under torchrun "auto" means this process's own GPU (or the CPU with gloo).
-    device = distributed_device if world > 1 and config["device"] == "auto" else resolve_device(config["device"])
+    rank, world, _, _ = comm.init_distributed()
+    device = resolve_device(config["device"])  # under torchrun "auto" is this process's own device
     if device.type == "cpu":
         # The model is ~100x slower than the loader (benchmarks/train.py): it gets every core of this rank.
         # On a shared machine export OMP_WAIT_POLICY=PASSIVE (the scripts do) or idle threads spin.
         torch.set_num_threads(config["threads"] or max(1, (os.cpu_count() or 1) // world))
     main_process = comm.is_main_process()
+    comm.seed_everything(config["seed"])
+    core = models.build(config["model"]["name"], **config["model"]["args"]).to(device)
+    config = resolve_model_settings(config, core)  # before any data is read; config.yaml says what was used
     if main_process:
         remove_leftovers(run_dir, [".*.tmp"])  # half-written files of a killed or failed run
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
-
-    comm.seed_everything(config["seed"])
-    core = models.build(config["model"]["name"], **config["model"]["args"]).to(device)
     if config["channels_last"]:
         core = core.to(memory_format=torch.channels_last)
     if main_process:
@@ -534,7 +577,9 @@ def _train_in(run_dir: Path, config: dict, on_step: Callable[[dict], None] | Non
                  core.model_name, f"{total:,}", f"{trainable:,}", core.input_size, device, config["precision"])
         warn_random_trunk(config)
     source = BatchSource(config, core, device, rank, world)
-    optimizer = build_optimizer(_parameter_groups(core, config["optimizer"]), **config["optimizer"])
+    # e.g. EtD's learned loss weights get their own group
+    groups = core.parameter_groups(config["optimizer"]["lr"], config["optimizer"]["weight_decay"])
+    optimizer = build_optimizer(groups, **config["optimizer"])
     epochs = config["train"]["epochs"]
     scheduler_args = {k: v for k, v in config["scheduler"].items() if k != "name"}
     scheduler = build_scheduler(optimizer, config["scheduler"]["name"], epochs, **scheduler_args)
@@ -615,8 +660,7 @@ def _train_in(run_dir: Path, config: dict, on_step: Callable[[dict], None] | Non
             if step >= steps_per_epoch:
                 break
             done += 1
-            if hasattr(core, "prepare_batch"):
-                batch = core.prepare_batch(batch, generator)
+            batch = core.prepare_batch(batch, generator)
             parts = train_step(model, core, optimizer, batch, loss_weights, device, config["precision"], scaler,
                                config["train"]["grad_clip"])
             for key, value in parts.items():

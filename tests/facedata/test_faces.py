@@ -4,13 +4,13 @@ from __future__ import annotations
 import json
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import cv2
 import numpy as np
 import pytest
 import torch
 
+import models
 from package_utils import metadata
 from package_utils.config import build_config
 from package_utils.detectors import RetinaFaceDetector, choose_faces
@@ -329,7 +329,7 @@ def test_configs_and_trainer_wire_the_protocol_and_sampling(boxed, tmp_path):
         assert (data["crop_protocol"], data["train_frame_sampling"]) == (protocol, sampling), name
     config = build_config(trainer.DEFAULTS, CONFIGS / "sbi_effnet.yaml",
                           [f"data.train={path}", f"data.val={path}", "data.workers=0"])
-    model = SimpleNamespace(input_size=64, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    model = models.build("sbi_effnet", backbone="tf_efficientnet_b0", input_size=64)
     source = trainer.BatchSource(config, model, torch.device("cpu"), 0, 1)
     train, val = source.train_loader, source.val_loader
     assert (train.dataset.crop_protocol, train.sampler.sampling, train.sampler.margin_range) == ("sbi", "even",

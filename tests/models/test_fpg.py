@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+import yaml
 
 import models
 from facedata.faces import build_loader, load_frame_table
@@ -473,7 +474,7 @@ def test_batcher_sources_rebuild_the_sbi_fakes(face_metadata):
     raw = next(iter(build_loader(table, image_size=96, batch_size=3, frames_per_video=1, train=True, seed=0,
                                  workers=0)))
     sbi = SBIConfig(post_transforms=False, return_mask_with_ratio=True)
-    common = dict(method="sbi", heatmap_size=0, normalization="unit", sbi=sbi)
+    common = dict(method="sbi", heatmap_size=0, sbi=sbi)
     plain = PseudoFakeBatcher(BatcherConfig(**common))(raw, "cpu", torch.Generator().manual_seed(4))
     out = PseudoFakeBatcher(BatcherConfig(return_sources=True, **common))(raw, "cpu", torch.Generator().manual_seed(4))
     for key, value in plain.items():  # the same batch, with two more entries
@@ -514,10 +515,12 @@ def test_tiny_config_trains_with_guidance_on_real_faces(face_metadata, tmp_path)
                  "data.train_frames_per_video=2", "train.epochs=1", "train.max_steps_per_epoch=2",
                  "train.log_every=1", "device=cpu", "threads=2"]
     config = build_config(trainer.DEFAULTS, CONFIGS / "tiny_fpg.yaml", overrides)
-    assert config["synthesis"]["return_sources"] and config["loss"]["similarity"] == 0.075
+    assert config["loss"]["similarity"] == 0.075
     steps = []
-    trainer.train(config, on_step=steps.append)
+    summary = trainer.train(config, on_step=steps.append)
     assert len(steps) == 2
+    used = yaml.safe_load((Path(summary["run_dir"]) / "config.yaml").read_text())
+    assert used["synthesis"]["return_sources"] is True  # derived from the model's needs
     for step in steps:
         assert {"cls", "similarity", "quality", "shape_refined", "magnitude_refined"} <= set(step)
         assert all(math.isfinite(v) for k, v in step.items() if k not in ("epoch", "step"))
@@ -529,7 +532,9 @@ def test_reference_recipe_in_the_config():
     assert (optimizer["name"], optimizer["lr"], optimizer["betas"], optimizer["eps"], optimizer["weight_decay"]) == (
         "adamw", 1e-4, [0.9, 0.98], 1e-6, 0.2)
     assert (config["train"]["epochs"], config["scheduler"]["start_decay"], config["data"]["batch_size"]) == (50, 37, 16)
-    assert config["precision"] == "fp32" and config["synthesis"]["sbi"]["return_mask_with_ratio"] is True
+    assert config["precision"] == "fp32"
+    resolved = trainer.resolve_model_settings(config, models.build("fpg", backbone="tf_efficientnet_b0"))
+    assert resolved["synthesis"]["sbi"]["return_mask_with_ratio"] is True and resolved["synthesis"]["return_sources"]
     assert config["model"]["name"] == "fpg" and config["model"]["args"]["input_size"] == 380
     header = (CONFIGS / "fpg.yaml").read_text().split("_base_")[0]
     assert "4 GPUs with SyncBN" in header and "NPROC=4 ./scripts/train.sh --config configs/fpg.yaml" in header

@@ -31,8 +31,8 @@ def test_paired_sbi_batch_holds_each_real_and_its_fake(face_metadata):
         assert out[key][~reals].amax() > 0, f"{key} must be non-empty for fakes"
     assert torch.allclose(out["heatmap"][~reals].amax(dim=(1, 2, 3)), torch.ones(int((~reals).sum())))
     assert (out["anchor"][reals] == 0).all()
-    # symmetric normalisation: [-1, 1]
-    assert out["image"].min() >= -1 and out["image"].max() <= 1 and out["image"].min() < -0.5
+    # pixels in [0, 1]: the model normalises them (models.base.Detector.model_input)
+    assert out["image"].min() >= 0 and out["image"].max() <= 1 and out["image"].max() > 0.5
 
 
 def test_same_seed_same_batch(face_metadata):
@@ -61,8 +61,7 @@ def test_per_frame_quality_scores_follow_their_items(face_metadata):
 
 def test_mixed_bi_batch_blends_partners_only_for_fakes(face_metadata):
     batch = loader_batch(face_metadata, with_partner=True)
-    config = BatcherConfig(method="bi", pairing="mixed", fake_probability=1.0, heatmap_size=32,
-                           normalization="unit")
+    config = BatcherConfig(method="bi", pairing="mixed", fake_probability=1.0, heatmap_size=32)
     out = PseudoFakeBatcher(config)(batch, "cpu", torch.Generator().manual_seed(2))
     assert out["image"].shape == (4, 3, 128, 128)
     assert out["label"].sum() == out["valid_fake"] >= 3
@@ -79,7 +78,7 @@ def test_bi_degrades_reals_and_fakes_alike(face_metadata, pairing):
                           with_partner=True)
     faces = next(iter(loader))
     batch = {key: torch.cat([value] * 5)[:64] for key, value in faces.items()}  # 64 of the 15 real faces
-    common = dict(method="bi", pairing=pairing, heatmap_size=0, normalization="unit")
+    common = dict(method="bi", pairing=pairing, heatmap_size=0)
     out = PseudoFakeBatcher(BatcherConfig(**common))(batch, "cpu", torch.Generator().manual_seed(3))
     raw = PseudoFakeBatcher(BatcherConfig(bi=BIConfig(post_process=False), **common))(
         batch, "cpu", torch.Generator().manual_seed(3))

@@ -139,7 +139,7 @@ def test_same_seed_same_result_and_dtype_kept():
 
 
 def test_disabled_geometry_leaves_batches_unchanged_and_eval_keeps_only_the_margin(real_batch):
-    common = dict(method="sbi", heatmap_size=32, normalization="unit")
+    common = dict(method="sbi", heatmap_size=32)
     plain = PseudoFakeBatcher(BatcherConfig(**common))(real_batch, "cpu", _generator(9))
     off = PseudoFakeBatcher(BatcherConfig(geometry=GeometryConfig(margin_crop=True), **common))(
         real_batch, "cpu", _generator(9))
@@ -153,7 +153,7 @@ def test_disabled_geometry_leaves_batches_unchanged_and_eval_keeps_only_the_marg
 def test_paired_sbi_real_and_fake_share_every_draw(real_batch):
     """Outside the (transformed) blend mask a fake equals its real only if both went through the same geometry."""
     geometry = GeometryConfig(enabled=True, margin_crop=True, probability=1.0)
-    config = BatcherConfig(method="sbi", heatmap_size=32, normalization="unit", geometry=geometry,
+    config = BatcherConfig(method="sbi", heatmap_size=32, geometry=geometry,
                            sbi=SBIConfig(post_transforms=False), return_sources=True)
     out = PseudoFakeBatcher(config)(real_batch, "cpu", _generator(11))
     labels, items = out["label"].bool(), out["item"]
@@ -184,7 +184,7 @@ def test_targets_follow_the_transformed_masks_on_real_faces(face_metadata, metho
         geometry = GeometryConfig(enabled=True, margin_crop=method == "sbi", probability=probability,
                                   operations=("erasing",), erasing_area=(0.2, 0.3))
         config = BatcherConfig(method=method, pairing="paired" if method == "sbi" else "mixed", fake_probability=1.0,
-                               heatmap_size=32, normalization="unit", geometry=geometry)
+                               heatmap_size=32, geometry=geometry)
         return PseudoFakeBatcher(config)(batch, "cpu", _generator(12))
 
     # Both runs draw the same numbers; only the erasing differs.
@@ -220,7 +220,7 @@ def test_validation_batches_skip_the_train_augmentations(face_metadata):
     loader = build_loader(table, image_size=SIZE, batch_size=6, frames_per_video=2, train=True, seed=0, workers=0,
                           with_partner=True)
     batch = next(iter(loader))
-    common = dict(method="bi", pairing="mixed", heatmap_size=32, normalization="unit")
+    common = dict(method="bi", pairing="mixed", heatmap_size=32)
     augmented = BatcherConfig(bi=BIConfig(jitter=True), geometry=GeometryConfig(enabled=True, probability=1.0),
                               **common)
     val = PseudoFakeBatcher(augmented)(batch, "cpu", _generator(13), train=False)

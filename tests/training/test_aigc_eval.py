@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
+import torchvision.transforms as T
+from PIL import Image
 
 import models
-from training.aigc_eval import evaluate_folders, format_table, generator_metrics, mean_row
+from facedata.image_folders import build_image_loader, list_generators
+from training.aigc_eval import evaluate_folders, format_table, generator_metrics, mean_row, score_images
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # small tensors on a shared CPU
 
@@ -38,7 +40,8 @@ def test_trainer_filters_train_and_val_classes(image_folder_tree):
     def source(*overrides: str) -> "trainer.BatchSource":
         config = build_config(trainer.DEFAULTS, tiny, [f"data.train={image_folder_tree / 'train'}",
                                                        f"data.val={image_folder_tree / 'val'}", *overrides])
-        return trainer.BatchSource(config, models.build("npr"), torch.device("cpu"), 0, 1)
+        model = models.build("npr", **config["model"]["args"])  # tiny_npr trains at 64 px
+        return trainer.BatchSource(config, model, torch.device("cpu"), 0, 1)
 
     def classes_of(loader) -> set[str]:
         return {Path(path).parent.parent.name for path, _ in loader.dataset.entries}
@@ -54,13 +57,14 @@ def test_trainer_filters_train_and_val_classes(image_folder_tree):
 # ------------------------------------------------------------------------------------------------------------
 # Per-generator evaluation
 # ------------------------------------------------------------------------------------------------------------
-class ConstantFake(nn.Module):
+class ConstantFake(models.Detector):
     """Calls every image fake (logit +1): per generator ACC = fake share, real_acc 0, fake_acc 1."""
-
-    input_size, mean, std = 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"logit": torch.ones(images.shape[0])}
+
+    def compute_loss(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
+        return {"loss": outputs["logit"].sum() * 0.0}
 
 
 ROW_KEYS = ["generator", "n_real", "n_fake", "acc", "real_acc", "fake_acc", "ap"]
@@ -112,3 +116,18 @@ def test_single_class_generator_has_undefined_metrics_shown_as_na():
     assert row["fake_acc"] == pytest.approx(2 / 3) and math.isnan(row["real_acc"]) and math.isnan(row["ap"])
     assert math.isnan(mean_row([row])["ap"])
     assert "n/a" in format_table([row])
+
+
+def test_scores_are_the_references_pipeline_through_the_model(forensynths):
+    # uint8 from the loader, normalised for the model: what NPR's ToTensor + ImageNet Normalize feed it.
+    torch.manual_seed(0)
+    model = models.build("npr").eval()
+    loader = build_image_loader(list_generators(forensynths / "test")["progan"], False, 4, suite="forensynths-val")
+    paths, _, probabilities = score_images(model, loader)
+    reference = T.Compose([T.Resize((256, 256)), T.CenterCrop(224), T.ToTensor(),
+                           T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
+    images = torch.stack([reference(Image.open(path).convert("RGB")) for path in paths])
+    with torch.no_grad():
+        expected = torch.sigmoid(model(images)["logit"]).numpy()
+    assert len(paths) == 8 and np.allclose(probabilities, expected, atol=1e-6)
+    assert probabilities.std() > 1e-4  # a random NPR still tells these images apart: the check discriminates

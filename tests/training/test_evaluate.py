@@ -245,3 +245,27 @@ def test_an_unusable_output_folder_is_found_before_scoring(labelled_face_metadat
                           "--out", str(tmp_path / "a_file" / "eval")])
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert code == 2 and scored == [] and len(errors) == 1 and str(tmp_path / "a_file") in errors[0]
+
+
+def test_a_checkpoint_is_evaluated_and_used_at_the_size_it_was_trained_at(labelled_face_metadata, tmp_path):
+    # configs/tiny_etd.yaml trains EtD at 64 px; evaluation and inference of its checkpoint must see 64 px too.
+    from package_utils.config import build_config
+    from training import infer
+    from training import train as trainer
+
+    config = build_config(DEFAULTS, CONFIGS / "tiny_etd.yaml", [
+        f"data.train={labelled_face_metadata}", "data.val=", f"output_dir={tmp_path}",
+        "data.workers=0", "device=cpu", "train.epochs=1", "train.max_steps_per_epoch=1", "data.batch_size=3",
+        "data.train_frames_per_video=1", "data.val_frames_per_video=1"])
+    seen = []
+    summary = trainer.train(config, on_step=seen.append)
+    assert seen
+    model, _ = evaluate.load_model(summary["last"], None)
+    sizes = []
+    model.register_forward_pre_hook(lambda module, args: sizes.append(tuple(args[0].shape[-2:])))
+    evaluate.score_frames(model.eval(), labelled_face_metadata, None, 1, 4, torch.device("cpu"), "fp32", False, 0)
+    assert model.input_size == 64 and set(sizes) == {(64, 64)}
+    used = infer.load_model(summary["last"])
+    face = np.full((100, 90, 3), 128, dtype=np.uint8)
+    [result] = infer.predict_image(used, face, None, flip=False)
+    assert used.input_size == 64 and result["crop"].shape == (64, 64, 3)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +31,62 @@ def test_every_shipped_config_resolves_and_builds(path):
     config = build_config(trainer.DEFAULTS, path)
     trainer.check_config(config)
     model = models.build(config["model"]["name"], **config["model"]["args"])  # any size: tiny input below
+    resolved = trainer.resolve_model_settings(config, model)  # the config agrees with its model
+    assert resolved["data"]["image_size"] == model.input_size
     with torch.no_grad():
         outputs = model.eval()(torch.zeros(1, 3, 64, 64))
     assert outputs["logit"].shape == (1,)
+
+
+def _resolved(name: str, *overrides: str, **args) -> dict:
+    config = build_config(trainer.DEFAULTS, None, ["data.train=x.json", f"model.name={name}", *overrides])
+    small = {"backbone": "tf_efficientnet_b0"} if "backbone" in models.builder_arguments(name) else {}
+    return trainer.resolve_model_settings(config, models.build(name, **small, **args))
+
+
+def test_settings_that_follow_from_the_model_are_derived():
+    laanet = _resolved("laanet", input_size=64)
+    assert laanet["data"]["image_size"] == 64 and laanet["synthesis"]["heatmap_size"] == 16
+    assert laanet["synthesis"]["return_sources"] is False
+    assert laanet["synthesis"]["sbi"]["return_mask_with_ratio"] is False
+    fpg = _resolved("fpg", input_size=96)
+    assert (fpg["data"]["image_size"], fpg["synthesis"]["heatmap_size"]) == (96, 0)
+    assert fpg["synthesis"]["return_sources"] is True and fpg["synthesis"]["sbi"]["return_mask_with_ratio"] is True
+    sbi = _resolved("sbi_effnet")
+    assert (sbi["data"]["image_size"], sbi["synthesis"]["heatmap_size"], sbi["synthesis"]["return_sources"]) == (
+        380, 0, False)
+    etd = _resolved("etd", "data.kind=frames", input_size=64)
+    assert etd["data"]["image_size"] == 64
+    # Restating a derived value is allowed (and changes nothing).
+    assert _resolved("laanet", "synthesis.heatmap_size=16", "data.image_size=64", input_size=64) == laanet
+
+
+@pytest.mark.parametrize("name, overrides, args, key", [
+    ("laanet", ["synthesis.heatmap_size=96"], {"input_size": 64}, "synthesis.heatmap_size: 96 contradicts model laanet"),
+    ("sbi_effnet", ["synthesis.heatmap_size=32"], {}, "synthesis.heatmap_size: 32 contradicts model sbi_effnet"),
+    ("etd", ["data.kind=frames", "data.image_size=64"], {}, "data.image_size: 64 contradicts model etd"),
+    ("fpg", ["synthesis.return_sources=false"], {}, "synthesis.return_sources: False contradicts model fpg"),
+    ("fpg", ["synthesis.sbi.return_mask_with_ratio=false"], {},
+     "synthesis.sbi.return_mask_with_ratio: False contradicts model fpg"),
+    ("laanet", ["synthesis.sbi.return_mask_with_ratio=true"], {},
+     "synthesis.sbi.return_mask_with_ratio: True contradicts model laanet"),
+    ("laanet", ["data.kind=frames"], {}, "data.kind: model laanet trains on synthesised batches (heatmap targets)"),
+    ("fpg", ["synthesis.method=bi", "synthesis.pairing=mixed"], {}, "synthesis: return_sources needs method 'sbi'"),
+    ("fpg", ["data.kind=image_folder"], {"quality_scores": "q.json"}, "data.kind: model fpg trains on synthesised"),
+])
+def test_a_config_contradicting_its_model_names_the_key(name, overrides, args, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        _resolved(name, *overrides, **args)
+
+
+def test_a_contradicting_config_fails_before_any_data_is_read(tmp_path):
+    # The training file does not exist: the contradiction is reported first, and nothing is written.
+    config = build_config(trainer.DEFAULTS, CONFIGS[0].parent / "tiny_laanet_sbi.yaml", [
+        f"data.train={tmp_path / 'missing.json'}", f"output_dir={tmp_path}", "device=cpu",
+        "synthesis.heatmap_size=96", "model.args.backbone_weights=null", "model.args.backbone=tf_efficientnet_b0"])
+    with pytest.raises(ConfigError, match="synthesis.heatmap_size: 96 contradicts model laanet, which needs 32"):
+        trainer.train(config)
+    assert not (tmp_path / config["experiment"] / "config.yaml").exists()
 
 
 def test_reference_hyper_parameters_in_the_laanet_configs():
