@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from package_utils import crop, landmarks  # noqa: E402
 from package_utils.crop import cut_with_padding, resize_square, square_box, to_crop_coords  # noqa: E402
-from package_utils.detectors import LandmarkPredictor, choose_faces  # noqa: E402
+from package_utils.detectors import choose_faces  # noqa: E402
 from package_utils.video import MediaReader, sample_indices  # noqa: E402
 
 MEDIA = Path(__file__).resolve().parent.parent.parent / "shared/media"
@@ -67,7 +67,7 @@ def cpu_seconds() -> float:
                 parents[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks)
     except OSError:
         return float("nan")
-    family, total = {os.getpid()}, 0.0
+    family = {os.getpid()}
     grew = True
     while grew:
         grew = False

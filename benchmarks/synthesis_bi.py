@@ -4,27 +4,26 @@ Usage::
 
     python benchmarks/synthesis_bi.py [--size 384] [--batch 16] [--device cpu] [--threads 1] [--repeats 5]
 
-or as ``python benchmarks/synthesis.py --method bi`` (this file provides ``run(args, faces)``).
+or as ``python benchmarks/synthesis_sbi.py --method bi`` (this file provides ``run(args, faces)``).
 
-Faces are the real shared photos that benchmarks/synthesis.py loads (dlib HOG + 68-point predictor, square crop
+Faces are the real shared photos that benchmarks/synthesis_sbi.py loads (dlib HOG + 68-point predictor, square crop
 around the face resized to ``--size``, landmarks scaled). Every sample is a fake; its foreground is the next face
 of the batch, so background and foreground are different people. Both paths run in the same process with
 ``torch.set_num_threads`` and ``cv2.setNumThreads`` set to ``--threads`` (1 gives the per-core figure); colour
 jitter is off in both (the per-sample reference has none).
 
 * BI batched: :class:`synthesis.bi.BlendedImages` on (B, 3, S, S) float tensors on ``--device``.
-* BI per-sample: :func:`synthesis.reference_bi.blend_one_reference` (skimage piecewise-affine warp, OpenCV
+* BI per-sample: :func:`benchmarks.oracles.reference_bi.blend_one_reference` (skimage piecewise-affine warp, OpenCV
   morphology and resizing, PIL post-processing) on each uint8 image with the same drawn parameters, plus the
   conversion of image and boundary to float CHW tensors that the training step needs.
 * Targets: the boundary of each fake resized to 96² and quantised to uint8 as LAA-Net encodes it, then heatmap +
-  self-consistency targets: :mod:`synthesis.targets` on the batch vs the numpy loops of :mod:`synthesis.reference_bi`.
+  self-consistency targets: :mod:`synthesis.targets` on the batch vs the numpy loops of :mod:`benchmarks.oracles.reference_bi`.
 
 Times are medians over ``--repeats`` batches after one warm-up batch.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -40,7 +39,7 @@ import torch.nn.functional as F  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 from synthesis.bi import BIConfig, BlendedImages  # noqa: E402
-from synthesis.reference_bi import (  # noqa: E402
+from benchmarks.oracles.reference_bi import (  # noqa: E402
     ReferenceParams,
     blend_one_reference,
     consistency_targets_numpy,
@@ -52,19 +51,14 @@ HEATMAP_SIZE = 96
 
 
 def _shared_benchmark():
-    """benchmarks/synthesis.py (face loading, timing, table), imported under a name that cannot shadow the
-    ``synthesis`` package."""
-    module = sys.modules.get("benchmark_synthesis")
-    if module is None:
-        spec = importlib.util.spec_from_file_location("benchmark_synthesis", Path(__file__).with_name("synthesis.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["benchmark_synthesis"] = module
-        spec.loader.exec_module(module)
-    return module
+    """benchmarks/synthesis_sbi.py (face loading, timing, table); imported when needed, as it imports this file."""
+    from benchmarks import synthesis_sbi
+
+    return synthesis_sbi
 
 
 def run(args: argparse.Namespace, faces) -> list:
-    """Measure BI synthesis and target encoding; returns rows for benchmarks/synthesis.py's table."""
+    """Measure BI synthesis and target encoding; returns rows for benchmarks/synthesis_sbi.py's table."""
     shared = _shared_benchmark()
     images, landmarks = faces.batch(args.batch)
     partners = np.roll(images, 1, axis=0)

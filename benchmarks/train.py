@@ -51,7 +51,7 @@ interleaved. Passive waiting measures the model rather than the neighbours; ``--
 reproduces a plain training run's environment.
 
 Without the demo data (``./scripts/demo.sh`` makes it) the script says so and falls back to the real
-faces of ../shared/media (benchmarks/synthesis.py's ``load_faces``): the model figures are the same kind,
+faces of ../shared/media (benchmarks/synthesis_sbi.py's ``load_faces``): the model figures are the same kind,
 the input side is then SBI synthesis + targets only, without reading images.
 """
 from __future__ import annotations

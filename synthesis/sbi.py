@@ -16,7 +16,7 @@ The loader has already reordered the forehead points, flipped and cropped (steps
 8. post transforms with the same parameters for real and fake (RGB shift, HSV, brightness/contrast, JPEG).
 
 Where the batched implementation deliberately differs from the per-sample reference
-(:mod:`synthesis.reference_sbi`, and SBI's ``blend.py``):
+(:mod:`benchmarks.oracles.reference_sbi`, and SBI's ``blend.py``):
 
 * Step 6.2 (blur with k1, divide by the max, zero everything below 1) is computed as what it amounts to on a
   float mask: a binary erosion by a k1 x k1 square of the region at the mask's maximum (a pixel keeps its value

@@ -20,7 +20,7 @@ from synthesis.bi import (
     laa_color_jitter,
 )
 from synthesis.masks import hull_masks
-from synthesis.reference_bi import ReferenceParams, _piecewise_affine_warp, blend_one_reference, feather_reference
+from benchmarks.oracles.reference_bi import ReferenceParams, _piecewise_affine_warp, blend_one_reference, feather_reference
 
 SIZE = 256
 RAW = BIConfig(post_process=False)  # blends exactly as synthesised, without the down-and-up scaling

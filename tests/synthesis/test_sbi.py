@@ -9,7 +9,7 @@ import torch
 
 from synthesis import augment
 from synthesis.masks import MASK_TYPES, hull_mask_numpy
-from synthesis.reference_sbi import ReferenceSelfBlender
+from benchmarks.oracles.reference_sbi import ReferenceSelfBlender
 from synthesis.sbi import SBIConfig, SelfBlender, smooth_blend_masks
 
 SIZE = 256

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from synthesis.reference_bi import consistency_targets_numpy, heatmap_targets_numpy
+from benchmarks.oracles.reference_bi import consistency_targets_numpy, heatmap_targets_numpy
 from synthesis.targets import (
     boundary_from_mask,
     consistency_anchor,

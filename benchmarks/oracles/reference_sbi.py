@@ -5,7 +5,7 @@ The same algorithm as :class:`synthesis.sbi.SelfBlender` (steps 2-8 of docs/synt
 colour transforms on uint8, ``cv2.warpAffine`` for the affine, an OpenCV-smoothed displacement field and
 ``cv2.remap`` for the elastic step, ``cv2.GaussianBlur`` for the blend mask, a float32 blend cast to uint8.
 Like the batched version, and unlike SBI, the elastic step warps the mask only (SBI also warps the image and
-throws it away). It is the baseline of ``benchmarks/synthesis.py`` and a behavioural oracle in the tests; the
+throws it away). It is the baseline of ``benchmarks/synthesis_sbi.py`` and a behavioural oracle in the tests; the
 random streams of the two implementations differ, so they agree in distribution, not sample by sample.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/synthesis.py [--size 384] [--batch 16] [--device cpu] [--threads 1] [--method sbi|bi|all]
+    python benchmarks/synthesis_sbi.py [--size 384] [--batch 16] [--device cpu] [--threads 1] [--method sbi|bi|all]
 
 Faces are real: a few shared photos (../shared/media, as the test fixture ``face_with_landmarks``), dlib HOG +
 the 68-point predictor, a square crop around each face resized to ``--size`` with its landmarks scaled. The
@@ -46,7 +46,7 @@ import torch  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
-from synthesis.reference_sbi import ReferenceSelfBlender, ShippedStyleSelfBlender  # noqa: E402
+from benchmarks.oracles.reference_sbi import ReferenceSelfBlender, ShippedStyleSelfBlender  # noqa: E402
 from synthesis.sbi import SBIConfig, SelfBlender  # noqa: E402
 
 MEDIA_DIR = Path(os.environ.get("FF_SHARED_MEDIA", REPO_ROOT.parent / "shared" / "media"))
@@ -168,13 +168,9 @@ def run_sbi(args: argparse.Namespace, faces: Faces) -> list[Row]:
 
 def run_bi(args: argparse.Namespace, faces: Faces) -> list[Row]:
     """Blended images: implemented in benchmarks/synthesis_bi.py as ``run(args, faces) -> list[Row]``."""
-    path = Path(__file__).resolve().parent / "synthesis_bi.py"
-    if not path.is_file():
-        raise SystemExit(f"--method bi needs {path}")
-    spec = importlib.util.spec_from_file_location("synthesis_bi", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.run(args, faces)
+    from benchmarks import synthesis_bi  # imported when needed: it imports this file
+
+    return synthesis_bi.run(args, faces)
 
 
 METHODS: dict[str, Callable[[argparse.Namespace, Faces], list[Row]]] = {"sbi": run_sbi, "bi": run_bi}
