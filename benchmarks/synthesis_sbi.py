@@ -10,16 +10,17 @@ batch cycles through them. Both paths run in the same process with ``torch.set_n
 ``cv2.setNumThreads`` set to ``--threads`` (1 gives the per-core figure):
 
 * batched: ``SelfBlender`` on a (B, 3, S, S) float tensor on ``--device``;
-* per-sample lean: ``ReferenceSelfBlender`` on each uint8 image (the same algorithm written the references' way,
-  elastic warp of the mask only), plus the conversion of real and fake to float CHW tensors that the training
-  step needs. The batched / lean ratio is the figure of the goal (>= 5x per core);
-* per-sample as shipped: ``ShippedStyleSelfBlender``, the lean path plus what SBI's code as shipped also does
-  (albumentations-1.1.0-style elastic warp of the image as well as the mask, the image result thrown away;
-  float64 blend), same conversion.
+* per-sample, reference style: ``ShippedStyleSelfBlender`` (benchmarks/oracles), SBI's per-sample algorithm
+  as its code as shipped runs it (albumentations-1.1.0-style elastic warp of the image as well as the mask, the
+  image result thrown away; float64 blend), plus the conversion of real and fake to float CHW tensors that the
+  training step needs. The batched / reference-style ratio is the figure of the goal (>= 5x per core);
+* per-sample, our lean port: ``ReferenceSelfBlender``, this project's own optimised per-sample port of the same
+  algorithm (elastic warp of the mask only, float32), same conversion: not a reference, it shows how much of
+  the gain is batching rather than leaner per-sample code.
 
 The paths are timed in interleaved rounds (one batch of each per round, after one warm-up batch each), so load
 changes on a shared machine hit them alike; times are medians over ``--repeats`` rounds. Prints samples/s of
-each path, the ratios, the load average, and SBI's own figure from shared/specs/anchors.md for scale (measured
+each path, the ratios, the load average, and SBI's own figure from docs/anchors.md for scale (measured
 elsewhere, not in this run).
 
 Other methods plug in as a function ``run(args, faces) -> list[Row]``: ``--method bi`` imports it from
@@ -51,7 +52,7 @@ from synthesis.sbi import SBIConfig, SelfBlender  # noqa: E402
 
 MEDIA_DIR = Path(os.environ.get("FF_SHARED_MEDIA", REPO_ROOT.parent / "shared" / "media"))
 PHOTOS = ("obama.jpg", "biden.jpg", "obama2.jpg", "lin-manuel-miranda.png", "alex-lacamoire.png")
-# SBI as shipped, 384 px, 68 landmarks, one core (shared/specs/anchors.md).
+# SBI as shipped, 384 px, 68 landmarks, one core (docs/anchors.md: measured elsewhere, not in this run).
 SBI_REFERENCE_MS_PER_SAMPLE = 42.2
 
 
@@ -156,13 +157,13 @@ def run_sbi(args: argparse.Namespace, faces: Faces) -> list[Row]:
                     torch.from_numpy(out[key]).permute(2, 0, 1).float().div(255.0)
         return run
 
+    reference_style = per_sample(ShippedStyleSelfBlender(config), np.random.default_rng(args.seed))
     lean = per_sample(ReferenceSelfBlender(config), np.random.default_rng(args.seed))
-    shipped = per_sample(ShippedStyleSelfBlender(config), np.random.default_rng(args.seed))
-    times = interleaved_median_seconds([batched, lean, shipped], args.repeats)
-    return [
+    times = interleaved_median_seconds([batched, reference_style, lean], args.repeats)
+    return [  # the first per-sample row is the goal's baseline (print_rows)
         Row("sbi", f"batched ({args.device}, B={args.batch})", times[0] / args.batch),
-        Row("sbi", "per-sample lean (OpenCV)", times[1] / args.batch),
-        Row("sbi", "per-sample as shipped (style)", times[2] / args.batch),
+        Row("sbi", "per-sample, reference style", times[1] / args.batch),
+        Row("sbi", "per-sample, our lean port", times[2] / args.batch),
     ]
 
 
@@ -176,7 +177,7 @@ def run_bi(args: argparse.Namespace, faces: Faces) -> list[Row]:
 METHODS: dict[str, Callable[[argparse.Namespace, Faces], list[Row]]] = {"sbi": run_sbi, "bi": run_bi}
 
 
-def print_rows(rows: list[Row]) -> None:
+def print_rows(rows: list[Row], size: int = 384) -> None:
     print(f"{'method':<8} {'path':<32} {'samples/s':>10} {'ms/sample':>10}")
     for row in rows:
         print(f"{row.method:<8} {row.path:<32} {row.samples_per_second:>10.1f} {row.seconds_per_sample * 1e3:>10.2f}")
@@ -187,9 +188,11 @@ def print_rows(rows: list[Row]) -> None:
             ratio = baseline.seconds_per_sample / batched[0].seconds_per_sample
             goal = " (goal >= 5x)" if method == "sbi" and index == 0 else ""
             print(f"{method}: batched / {baseline.path} speed ratio {ratio:.2f}x{goal}")
-        if method == "sbi" and batched:
+        if method == "sbi" and batched and size != 384:
+            print(f"sbi: SBI as shipped was measured at 384 px (docs/anchors.md); not comparable with {size} px")
+        elif method == "sbi" and batched:
             ratio = SBI_REFERENCE_MS_PER_SAMPLE / (batched[0].seconds_per_sample * 1e3)
-            print(f"sbi: SBI as shipped, {SBI_REFERENCE_MS_PER_SAMPLE} ms/sample at 384 px on one core (anchors.md, "
+            print(f"sbi: SBI as shipped, {SBI_REFERENCE_MS_PER_SAMPLE} ms/sample at 384 px on one core (docs/anchors.md, "
                   f"not this run): batched is {ratio:.2f}x that")
 
 
@@ -212,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = list(METHODS) if args.method == "all" else [args.method]
     load_before = os.getloadavg()
     rows = [row for method in methods for row in METHODS[method](args, faces)]
-    print_rows(rows)
+    print_rows(rows, args.size)
     print(f"load average (1 min) {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after, "
           f"{os.cpu_count()} cores")
     return 0

@@ -19,7 +19,7 @@ epochs), random init (no AdvProp weights), device cpu, ``--threads`` torch threa
 
 ``--batch`` is the number of images the model sees per step. SBI pairs every real with its fake, so the
 loader reads ``batch / 2`` real faces per step (``configs/laanet_sbi.yaml``'s ``data.batch_size: 8`` means
-16 images a step). The anchors (shared/specs/anchors.md) were measured at batch 4.
+16 images a step). The anchors (docs/anchors.md, measured elsewhere) were measured at batch 4.
 
 Every configuration lives in its own process, so its peak RSS (``resource.getrusage`` ``ru_maxrss``,
 interpreter and torch included, as the anchors) is its own:
@@ -28,8 +28,9 @@ interpreter and torch included, as the anchors) is its own:
   targets + normalisation in the main process (``BatchSource._prepare``, the trainer's own code); a round
   is ``--loader-batches`` batches after one warm-up batch (``images_per_second`` of benchmarks/loader.py).
   It also saves a few ready batches of exactly ``--batch`` images for the model processes;
-* model side: one process per (precision, optimiser); a round is one ``train_step`` on a ready batch (no
-  data loading inside it).
+* model side: one process per (precision, optimiser); a round is ``--settle-steps`` untimed ``train_step``s
+  and one timed one on ready batches (no data loading inside them): the timed step runs on the warm heap the
+  step before it left, as the trainer's steps do, and memory goes back to the OS only between rounds.
 
 The processes run one at a time in interleaved rounds (input side, then each model configuration, then
 again), ``--warmup`` untimed rounds then ``--steps`` timed ones, so load changes on this shared machine
@@ -86,7 +87,7 @@ CONFIG = REPO_ROOT / "configs" / "laanet_sbi.yaml"
 POOL = 2  # distinct ready batches the model steps cycle through
 SETTLE_SECONDS = 0.5  # after a loader round: the workers refill their prefetch queues, then idle
 
-# shared/specs/anchors.md: LAA-Net as shipped, batch 4 at 384 px, 2 threads (s/step, peak RSS GB).
+# docs/anchors.md (measured elsewhere, not in this run): LAA-Net as shipped, batch 4 at 384 px, 2 threads (s/step, peak RSS GB).
 ANCHOR_BATCH = 4
 ANCHORS = {("fp64", "adam"): (12.8, 8.2), ("fp32", "adam"): (3.93, 4.8),
            ("fp64", "sam_adam"): (20.4, None), ("fp32", "sam_adam"): (7.7, None)}
@@ -212,11 +213,12 @@ class InputSide:
 
 
 class ModelSide:
-    """LAA-Net, its optimiser and the ready batches; a round is one ``train_step``."""
+    """LAA-Net, its optimiser and the ready batches; a round is ``settle_steps`` untimed steps and a timed one."""
 
     def __init__(self, args: argparse.Namespace, pool_file: str, precision: str, optimizer: str):
         torch.set_num_threads(args.threads)
         torch.manual_seed(0)
+        self.settle_steps = args.settle_steps
         self.config = make_config(args, precision, optimizer)
         self.precision, self.device = precision, torch.device("cpu")
         self.core = models.build(self.config["model"]["name"], **self.config["model"]["args"]).to(self.device)
@@ -228,16 +230,23 @@ class ModelSide:
         self.batches = torch.load(pool_file, weights_only=True)
         self.steps = 0
 
-    def round(self) -> dict:
+    def _step(self) -> dict:
         batch = self.batches[self.steps % len(self.batches)]
         self.steps += 1
+        return train_step(self.core, self.core, self.optimizer, batch, self.config["loss"], self.device,
+                          self.precision, None, self.config["train"]["grad_clip"])
+
+    def round(self) -> dict:
+        # The trainer's steps follow one another and reuse the heap the last step left; after memory went
+        # back to the OS a step re-faults it (10-25% slower). So the timed step follows an untimed one.
+        for _ in range(self.settle_steps):
+            self._step()
         kernel = resource.getrusage(resource.RUSAGE_SELF).ru_stime
         started = time.perf_counter()
-        parts = train_step(self.core, self.core, self.optimizer, batch, self.config["loss"], self.device,
-                           self.precision, None, self.config["train"]["grad_clip"])
+        parts = self._step()
         seconds = time.perf_counter() - started
         kernel = resource.getrusage(resource.RUSAGE_SELF).ru_stime - kernel
-        release_free_memory()  # outside the timed step; the step's page faults happen with or without it
+        release_free_memory()  # between rounds only: idle configurations waiting for their turn hold little
         return {"seconds": seconds, "kernel": kernel, "loss": parts["loss"]}
 
     def finish(self) -> dict:
@@ -344,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=3, help="timed rounds (one train step per configuration)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (allocator, oneDNN set-up)")
+    parser.add_argument("--settle-steps", type=int, default=1,
+                        help="untimed steps before each timed one, so it runs on a warm heap as in the trainer "
+                             "(0: right after memory was returned to the OS, 10-25%% slower)")
     parser.add_argument("--batch", type=int, default=8, help="images per step (even: reals + their SBI fakes)")
     parser.add_argument("--size", type=int, default=384)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the anchors used 2)")
@@ -469,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"SAM / Adam step time ({precision}): {ratio:.2f}x (two passes: about 2 expected)")
     print(f"last losses: {', '.join(f'{p} {o} {v:.3g}' for (p, o), v in losses.items())}")
     print()
-    print(f"anchors (shared/specs/anchors.md, measured elsewhere, not in this run): LAA-Net as shipped, "
+    print(f"anchors (docs/anchors.md, measured elsewhere, not in this run): LAA-Net as shipped, "
           f"batch {ANCHOR_BATCH} at 384 px, 2 threads")
     for (precision, optimizer), (seconds, rss) in ANCHORS.items():
         rss_text = f", peak RSS {rss} GB" if rss else ""
