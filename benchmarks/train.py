@@ -158,7 +158,7 @@ class InputSide:
                 if sum(b["image"].shape[0] for b in ready) >= POOL * args.batch:
                     break
         else:
-            from benchmarks.synthesis import load_faces
+            from benchmarks.synthesis_sbi import load_faces
             from synthesis.batch import PseudoFakeBatcher
 
             self.source = None
