@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from package_utils.partners import LAA_KERNELS, LAA_TILE, METRICS, find_partners  # noqa: E402
+from package_utils.partners import DEFAULT_BLOCK_SIZE, LAA_KERNELS, METRICS, find_partners  # noqa: E402
 
 FRAMES_PER_VIDEO = 128
 LAA_NET_SECONDS_PER_QUERY = 0.1226
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     if "laa" in args.metrics and args.laa_kernel != "eager":
         # build the fused kernel for the benchmark's tile shape first (torch caches it on disk afterwards);
         # "auto" uses it for the larger sizes only (FUSED_MIN_WORK)
-        faces, videos = synthetic_faces(args.block_size or LAA_TILE)
+        faces, videos = synthetic_faces(2048)
         start = time.perf_counter()
         try:
             find_partners(faces, videos, faces, videos, k=args.k, metric="laa", device=args.device,

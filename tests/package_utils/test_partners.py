@@ -126,10 +126,10 @@ def test_mismatched_landmark_counts_raise():
 @pytest.mark.parametrize("broken", ["raises", "wrong"])
 def test_auto_kernel_falls_back_to_eager(monkeypatch, caplog, broken):
     def build():
-        def kernel(qx, qy, cx, cy):
+        def kernel(qx, qy, cx, cy, *_):
             if broken == "raises":
                 raise RuntimeError("no C++ compiler")
-            return torch.zeros(qx.shape[1], cx.shape[2])
+            return torch.zeros(qx.shape[0], cx.shape[0]), torch.ones(qx.shape[0], dtype=torch.bool)
         return kernel
 
     monkeypatch.setattr(partners, "_fused_kernel", build)
