@@ -71,9 +71,11 @@ log = logging.getLogger("package_utils.partners")
 METRICS = ("l2", "laa")
 #: Candidate pools: ``real`` (label 0 only: BI blends two real faces) or ``all`` labels.
 POOLS = ("real", "all")
-#: Queries searched together (a k-d leaf: faces with nearby features), sharing the candidates that survive
-#: the bound; 16-128 measured within 20% of each other at 46k faces, 32 the fastest.
+#: Queries searched together (k-d leaves: faces with nearby features), sharing the candidates that survive
+#: the bound: laa, whose pairs are dear, in small blocks (16-128 measured within 20% of each other at 46k
+#: faces, 32 the fastest), l2, whose pairs are cheap matmul work, in larger ones.
 DEFAULT_BLOCK_SIZE = 32
+L2_BLOCK_SIZE = 64
 #: Candidates scored per kernel call and merge.
 DEFAULT_CANDIDATE_BLOCK = 4096
 #: Bound on the float32 values held per kernel call, in MiB.
@@ -97,6 +99,8 @@ KD_LEAF = 32
 #: later round takes: early rounds lower the block's T, so later ones skip more.
 SEED_LEAVES = 32
 GROWTH = 4
+#: Query blocks whose leaf bounds are computed and sorted in one go (and handed to a thread together).
+BATCH_BLOCKS = 16
 _REFINE_ELEMENTS = 1 << 22  # float64 values per re-scoring chunk (32 MiB)
 
 
@@ -354,13 +358,30 @@ class _Search:
         return (r1 - r0) * len(cols)
 
     @torch.inference_mode()
-    def block(self, r0: int) -> int:
-        """Search the query block starting at ``r0``; returns the number of pairs scored."""
+    def blocks(self, starts: Sequence[int]) -> int:
+        """Search the query blocks starting at ``starts``; returns the number of pairs scored.
+
+        The blocks' bounds to every candidate leaf are computed and sorted together (few, large numpy calls).
+        """
+        size = self.block_shape[0]
+        features = [self.q_features[:, r0:r0 + size] for r0 in starts]
+        low = np.stack([f.min(axis=1) for f in features], axis=1)  # (P, blocks)
+        high = np.stack([f.max(axis=1) for f in features], axis=1)
+        bounds = np.zeros((len(starts), self.leaf_low.shape[1]))
+        for j in range(len(low)):
+            gap = np.maximum(np.maximum(low[j, :, None] - self.leaf_high[j], self.leaf_low[j] - high[j, :, None]), 0)
+            if self.metric == "laa":
+                np.maximum(bounds, gap, out=bounds)
+            else:
+                bounds += gap * gap
+        orders = np.argsort(bounds, axis=1, kind="stable")
+        bounds = np.take_along_axis(bounds, orders, axis=1)
+        return sum(self.block(r0, low[:, i], high[:, i], orders[i], bounds[i]) for i, r0 in enumerate(starts))
+
+    def block(self, r0: int, low: np.ndarray, high: np.ndarray, order: np.ndarray, leaf_bounds: np.ndarray) -> int:
+        """Search the query block starting at ``r0`` with feature box [low, high], visiting the candidate leaves
+        in ``order`` (ascending ``leaf_bounds``); returns the number of pairs scored."""
         r1 = min(r0 + self.block_shape[0], self.n)
-        low, high = self.q_features[:, r0:r1].min(axis=1), self.q_features[:, r0:r1].max(axis=1)
-        leaf_bounds = _box_bound(low, high, self.leaf_low, self.leaf_high, self.metric)
-        order = np.argsort(leaf_bounds, kind="stable")
-        leaf_bounds = leaf_bounds[order]
         done, chunk, scored = 0, SEED_LEAVES, 0
         while done < len(order):
             limit = float(self.T[r0:r1].max()) + self.margin
@@ -379,7 +400,7 @@ class _Search:
         return scored
 
     def run(self, pool: ThreadPoolExecutor, progress: bool) -> None:
-        """Every query block, spread over the threads of ``pool`` (blocks write disjoint rows)."""
+        """Every query block, in batches spread over the threads of ``pool`` (blocks write disjoint rows)."""
         self.leaf_starts = np.arange(0, self.m, KD_LEAF)
         self.leaf_sizes = np.minimum(KD_LEAF, self.m - self.leaf_starts)
         self.leaf_low = np.minimum.reduceat(self.c_features, self.leaf_starts, axis=1)
@@ -387,14 +408,15 @@ class _Search:
         # float64 features carry rounding of ~1e-16 of their size: keep what lies that close to T
         scale = 1.0 + max(np.abs(self.q_features).max(initial=0), np.abs(self.c_features).max(initial=0))
         self.margin = 1e-9 * (scale if self.metric == "laa" else scale * scale)
-        starts = range(0, self.n, self.block_shape[0])
-        with tqdm(total=len(starts), desc=f"partners ({self.metric})", unit="block", disable=not progress,
+        starts = list(range(0, self.n, self.block_shape[0]))
+        batches = [starts[:1]] + [starts[i:i + BATCH_BLOCKS] for i in range(1, len(starts), BATCH_BLOCKS)]
+        with tqdm(total=self.n, desc=f"partners ({self.metric})", unit="query", disable=not progress,
                   mininterval=1.0) as bar:
-            self.pairs_scored += self.block(starts[0])  # alone: "auto" builds and checks the fused kernel
-            bar.update()
-            for scored in pool.map(self.block, starts[1:]):
+            self.pairs_scored += self.blocks(batches[0])  # alone: "auto" builds and checks the fused kernel
+            bar.update(len(range(0, self.n)[:self.block_shape[0]]))
+            for batch, scored in zip(batches[1:], pool.map(self.blocks, batches[1:])):
                 self.pairs_scored += scored
-                bar.update()
+                bar.update(min(batch[-1] + self.block_shape[0], self.n) - batch[0])
 
     def scan(self, rows: torch.Tensor, limits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(row, candidate) positions of every candidate of another video whose value is <= ``limits[row]``."""
@@ -432,7 +454,7 @@ def _search(query: np.ndarray, query_video: Any, candidates: np.ndarray, candida
         return indices, distances, {}
     if (block_size is not None and block_size < 1) or (candidate_block_size is not None and candidate_block_size < 1):
         raise ValueError("block sizes must be >= 1")
-    bq = min(int(block_size or DEFAULT_BLOCK_SIZE), n)
+    bq = min(int(block_size or (L2_BLOCK_SIZE if metric == "l2" else DEFAULT_BLOCK_SIZE)), n)
     bc = min(int(candidate_block_size or DEFAULT_CANDIDATE_BLOCK), m)
     max_values = max(bq * bc, int(max_tile_mb * 2**20 / 4 / 3))  # values, their mask and topk's copy
     points = query.shape[1]
@@ -563,7 +585,7 @@ def find_partners(query_landmarks: np.ndarray, query_video: Sequence[str] | np.n
         metric: ``l2`` (Euclidean distance of the flattened vectors) or ``laa`` (sum of per-landmark
             Euclidean distances, as LAA-Net).
         device: torch device for the distance tiles (``cpu``, ``cuda``...).
-        block_size: queries searched together (default 32).
+        block_size: queries searched together (default 32 for laa, 64 for l2).
         candidate_block_size: candidates scored per kernel call (default 4096).
         max_tile_mb: bound on the float32 values held per kernel call in MiB.
         laa_kernel: ``fused`` (torch.compile, one pass per tile; needs a C++ compiler; built on first use,
@@ -716,7 +738,8 @@ def _options() -> list[Option]:
         Option("metric", "l2", "l2: flattened Euclidean (fast); laa: sum of per-landmark distances (LAA-Net)",
                choices=METRICS, output=True),
         Option("device", "cpu", "torch device: cpu, cuda, cuda:1 ..."),
-        Option("block_size", None, f"queries searched together (default {DEFAULT_BLOCK_SIZE})", type=int),
+        Option("block_size", None, f"queries searched together (default {DEFAULT_BLOCK_SIZE} for laa, "
+               f"{L2_BLOCK_SIZE} for l2)", type=int),
         Option("max_tile_mb", DEFAULT_TILE_MB, "bound on the float32 values held per kernel call, MiB"),
         Option("laa_kernel", "auto", "laa tile kernel: fused (torch.compile), eager, or auto (fused, else eager)",
                choices=LAA_KERNELS),
