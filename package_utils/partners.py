@@ -25,27 +25,36 @@ paths are made absolute when its ``data_root`` differs from the input's.
 Metrics (distances in landmark pixels):
 
 * ``laa``: the references' D = sum_k ||a_k - b_k||_2 (LAA-Net, Face X-ray).
-* ``l2``: Euclidean distance of the flattened (2L)-vectors (DeepfakeBench), via ||b||^2 - 2 a.b matmuls.
+* ``l2``: Euclidean distance of the flattened (2L)-vectors (DeepfakeBench), via matmuls.
 
-The search runs in tiles of ``block_size`` queries x a candidate block (float32 tiles bounded by
-``max_tile_mb``), keeping a running top-(k + margin) per query; same-video pairs are set to +inf before each
-top-k. The survivors are then re-scored in float64 and sorted by (distance, candidate id), so ties break
-deterministically and the result does not depend on the tile sizes.
+The search is exact (the same partners, in the same order, as a float64 brute force with ties broken by the
+lower candidate id) but skips what a lower bound rules out. Each face gets a few features, projections on the
+candidates' principal axes, whose differences bound the metric from below (see ``_features``). Queries and
+candidates are put in k-d order of these features; each block of ``block_size`` queries visits the candidate
+leaves nearest first and keeps a running float32 top-(k + margin) per query (same-video pairs are +inf). Once a
+query block's lists are full, a candidate (or a whole leaf) whose bound exceeds every list's last value cannot
+enter them and is not scored. The survivors are re-scored in float64 and sorted by (distance, candidate id);
+a row where float32 rounding or ties at the k-th place could have hidden a neighbour is redone with every
+candidate that could be one (see ``_redo_uncertain``). On FF++-like landmarks about 6% of the pairs are
+scored at 92k faces; on unstructured landmarks (no pair can be ruled out) all are.
 
-laa costs L square roots per pair, so it computes each pair once when a file is searched against itself
-(symmetric tiles) and, on CPU, uses a torch.compile'd kernel (one pass per tile instead of six per landmark;
-needs a C++ compiler, built once in ~15 s and cached by torch). ``--laa-kernel auto`` checks that kernel against
-the eager one on the first tile and falls back to eager, with a warning, when it is unavailable or differs.
+laa costs L square roots per pair; on CPU it uses a torch.compile'd kernel (one pass instead of six per
+landmark; needs a C++ compiler, built once in ~15 s and cached by torch). ``--laa-kernel auto`` checks that
+kernel against the eager one on its first call and falls back to eager, with a warning, when it is unavailable
+or differs. Query blocks run in ``torch.get_num_threads()`` threads of one torch thread each.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import math
+import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -62,21 +71,36 @@ log = logging.getLogger("package_utils.partners")
 METRICS = ("l2", "laa")
 #: Candidate pools: ``real`` (label 0 only: BI blends two real faces) or ``all`` labels.
 POOLS = ("real", "all")
-DEFAULT_BLOCK_SIZE = 1024
-#: Bound on the float32 distance tile(s) held at once, in MiB.
+#: Queries searched together (k-d leaves: faces with nearby features), sharing the candidates that survive
+#: the bound: laa, whose pairs are dear, in small blocks (16-128 measured within 20% of each other at 46k
+#: faces, 32 the fastest), l2, whose pairs are cheap matmul work, in larger ones.
+DEFAULT_BLOCK_SIZE = 32
+L2_BLOCK_SIZE = 64
+#: Candidates scored per kernel call and merge.
+DEFAULT_CANDIDATE_BLOCK = 4096
+#: Bound on the float32 values held per kernel call, in MiB.
 DEFAULT_TILE_MB = 128.0
-#: laa tile side (1024-4096 measured within 10% of each other with the fused kernel; 1024 was fastest).
-LAA_TILE = 1024
-#: The eager kernel works in sub-tiles of at most this side, so its per-landmark temporaries stay in cache
-#: (1024 is ~1.6x faster per pair than 2048 on a 2-core EPYC).
+#: The eager kernel works in sub-tiles of at most this side, so its per-landmark temporaries stay in cache.
 EAGER_SUBTILE = 1024
 LAA_KERNELS = ("auto", "fused", "eager")
-#: "auto" compiles the fused kernel only for searches with more pair-landmark terms than this (~10 s of eager
-#: work on a 2-core CPU, N ~ 17k searched against itself), because a cold build takes ~15 s.
-FUSED_MIN_WORK = 1e10
-#: Extra candidates kept per query in the float32 pass, so float32 rounding cannot push a true top-k
-#: neighbour out before the float64 re-scoring, and ties at the k-th place can be broken by id.
+#: "auto" compiles the fused kernel only for searches of more query x candidate x landmark terms than this
+#: (N ~ 38k searched against itself), because a cold build takes ~15 s and the bound skips most pairs.
+FUSED_MIN_WORK = 1e11
+#: Extra candidates kept per query in the float32 pass, so float32 rounding rarely pushes a true top-k
+#: neighbour out before the float64 re-scoring (rows where it could are redone; see _redo_uncertain).
 TIE_MARGIN = 8
+#: Lower-bound features per face (see _features): 4 for laa (the max of 4 single bounds) and 8 for l2 (one
+#: Euclidean bound); more prune no better on the benchmark's FF++-like landmarks.
+LAA_FEATURES = 4
+L2_FEATURES = 8
+#: Leaf size of the k-d order of the candidates: the bound first rules out whole leaves.
+KD_LEAF = 32
+#: Candidate leaves a query block starts with (its nearest by the bound), and how many times more each
+#: later round takes: early rounds lower the block's T, so later ones skip more.
+SEED_LEAVES = 32
+GROWTH = 4
+#: Query blocks whose leaf bounds are computed and sorted in one go (and handed to a thread together).
+BATCH_BLOCKS = 16
 _REFINE_ELEMENTS = 1 << 22  # float64 values per re-scoring chunk (32 MiB)
 
 
@@ -105,17 +129,17 @@ def _video_codes(query_video: Sequence | np.ndarray, candidate_video: Sequence |
 def _exact(query: np.ndarray, candidates: np.ndarray, metric: str) -> np.ndarray:
     """float64 distances between query (n, L, 2) and its candidates (n, m, L, 2) -> (n, m)."""
     diff = candidates - query[:, None]
-    if metric == "l2":
-        return np.sqrt(np.einsum("nmlc,nmlc->nm", diff, diff))
-    return np.sqrt(np.einsum("nmlc,nmlc->nml", diff, diff)).sum(axis=-1)
+    squares = diff[..., 0] ** 2 + diff[..., 1] ** 2  # (n, m, L); einsum is several times slower at this shape
+    return np.sqrt(squares.sum(axis=-1)) if metric == "l2" else np.sqrt(squares).sum(axis=-1)
 
 
 def _laa_eager(qx: torch.Tensor, qy: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, out: torch.Tensor,
                t1: torch.Tensor, t2: torch.Tensor) -> torch.Tensor:
-    """laa tile with in-place ops: qx, qy (L, B, 1), cx, cy (L, 1, C) -> out (B, C); six passes per landmark.
+    """laa with in-place ops: qx, qy (B, L), cx, cy (C, L) -> out (B, C); six passes per landmark.
 
     Works in sub-tiles of ``t1``'s shape (cache-sized temporaries).
     """
+    qx, qy, cx, cy = (side.T.contiguous() for side in (qx, qy, cx, cy))  # (L, B) and (L, C): rows per landmark
     out.zero_()
     rows, cols = t1.shape
     for r0 in range(0, out.shape[0], rows):
@@ -123,16 +147,23 @@ def _laa_eager(qx: torch.Tensor, qy: torch.Tensor, cx: torch.Tensor, cy: torch.T
             part = out[r0:r0 + rows, c0:c0 + cols]
             a, b = t1[:part.shape[0], :part.shape[1]], t2[:part.shape[0], :part.shape[1]]
             for k in range(qx.shape[0]):
-                torch.sub(qx[k, r0:r0 + rows], cx[k, :, c0:c0 + cols], out=a).square_()
-                torch.sub(qy[k, r0:r0 + rows], cy[k, :, c0:c0 + cols], out=b)
+                torch.sub(qx[k, r0:r0 + rows, None], cx[k, None, c0:c0 + cols], out=a).square_()
+                torch.sub(qy[k, r0:r0 + rows, None], cy[k, None, c0:c0 + cols], out=b)
                 a.addcmul_(b, b)
                 part.add_(a.sqrt_())
     return out
 
 
-def _laa_fused(qx: torch.Tensor, qy: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor) -> torch.Tensor:
-    """The same tile as one expression, for torch.compile to fuse into a single sqrt-bound loop."""
-    return torch.sqrt((qx - cx) ** 2 + (qy - cy) ** 2).sum(dim=0)
+def _laa_fused(qx: torch.Tensor, qy: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, q_video: torch.Tensor,
+               c_video: torch.Tensor, limit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """laa values as one expression for torch.compile to fuse: qx, qy (B, L), cx, cy (C, L) -> (B, C), +inf
+    for same-video pairs, and which rows hold a value below their ``limit`` (B,).
+
+    The sum runs along contiguous landmarks, which keeps the loop fast for any B and C.
+    """
+    values = torch.sqrt((qx[:, None] - cx[None]) ** 2 + (qy[:, None] - cy[None]) ** 2).sum(dim=-1)
+    values = values.masked_fill(q_video[:, None] == c_video[None], math.inf)
+    return values, (values < limit[:, None]).any(dim=1)
 
 
 _compiled_laa: Any = None
@@ -141,93 +172,263 @@ _compiled_laa: Any = None
 def _fused_kernel() -> Any:
     global _compiled_laa
     if _compiled_laa is None:
-        _compiled_laa = torch.compile(_laa_fused, dynamic=False)
+        # dynamic shapes: one build serves every block (the number of surviving candidates varies); one
+        # thread per call and a C++ wrapper that releases the GIL, so that blocks run in parallel threads
+        _compiled_laa = torch.compile(_laa_fused, dynamic=True, options={"cpp_wrapper": True, "cpp.threads": 1})
     return _compiled_laa
 
 
-class _Searcher:
-    """Float32 tiled top-(k + margin) search over queries and candidates sorted by video code.
+def _features(query: np.ndarray, candidates: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """(n, P) and (m, P) float64 features of centred landmarks whose differences bound the metric from below.
 
-    laa tiles always have the full (rows, cols) shape (edge blocks are zero-padded and cropped), so the
-    compiled kernel is built once and the eager buffers are allocated once.
+    The axes are the candidates' top principal axes. l2: they are orthonormal, so the projection is a
+    contraction and ||f(a) - f(b)|| <= l2(a, b). laa: each axis is cut into its L 2-vectors and each of them
+    scaled to unit length, so for every feature |f(a) - f(b)| = |sum_p u_p . (a_p - b_p)|
+    <= sum_p ||a_p - b_p|| (Cauchy-Schwarz per landmark). Any axes give valid bounds; principal ones are tight.
+    """
+    points = candidates.shape[1]
+    flat = candidates.reshape(len(candidates), -1)
+    count = min(L2_FEATURES if metric == "l2" else LAA_FEATURES, flat.shape[1])
+    axes = np.linalg.eigh(flat.T @ flat)[1][:, ::-1][:, :count].copy()
+    if metric == "laa":
+        axes = axes.reshape(points, 2, count)
+        norms = np.linalg.norm(axes, axis=1, keepdims=True)
+        axes = np.divide(axes, norms, out=np.zeros_like(axes), where=norms > 1e-12).reshape(2 * points, count)
+    return query.reshape(len(query), -1) @ axes, flat @ axes
+
+
+def _kd_order(features: np.ndarray, leaf: int = KD_LEAF) -> np.ndarray:
+    """Leaf order of a k-d tree: halves split at the median of their widest feature, down to ``leaf`` faces.
+
+    Runs of this order hold faces with nearby features: query blocks share their surviving candidates, and
+    candidate leaves have small feature boxes.
+    """
+    order = np.arange(len(features))
+    pending = [(0, len(order))]
+    while pending:
+        start, stop = pending.pop()
+        if stop - start <= leaf:
+            continue
+        part = order[start:stop]
+        values = features[part]
+        axis = int(np.argmax(values.max(axis=0) - values.min(axis=0)))
+        half = (stop - start) // 2
+        order[start:stop] = part[np.argpartition(values[:, axis], half)]
+        pending += [(start, start + half), (start + half, stop)]
+    return order
+
+
+def _box_bound(low: np.ndarray, high: np.ndarray, other_low: np.ndarray, other_high: np.ndarray,
+               metric: str) -> np.ndarray:
+    """Lower bound of the value (laa: distance, l2: squared distance) between any face of the feature box
+    [low, high] (P,) and any face of each box [other_low, other_high] (P, K columns; a face is a box of no
+    width). Feature by feature on contiguous rows: numpy is slow at reducing short axes."""
+    bound = np.zeros(other_low.shape[1])
+    for j in range(len(low)):
+        gap = np.maximum(np.maximum(low[j] - other_high[j], other_low[j] - high[j]), 0.0)
+        if metric == "laa":
+            np.maximum(bound, gap, out=bound)
+        else:
+            bound += gap * gap
+    return bound
+
+
+class _Search:
+    """Exact float32 top-``keep`` lists for blocks of queries, skipping candidates a lower bound rules out.
+
+    Queries and candidates are in k-d order of their features (see _features), so a block of queries has
+    nearby features. Each block visits the candidate leaves nearest first (by the bound between its feature
+    box and the leaf's): its ``SEED_LEAVES`` nearest, then in rounds of 4x more every leaf whose bound is
+    within the block's largest T (a query's keep-th value so far), dropping the candidates whose own bound
+    exceeds it and scoring the rest exactly. It stops at the first leaf beyond that T. Values are laa
+    distances or squared l2 distances.
     """
 
-    def __init__(self, query: np.ndarray, candidates: np.ndarray, query_codes: np.ndarray,
-                 candidate_codes: np.ndarray, keep: int, metric: str, device: torch.device, tile_shape: tuple[int, int],
+    def __init__(self, query: np.ndarray, candidates: np.ndarray, query_features: np.ndarray,
+                 candidate_features: np.ndarray, query_codes: np.ndarray, candidate_codes: np.ndarray, keep: int,
+                 metric: str, device: torch.device, block_shape: tuple[int, int], max_values: int,
                  laa_kernel: str):
-        self.metric, self.device, self.keep, self.tile_shape = metric, device, keep, tile_shape
-        self.query_codes, self.candidate_codes = query_codes, candidate_codes
+        self.metric, self.device, self.keep, self.block_shape = metric, device, keep, block_shape
+        self.max_values = max_values
         self.kernel = "matmul" if metric == "l2" else laa_kernel
+        self.n, self.m = len(query), len(candidates)
+        # (P, N): one feature of every face is a contiguous row (see _box_bound)
+        self.q_features, self.c_features = query_features.T.copy(), candidate_features.T.copy()
+        self.q_codes = torch.from_numpy(query_codes).to(device)
+        self.c_codes = torch.from_numpy(candidate_codes).to(device)
         if metric == "l2":
-            self.q = torch.from_numpy(query.reshape(len(query), -1).astype(np.float32)).to(device)
-            self.c = torch.from_numpy(candidates.reshape(len(candidates), -1).astype(np.float32)).to(device)
-            self.c_norm = (self.c * self.c).sum(dim=1)
-            self.out = torch.empty(tile_shape, dtype=torch.float32, device=device)
+            # [a, |a|^2, 1] . [-2b, 1, |b|^2] = |a - b|^2: one matmul gives the squared distances
+            q_flat, c_flat = query.reshape(self.n, -1), candidates.reshape(self.m, -1)
+            q_norm = (q_flat ** 2).sum(axis=1, keepdims=True)
+            c_norm = (c_flat ** 2).sum(axis=1, keepdims=True)
+            q_aug = np.hstack([q_flat, q_norm, np.ones_like(q_norm)])
+            c_aug = np.hstack([-2 * c_flat, np.ones_like(c_norm), c_norm])
+            self.q = torch.from_numpy(q_aug.astype(np.float32)).to(device)
+            self.c = torch.from_numpy(c_aug.astype(np.float32)).to(device)
         else:
-            # (2, L, N): a block of one coordinate is a contiguous (L, B) slice; padded to whole tiles
-            self.q = self._padded(query, tile_shape[0])
-            self.c = self._padded(candidates, tile_shape[1])
-            sub_tile = (min(tile_shape[0], EAGER_SUBTILE), min(tile_shape[1], EAGER_SUBTILE))
-            self.buffers = [torch.empty(shape, dtype=torch.float32, device=device)
-                            for shape in (tile_shape, sub_tile, sub_tile)]
-        n = len(query)
-        self.best_d = torch.full((n, keep), math.inf, dtype=torch.float32, device=device)
-        self.best_i = torch.full((n, keep), -1, dtype=torch.int64, device=device)
+            # (N, 2L): the x then the y coordinates of a face, one contiguous row gathered whole
+            self.q = torch.from_numpy(np.concatenate([query[:, :, 0], query[:, :, 1]], axis=1).astype(np.float32))
+            self.c = torch.from_numpy(np.concatenate([candidates[:, :, 0], candidates[:, :, 1]], axis=1)
+                                      .astype(np.float32))
+            self.q, self.c = self.q.to(device), self.c.to(device)
+            self.local = threading.local()  # the eager kernel's buffers, one pair per thread
+        self.best_d = torch.full((self.n, keep), math.inf, dtype=torch.float32, device=device)
+        self.best_i = torch.full((self.n, keep), -1, dtype=torch.int64, device=device)
+        self.T = torch.full((self.n,), math.inf, dtype=torch.float32, device=device)
+        self.pairs_scored = 0
 
-    def _padded(self, points: np.ndarray, block: int) -> torch.Tensor:
-        total = -(-len(points) // block) * block
-        padded = np.zeros((2, points.shape[1], total), dtype=np.float32)
-        padded[:, :, :len(points)] = points.transpose(2, 1, 0)
-        return torch.from_numpy(padded).to(self.device)
+    @property
+    def buffers(self) -> list[torch.Tensor]:
+        """This thread's sub-tile buffers for the eager kernel."""
+        if not hasattr(self.local, "buffers"):
+            shape = (min(self.block_shape[0], EAGER_SUBTILE), min(self.block_shape[1], EAGER_SUBTILE))
+            self.local.buffers = [torch.empty(shape, dtype=torch.float32, device=self.device) for _ in range(2)]
+        return self.local.buffers
 
-    def _laa(self, r0: int, c0: int) -> torch.Tensor:
-        rows, cols = self.tile_shape
-        qx, qy = (self.q[i, :, r0:r0 + rows, None].contiguous() for i in (0, 1))
-        cx, cy = (self.c[i, :, None, c0:c0 + cols].contiguous() for i in (0, 1))
-        if self.kernel == "eager":
-            return _laa_eager(qx, qy, cx, cy, *self.buffers)
-        if self.kernel == "fused":
-            return _fused_kernel()(qx, qy, cx, cy)
-        # auto: the first tile compiles the fused kernel and checks it against the eager one
-        eager = _laa_eager(qx, qy, cx, cy, *self.buffers)
-        try:
-            fused = _fused_kernel()(qx, qy, cx, cy)
-            if not torch.allclose(fused, eager, rtol=1e-4, atol=1e-2):
-                raise RuntimeError(f"fused kernel differs from eager by {float((fused - eager).abs().max()):.3g}")
-        except Exception as error:  # noqa: BLE001 - no compiler, unsupported platform, ...: eager still works
-            log.warning("torch.compile laa kernel unavailable, using the eager kernel (2-4x slower on CPU): "
-                        "%s", str(error).splitlines()[0] if str(error) else type(error).__name__)
+    def values(self, rows: slice | torch.Tensor, cols: torch.Tensor,
+               limit: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Float32 values of queries ``rows`` x candidates ``cols`` (k-d positions), same-video pairs = +inf,
+        and (given ``limit``, one per row) which rows hold a value below their limit."""
+        # fresh tensors (no storage offsets, all made in inference mode): torch.compile guards on both
+        if isinstance(rows, slice):
+            q, q_video = self.q[rows].clone(), self.q_codes[rows].clone()
+            limit = None if limit is None else limit.clone()
+        else:
+            q, q_video = self.q.index_select(0, rows), self.q_codes[rows]
+        c, c_video = self.c.index_select(0, cols), self.c_codes[cols]
+        # sizes 0 and 1 would make torch.compile specialise (a rebuild each): eager is cheap for them
+        if self.metric == "laa" and self.kernel != "eager" and len(q) > 1 and len(cols) > 1:
+            points = q.shape[1] // 2
+            inputs = (q[:, :points], q[:, points:], c[:, :points], c[:, points:], q_video, c_video,
+                      torch.full((len(q),), math.inf, device=self.device) if limit is None else limit)
+            if self.kernel == "fused":
+                values, hit = _fused_kernel()(*inputs)
+                return values, None if limit is None else hit
+            # auto: the first call builds the fused kernel and checks it against the eager one
             self.kernel = "eager"
-            return eager
-        self.kernel = "fused"
-        return fused
-
-    def tile(self, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
-        """Ranking distances of queries [r0, r1) x candidates [c0, c1), same-video pairs = +inf."""
+            eager, eager_hit = self.values(rows, cols, limit)
+            try:
+                values, hit = _fused_kernel()(*inputs)
+                if not torch.allclose(values, eager, rtol=1e-4, atol=1e-2):
+                    gap = torch.where(torch.isfinite(eager), (values - eager).abs(), 0).max()
+                    raise RuntimeError(f"fused kernel differs from eager by {float(gap):.3g}")
+            except Exception as error:  # noqa: BLE001 - no compiler, unsupported platform, ...: eager still works
+                log.warning("torch.compile laa kernel unavailable, using the eager kernel (3-6x slower on CPU): "
+                            "%s", str(error).splitlines()[0] if str(error) else type(error).__name__)
+                return eager, eager_hit
+            self.kernel = "fused"
+            return values, None if limit is None else hit
         if self.metric == "l2":
-            out = self.out[:r1 - r0, :c1 - c0]
-            # ||a||^2 is constant per row, so ||b||^2 - 2 a.b ranks like the squared distance
-            torch.addmm(self.c_norm[c0:c1], self.q[r0:r1], self.c[c0:c1].T, alpha=-2.0, out=out)
+            values = q @ c.T
         else:
-            out = self._laa(r0, c0)[:r1 - r0, :c1 - c0]
-        # both sides are sorted by video, so each shared video is one rectangle of the tile
-        for code in np.unique(self.query_codes[r0:r1]):
-            q0, q1 = np.searchsorted(self.query_codes, [code, code + 1])
-            s0, s1 = np.searchsorted(self.candidate_codes, [code, code + 1])
-            q0, q1, s0, s1 = max(q0, r0), min(q1, r1), max(s0, c0), min(s1, c1)
-            if q0 < q1 and s0 < s1:
-                out[q0 - r0:q1 - r0, s0 - c0:s1 - c0] = math.inf
-        return out
+            values = torch.empty((len(q), len(cols)), dtype=torch.float32, device=self.device)
+            points = q.shape[1] // 2
+            _laa_eager(q[:, :points], q[:, points:], c[:, :points], c[:, points:], values, *self.buffers)
+        values.masked_fill_(q_video[:, None] == c_video[None, :], math.inf)
+        return values, None if limit is None else (values < limit[:, None]).any(dim=1)
 
-    def merge(self, r0: int, r1: int, distances: torch.Tensor, c0: int) -> None:
-        """Fold a (r1 - r0, C) tile whose column 0 is candidate c0 into the running top-keep of rows r0..r1."""
-        count = min(self.keep, distances.shape[1])
-        values, index = torch.topk(distances, count, dim=1, largest=False, sorted=False)
-        values = torch.cat([self.best_d[r0:r1], values], dim=1)
-        index = torch.cat([self.best_i[r0:r1], index + c0], dim=1)
-        values, pick = torch.topk(values, self.keep, dim=1, largest=False, sorted=False)
-        self.best_d[r0:r1] = values
-        self.best_i[r0:r1] = index.gather(1, pick)
+    def merge(self, r0: int, r1: int, values: torch.Tensor, hit: torch.Tensor, cols: torch.Tensor) -> None:
+        """Fold ``values`` (queries r0..r1 x candidate positions ``cols``) into the running top-keep lists.
+
+        Only rows with a value below their keep-th (``hit``) go through topk, as contiguous copies.
+        """
+        if bool(hit.all()):
+            rows = slice(r0, r1)
+        else:
+            rows = hit.nonzero()[:, 0]
+            if rows.numel() == 0:
+                return
+            values = values.index_select(0, rows)
+            rows = rows + r0
+        found_d, found_i = torch.topk(values, min(self.keep, values.shape[1]), dim=1, largest=False, sorted=False)
+        merged_d = torch.cat([self.best_d[rows], found_d], dim=1)
+        merged_i = torch.cat([self.best_i[rows], cols[found_i]], dim=1)
+        best_d, pick = torch.topk(merged_d, self.keep, dim=1, largest=False, sorted=False)
+        self.best_d[rows] = best_d
+        self.best_i[rows] = merged_i.gather(1, pick)
+        self.T[rows] = best_d.max(dim=1).values
+
+    def score(self, r0: int, r1: int, cols: np.ndarray) -> int:
+        """Score queries r0..r1 against ``cols`` and merge, in pieces of at most ``max_values`` values; returns
+        the number of pairs scored."""
+        step = max(1, min(self.block_shape[1], self.max_values // (r1 - r0)))
+        for c0 in range(0, len(cols), step):
+            part = torch.from_numpy(cols[c0:c0 + step]).to(self.device)
+            self.merge(r0, r1, *self.values(slice(r0, r1), part, self.T[r0:r1]), part)
+        return (r1 - r0) * len(cols)
+
+    @torch.inference_mode()
+    def blocks(self, starts: Sequence[int]) -> int:
+        """Search the query blocks starting at ``starts``; returns the number of pairs scored.
+
+        The blocks' bounds to every candidate leaf are computed and sorted together (few, large numpy calls).
+        """
+        size = self.block_shape[0]
+        features = [self.q_features[:, r0:r0 + size] for r0 in starts]
+        low = np.stack([f.min(axis=1) for f in features], axis=1)  # (P, blocks)
+        high = np.stack([f.max(axis=1) for f in features], axis=1)
+        bounds = np.zeros((len(starts), self.leaf_low.shape[1]))
+        for j in range(len(low)):
+            gap = np.maximum(np.maximum(low[j, :, None] - self.leaf_high[j], self.leaf_low[j] - high[j, :, None]), 0)
+            if self.metric == "laa":
+                np.maximum(bounds, gap, out=bounds)
+            else:
+                bounds += gap * gap
+        orders = np.argsort(bounds, axis=1, kind="stable")
+        bounds = np.take_along_axis(bounds, orders, axis=1)
+        return sum(self.block(r0, low[:, i], high[:, i], orders[i], bounds[i]) for i, r0 in enumerate(starts))
+
+    def block(self, r0: int, low: np.ndarray, high: np.ndarray, order: np.ndarray, leaf_bounds: np.ndarray) -> int:
+        """Search the query block starting at ``r0`` with feature box [low, high], visiting the candidate leaves
+        in ``order`` (ascending ``leaf_bounds``); returns the number of pairs scored."""
+        r1 = min(r0 + self.block_shape[0], self.n)
+        done, chunk, scored = 0, SEED_LEAVES, 0
+        while done < len(order):
+            limit = float(self.T[r0:r1].max()) + self.margin
+            stop = min(done + chunk, int(np.searchsorted(leaf_bounds, limit, side="right")))
+            if stop <= done:
+                break  # every remaining leaf is beyond every T of the block
+            leaves = np.sort(order[done:stop])
+            done, chunk = stop, chunk * GROWTH
+            counts = self.leaf_sizes[leaves]
+            cols = np.repeat(self.leaf_starts[leaves] - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+            if math.isfinite(limit):
+                features = self.c_features[:, cols]
+                cols = cols[_box_bound(low, high, features, features, self.metric) <= limit]
+            if len(cols):
+                scored += self.score(r0, r1, cols)
+        return scored
+
+    def run(self, pool: ThreadPoolExecutor, progress: bool) -> None:
+        """Every query block, in batches spread over the threads of ``pool`` (blocks write disjoint rows)."""
+        self.leaf_starts = np.arange(0, self.m, KD_LEAF)
+        self.leaf_sizes = np.minimum(KD_LEAF, self.m - self.leaf_starts)
+        self.leaf_low = np.minimum.reduceat(self.c_features, self.leaf_starts, axis=1)
+        self.leaf_high = np.maximum.reduceat(self.c_features, self.leaf_starts, axis=1)
+        # float64 features carry rounding of ~1e-16 of their size: keep what lies that close to T
+        scale = 1.0 + max(np.abs(self.q_features).max(initial=0), np.abs(self.c_features).max(initial=0))
+        self.margin = 1e-9 * (scale if self.metric == "laa" else scale * scale)
+        starts = list(range(0, self.n, self.block_shape[0]))
+        batches = [starts[:1]] + [starts[i:i + BATCH_BLOCKS] for i in range(1, len(starts), BATCH_BLOCKS)]
+        with tqdm(total=self.n, desc=f"partners ({self.metric})", unit="query", disable=not progress,
+                  mininterval=1.0) as bar:
+            self.pairs_scored += self.blocks(batches[0])  # alone: "auto" builds and checks the fused kernel
+            bar.update(len(range(0, self.n)[:self.block_shape[0]]))
+            for batch, scored in zip(batches[1:], pool.map(self.blocks, batches[1:])):
+                self.pairs_scored += scored
+                bar.update(min(batch[-1] + self.block_shape[0], self.n) - batch[0])
+
+    def scan(self, rows: torch.Tensor, limits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(row, candidate) positions of every candidate of another video whose value is <= ``limits[row]``."""
+        found_rows, found_cols = [], []
+        step = max(1, self.max_values // len(rows))
+        for c0 in range(0, self.m, step):
+            cols = torch.arange(c0, min(c0 + step, self.m), device=self.device)
+            values = self.values(rows, cols)[0]
+            row, col = ((values <= limits[:, None]) & (values < math.inf)).nonzero(as_tuple=True)
+            found_rows.append(row.cpu().numpy())
+            found_cols.append((col + c0).cpu().numpy())
+        return np.concatenate(found_rows), np.concatenate(found_cols)
 
 
 def _search(query: np.ndarray, query_video: Any, candidates: np.ndarray, candidate_video: Any, k: int,
@@ -251,69 +452,120 @@ def _search(query: np.ndarray, query_video: Any, candidates: np.ndarray, candida
     distances = np.full((n, k), np.inf, dtype=np.float64)
     if n == 0 or m == 0:
         return indices, distances, {}
-
-    # one search over the input itself: the laa tiles are symmetric, so each pair is computed once
-    self_search = metric == "laa" and n == m and np.array_equal(query, candidates) and np.array_equal(qv, cv)
-    bq = int(block_size or (DEFAULT_BLOCK_SIZE if metric == "l2" else LAA_TILE))
-    if bq < 1 or (candidate_block_size is not None and candidate_block_size < 1):
+    if (block_size is not None and block_size < 1) or (candidate_block_size is not None and candidate_block_size < 1):
         raise ValueError("block sizes must be >= 1")
-    bq = min(bq, n)
-    tile_floats = int(max_tile_mb * 2**20 / 4 / (1 if metric == "l2" else 2))  # laa: eager output + fused output
-    if candidate_block_size:
-        bc = min(int(candidate_block_size), m)
-    elif metric == "l2":
-        bc = max(1, min(m, tile_floats // bq))
-    else:
-        bc = max(1, min(bq, m, tile_floats // bq))
-        if self_search:
-            bq = bc = min(bq, bc)
-    self_search = self_search and bq == bc
-    pair_terms = n * m * query.shape[1] / (2 if self_search else 1)
-    if laa_kernel == "auto" and (torch.device(device).type != "cpu" or pair_terms < FUSED_MIN_WORK):
+    bq = min(int(block_size or (L2_BLOCK_SIZE if metric == "l2" else DEFAULT_BLOCK_SIZE)), n)
+    bc = min(int(candidate_block_size or DEFAULT_CANDIDATE_BLOCK), m)
+    max_values = max(bq * bc, int(max_tile_mb * 2**20 / 4 / 3))  # values, their mask and topk's copy
+    points = query.shape[1]
+    if laa_kernel == "auto" and (torch.device(device).type != "cpu" or n * m * points < FUSED_MIN_WORK):
         laa_kernel = "eager"  # GPU eager ops are bandwidth-cheap; small CPU searches do not repay the build
 
-    q_order = np.argsort(qv, kind="stable")
-    c_order = np.argsort(cv, kind="stable")
-    # centring on the candidate mean shrinks the float32 values, and so the rounding of ||b||^2 - 2 a.b
+    # centring on the candidates' mean face shrinks the float32 values, and so their rounding
     centre = candidates.mean(axis=0)
+    centred_q, centred_c = query - centre, candidates - centre
+    q_features, c_features = _features(centred_q, centred_c, metric)
+    self_search = n == m and np.array_equal(query, candidates)
+    q_order = _kd_order(q_features)
+    c_order = q_order if self_search else _kd_order(c_features)
     keep = min(k + TIE_MARGIN, m)
-    searcher = _Searcher(query[q_order] - centre, candidates[c_order] - centre, qv[q_order], cv[c_order], keep,
-                         metric, torch.device(device), (bq, bc), laa_kernel)
-    row_blocks = [(r, min(r + bq, n)) for r in range(0, n, bq)]
-    col_blocks = [(c, min(c + bc, m)) for c in range(0, m, bc)]
-    with torch.inference_mode():
-        for bi, (r0, r1) in enumerate(tqdm(row_blocks, desc=f"partners ({metric})", unit="block",
-                                           disable=not progress)):
-            for bj, (c0, c1) in enumerate(col_blocks):
-                if self_search and bj < bi:
-                    continue  # already merged as the transpose of tile (bj, bi)
-                tile = searcher.tile(r0, r1, c0, c1)
-                searcher.merge(r0, r1, tile, c0)
-                if self_search and bj > bi:
-                    searcher.merge(c0, c1, tile.T, r0)
-        approx = searcher.best_d.cpu().numpy()
-        found = searcher.best_i.cpu().numpy()
+    searcher = _Search(centred_q[q_order], centred_c[c_order], q_features[q_order], c_features[c_order],
+                       qv[q_order], cv[c_order], keep, metric, torch.device(device), (bq, bc), max_values,
+                       laa_kernel)
+    sorted_query = query[q_order]
+    # Query blocks run in threads of one torch thread each: a block's many small operations parallelise far
+    # better this way than inside each operation, and the fused kernel releases the GIL.
+    threads = torch.get_num_threads() if searcher.device.type == "cpu" else 1
+    with _one_torch_thread(), ThreadPoolExecutor(threads) as pool:
+        searcher.run(pool, progress)
+        best_ids, best_d = _rescore(searcher, sorted_query, candidates, c_order, k, pool)
+        redo = _redo_uncertain(searcher, sorted_query, centred_q[q_order], centred_c, candidates, c_order, k,
+                               best_ids, best_d)
+    indices[q_order] = np.where(best_ids < m, best_ids, -1)
+    distances[q_order] = best_d
+    info = {"kernel": searcher.kernel, "block_size": bq, "candidate_block_size": bc,
+            "pairs_scored_fraction": round(searcher.pairs_scored / (n * m), 6), "rows_redone": redo}
+    return indices, distances, info
 
-    # float64 re-scoring of the survivors, then a stable (distance, id) order
-    sorted_query, sorted_qv = query[q_order], qv[q_order]
-    chunk = max(1, _REFINE_ELEMENTS // (keep * query.shape[1] * 2))
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
+
+@contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _rescore(searcher: _Search, sorted_query: np.ndarray, candidates: np.ndarray, c_order: np.ndarray, k: int,
+             pool: ThreadPoolExecutor) -> tuple[np.ndarray, np.ndarray]:
+    """float64 distances of each query's survivors, the k nearest in (distance, candidate id) order:
+    (n, k) candidate ids (m = none) and distances (inf = none)."""
+    n, m = len(sorted_query), len(candidates)
+    approx, found = searcher.best_d.cpu().numpy(), searcher.best_i.cpu().numpy()
+    best_ids = np.full((n, k), m, dtype=np.int64)
+    best_d = np.full((n, k), np.inf)
+
+    def chunk(start: int) -> None:
+        stop = min(start + step, n)
         valid = np.isfinite(approx[start:stop]) & (found[start:stop] >= 0)
         ids = np.where(valid, c_order[np.clip(found[start:stop], 0, None)], m)
-        valid &= cv[np.clip(ids, 0, m - 1)] != sorted_qv[start:stop, None]
-        exact = _exact(sorted_query[start:stop], candidates[np.clip(ids, 0, m - 1)], metric)
+        exact = _exact(sorted_query[start:stop], candidates[np.clip(ids, 0, m - 1)], searcher.metric)
         exact = np.where(valid, exact, np.inf)
-        ids = np.where(valid, ids, m)
         order = np.lexsort((ids, exact), axis=-1)[:, :k]
-        best_ids = np.take_along_axis(ids, order, axis=1)
-        best_d = np.take_along_axis(exact, order, axis=1)
-        width = best_ids.shape[1]
-        rows = q_order[start:stop]
-        indices[rows, :width] = np.where(best_ids < m, best_ids, -1)
-        distances[rows, :width] = best_d
-    info = {"kernel": searcher.kernel, "block_size": bq, "candidate_block_size": bc, "symmetric": self_search}
-    return indices, distances, info
+        best_ids[start:stop, :order.shape[1]] = np.take_along_axis(ids, order, axis=1)
+        best_d[start:stop, :order.shape[1]] = np.take_along_axis(exact, order, axis=1)
+
+    step = max(1, _REFINE_ELEMENTS // (searcher.keep * sorted_query.shape[1] * 2))
+    list(pool.map(chunk, range(0, n, step)))  # numpy releases the GIL in its loops
+    return best_ids, best_d
+
+
+def _redo_uncertain(searcher: _Search, sorted_query: np.ndarray, centred_q: np.ndarray, centred_c: np.ndarray,
+                    candidates: np.ndarray, c_order: np.ndarray, k: int, best_ids: np.ndarray,
+                    best_d: np.ndarray) -> int:
+    """Makes the result exact: redoes (in place) the rows whose float32 search could have missed a neighbour.
+
+    A candidate missing from a query's list has a float32 value >= the list's last value T (it lost a merge)
+    or a lower bound > T (skipped). When T, less the float32 error bound, still exceeds the k-th re-scored
+    distance, no such candidate can be among the k nearest. Rows where it does not (ties or near-ties at the
+    k-th place beyond the margin) are redone with every candidate whose value could be within that distance.
+    Returns the number of rows redone.
+    """
+    n, m, points = len(sorted_query), len(candidates), sorted_query.shape[1]
+    last = searcher.best_d.max(dim=1).values.cpu().numpy().astype(np.float64)
+    kth = best_d[:, k - 1] * (1 + 1e-12)
+    unit = 2.0 ** -24
+    if searcher.metric == "laa":
+        # per landmark: coordinates rounded to float32, a difference, two squares, a sum and a square root;
+        # then an L-term float32 sum: |value - distance| <= relative * distance + absolute
+        relative = max(2.0 ** -16, 4 * (points + 4) * unit)
+        absolute = relative * points * max(np.abs(centred_q).max(), np.abs(centred_c).max())
+        exact_enough = (last - absolute) / (1 + relative) > kth
+        limits = kth * (1 + relative) + absolute
+    else:
+        # a (2L + 2)-term float32 dot product of the augmented vectors: error <= relative * (|a| + |b|)^2
+        relative = max(2.0 ** -16, 2 * (2 * points + 8) * unit)
+        q_norms = np.linalg.norm(centred_q.reshape(n, -1), axis=1)
+        error = relative * (q_norms + np.linalg.norm(centred_c.reshape(m, -1), axis=1).max()) ** 2
+        exact_enough = last - error > kth ** 2
+        limits = kth ** 2 + error
+    redo = np.flatnonzero(~(np.isinf(last) | (searcher.keep >= m) | exact_enough))
+    with torch.inference_mode():
+        for start in range(0, len(redo), searcher.block_shape[0]):
+            rows = redo[start:start + searcher.block_shape[0]]
+            # rounded up to float32: a candidate right at the limit is kept
+            row_limits = torch.from_numpy(limits[rows].astype(np.float32)).to(searcher.device)
+            row_limits = torch.nextafter(row_limits, torch.full_like(row_limits, math.inf))
+            hit_rows, hit_cols = searcher.scan(torch.from_numpy(rows).to(searcher.device), row_limits)
+            for local, row in enumerate(rows):
+                ids = c_order[hit_cols[hit_rows == local]]
+                exact = _exact(sorted_query[row:row + 1], candidates[ids][None], searcher.metric)[0]
+                order = np.lexsort((ids, exact))[:k]
+                best_ids[row], best_d[row] = m, np.inf
+                best_ids[row, :len(order)], best_d[row, :len(order)] = ids[order], exact[order]
+    return int(len(redo))
 
 
 def find_partners(query_landmarks: np.ndarray, query_video: Sequence[str] | np.ndarray,
@@ -333,10 +585,9 @@ def find_partners(query_landmarks: np.ndarray, query_video: Sequence[str] | np.n
         metric: ``l2`` (Euclidean distance of the flattened vectors) or ``laa`` (sum of per-landmark
             Euclidean distances, as LAA-Net).
         device: torch device for the distance tiles (``cpu``, ``cuda``...).
-        block_size: queries per tile (default 1024 for l2, 2048 for laa).
-        candidate_block_size: candidates per tile; default: as many as fit ``max_tile_mb`` for l2, and square
-            tiles (``block_size`` again) for laa.
-        max_tile_mb: bound on the float32 tile memory in MiB.
+        block_size: queries searched together (default 32 for laa, 64 for l2).
+        candidate_block_size: candidates scored per kernel call (default 4096).
+        max_tile_mb: bound on the float32 values held per kernel call in MiB.
         laa_kernel: ``fused`` (torch.compile, one pass per tile; needs a C++ compiler; built on first use,
             about 15 s, then cached), ``eager`` (plain torch ops, 2-4x slower on CPU) or ``auto`` (fused for
             large CPU searches, checked against eager on the first tile, with a warning and eager whenever it
@@ -487,8 +738,9 @@ def _options() -> list[Option]:
         Option("metric", "l2", "l2: flattened Euclidean (fast); laa: sum of per-landmark distances (LAA-Net)",
                choices=METRICS, output=True),
         Option("device", "cpu", "torch device: cpu, cuda, cuda:1 ..."),
-        Option("block_size", None, f"queries per tile (default {DEFAULT_BLOCK_SIZE})", type=int),
-        Option("max_tile_mb", DEFAULT_TILE_MB, "bound on the float32 distance tiles held at once, MiB"),
+        Option("block_size", None, f"queries searched together (default {DEFAULT_BLOCK_SIZE} for laa, "
+               f"{L2_BLOCK_SIZE} for l2)", type=int),
+        Option("max_tile_mb", DEFAULT_TILE_MB, "bound on the float32 values held per kernel call, MiB"),
         Option("laa_kernel", "auto", "laa tile kernel: fused (torch.compile), eager, or auto (fused, else eager)",
                choices=LAA_KERNELS),
         Option("laa_paths", False, "also write best_match (partner image paths)", switch=True, output=True),

@@ -126,10 +126,10 @@ def test_mismatched_landmark_counts_raise():
 @pytest.mark.parametrize("broken", ["raises", "wrong"])
 def test_auto_kernel_falls_back_to_eager(monkeypatch, caplog, broken):
     def build():
-        def kernel(qx, qy, cx, cy):
+        def kernel(qx, qy, cx, cy, *_):
             if broken == "raises":
                 raise RuntimeError("no C++ compiler")
-            return torch.zeros(qx.shape[1], cx.shape[2])
+            return torch.zeros(qx.shape[0], cx.shape[0]), torch.ones(qx.shape[0], dtype=torch.bool)
         return kernel
 
     monkeypatch.setattr(partners, "_fused_kernel", build)
@@ -141,6 +141,120 @@ def test_auto_kernel_falls_back_to_eager(monkeypatch, caplog, broken):
     want_i, want_d = brute_force(faces, video, faces, video, 7, "laa")
     np.testing.assert_array_equal(indices, want_i)
     np.testing.assert_allclose(distances, want_d, rtol=1e-6)
+
+
+def brute_force_fast(query: np.ndarray, query_video, candidates: np.ndarray, candidate_video, k: int, metric: str):
+    """The same reference vectorised over candidates, for the larger adversarial sets."""
+    query_video, candidate_video = np.asarray(query_video), np.asarray(candidate_video)
+    indices = np.full((len(query), k), -1)
+    distances = np.full((len(query), k), np.inf)
+    for i, a in enumerate(query):
+        if metric == "l2":
+            distance = np.sqrt(((candidates - a) ** 2).sum(axis=(1, 2)))
+        else:
+            distance = np.hypot(*(candidates - a).transpose(2, 0, 1)).sum(axis=1)
+        distance[candidate_video == query_video[i]] = np.inf
+        order = np.lexsort((np.arange(len(candidates)), distance))[:k]
+        order = order[np.isfinite(distance[order])]
+        indices[i, :len(order)], distances[i, :len(order)] = order, distance[order]
+    return indices, distances
+
+
+def assert_exact(query, query_video, candidates, candidate_video, k, metric, **options) -> dict:
+    """find_partners equals the brute force; returns what the search reports it did."""
+    indices, distances, info = partners._search(query, query_video, candidates, candidate_video, k, metric, "cpu",
+                                                options.get("block_size"), None, 128.0, "eager", False)
+    want_i, want_d = brute_force_fast(query, query_video, candidates, candidate_video, k, metric)
+    np.testing.assert_array_equal(indices, want_i)
+    np.testing.assert_allclose(distances, want_d, rtol=1e-9)
+    return info
+
+
+def clustered_faces(n: int, seed: int = 0, per_video: int = 16):
+    """FF++-like landmarks: a mean face under a per-video pose (rotation, scale, shift) plus per-frame noise."""
+    rng = np.random.default_rng(seed)
+    mean_face = rng.uniform(60, 200, (N_POINTS, 2))
+    video = np.arange(n) // per_video
+    videos = int(video[-1]) + 1
+    angle, scale = np.deg2rad(rng.uniform(-12, 12, videos)), rng.uniform(0.9, 1.1, videos)
+    rotation = scale[:, None, None] * np.stack([np.stack([np.cos(angle), -np.sin(angle)], -1),
+                                                np.stack([np.sin(angle), np.cos(angle)], -1)], -2)
+    centre = mean_face.mean(axis=0)
+    posed = (mean_face - centre) @ rotation.transpose(0, 2, 1) + centre + rng.normal(0, 6, (videos, 1, 2))
+    return posed[video] + rng.normal(0, 1.5, (n, N_POINTS, 2)), video
+
+
+@pytest.mark.parametrize("metric", ["l2", "laa"])
+def test_features_bound_the_metric_from_below(metric):
+    # the pruning is exact only if every feature difference is a lower bound of the distance
+    faces, _ = clustered_faces(300, seed=11)
+    centred = faces - faces.mean(axis=0)
+    features, _ = partners._features(centred, centred, metric)
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 300, 2000), rng.integers(0, 300, 2000)
+    per_point = np.hypot(*(faces[a] - faces[b]).transpose(2, 0, 1))
+    gap = np.abs(features[a] - features[b])
+    if metric == "laa":
+        assert (gap.max(axis=1) <= per_point.sum(axis=1) * (1 + 1e-12)).all()
+    else:
+        assert (np.sqrt((gap ** 2).sum(axis=1)) <= np.sqrt((per_point ** 2).sum(axis=1)) * (1 + 1e-12)).all()
+    assert gap.max() > 1.0  # and they do separate faces
+
+
+@pytest.mark.parametrize("metric", ["l2", "laa"])
+def test_bound_skips_most_pairs_and_stays_exact(metric):
+    faces, video = clustered_faces(3000, seed=12)
+    info = assert_exact(faces, video, faces, video, 30, metric)
+    assert info["pairs_scored_fraction"] < 0.6 and info["rows_redone"] == 0
+
+
+@pytest.mark.parametrize("metric", ["l2", "laa"])
+def test_ties_beyond_the_margin_are_redone_exactly(metric):
+    # 60 copies of one face in 60 videos: a query near it sees 60 candidates tied at the k-th place, more than
+    # the float32 pass keeps; the lowest ids must win, as in the brute force
+    rng = np.random.default_rng(13)
+    faces, video = rng.normal(128, 20, (400, N_POINTS, 2)), rng.integers(0, 50, 400)
+    faces[:60], video[:60] = faces[0], np.arange(1000, 1060)
+    info = assert_exact(faces, video, faces, video, 30, metric)
+    assert info["rows_redone"] > 0
+
+
+@pytest.mark.parametrize("metric", ["l2", "laa"])
+def test_identical_and_nearly_identical_faces(metric):
+    rng = np.random.default_rng(14)
+    same = np.repeat(rng.normal(128, 20, (1, N_POINTS, 2)), 120, axis=0)
+    assert_exact(same, np.arange(120) // 4, same, np.arange(120) // 4, 30, metric)
+    # differences far below float32 resolution at these coordinates
+    near = same[:1] + rng.normal(0, 1e-5, (150, N_POINTS, 2))
+    near[100:] = rng.normal(128, 20, (50, N_POINTS, 2))
+    assert_exact(near, np.arange(150), near, np.arange(150), 30, metric)
+
+
+@pytest.mark.parametrize("metric", ["l2", "laa"])
+def test_integer_landmarks_and_far_coordinates(metric):
+    rng = np.random.default_rng(15)
+    grid = rng.integers(0, 3, (300, N_POINTS, 2)).astype(float) + 100  # many exactly equal distances
+    video = rng.integers(0, 30, 300)
+    assert_exact(grid, video, grid, video, 30, metric)
+    far = rng.normal(0, 3, (300, N_POINTS, 2)) + 1e4  # float32 keeps ~1e-3 px here
+    assert_exact(far, video, far, video, 30, metric)
+
+
+@pytest.mark.parametrize("metric", ["l2", "laa"])
+def test_real_landmarks_match_brute_force(dlib_annotations, metric):
+    # the hand-annotated faces of the dlib photos, each cropped to its box and made a "video" of 8 frames
+    faces = []
+    for boxes in dlib_annotations.values():
+        for (x0, y0, x1, y1), points in boxes:
+            side = max(x1 - x0, y1 - y0) * 1.6
+            faces.append((points - [(x0 + x1 - side) / 2, (y0 + y1 - side) / 2]) * (256 / side))
+    rng = np.random.default_rng(16)
+    frames = (np.array(faces)[:, None] + rng.normal(0, 1.0, (len(faces), 8, N_POINTS, 2))).reshape(-1, N_POINTS, 2)
+    video = np.repeat(np.arange(len(faces)), 8)
+    assert len(faces) >= 30
+    assert_exact(frames, video, frames, video, 30, metric)
+    assert_exact(frames, video, frames, video, 9, metric, block_size=5)
+    assert_exact(frames[::2], video[::2], frames[1::2], video[1::2] + 1000, 30, metric)  # another candidate file
 
 
 def make_item(video_id: str, frame: int, landmarks: np.ndarray | None, split: str = "train") -> dict:
