@@ -120,18 +120,11 @@ def run(args: argparse.Namespace, faces) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=int, default=384)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    shared = _shared_benchmark()
+    args = shared.benchmark_parser(__doc__.split("\n\n")[0]).parse_args(argv)
 
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(args.threads)
-    shared = _shared_benchmark()
     faces = shared.load_faces(args.size)
     print(f"torch {torch.__version__}, opencv {cv2.__version__}, {args.threads} thread(s), device {args.device}, "
           f"{args.size} px, batch {args.batch} (all fakes), {len(faces.images)} distinct faces, "

@@ -196,15 +196,21 @@ def print_rows(rows: list[Row], size: int = 384) -> None:
                   f"not this run): batched is {ratio:.2f}x that")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def benchmark_parser(description: str) -> argparse.ArgumentParser:
+    """The options both synthesis benchmarks take."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--size", type=int, default=384)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--method", choices=[*METHODS, "all"], default="sbi")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = benchmark_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--method", choices=[*METHODS, "all"], default="sbi")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
