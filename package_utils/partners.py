@@ -50,7 +50,7 @@ import logging
 import math
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -101,6 +101,11 @@ SEED_LEAVES = 32
 GROWTH = 4
 #: Query blocks whose leaf bounds are computed and sorted in one go (and handed to a thread together).
 BATCH_BLOCKS = 16
+#: Every SAMPLE_EVERY-th query block runs first; if those scored more than DENSE_ABOVE of their pairs, a set
+#: searched against itself switches to a pass over every pair once, in DENSE_TILE x DENSE_TILE tiles.
+SAMPLE_EVERY = 32
+DENSE_ABOVE = 0.5
+DENSE_TILE = 1024
 _REFINE_ELEMENTS = 1 << 22  # float64 values per re-scoring chunk (32 MiB)
 
 
@@ -247,8 +252,9 @@ class _Search:
     def __init__(self, query: np.ndarray, candidates: np.ndarray, query_features: np.ndarray,
                  candidate_features: np.ndarray, query_codes: np.ndarray, candidate_codes: np.ndarray, keep: int,
                  metric: str, device: torch.device, block_shape: tuple[int, int], max_values: int,
-                 laa_kernel: str):
+                 laa_kernel: str, symmetric: bool = False):
         self.metric, self.device, self.keep, self.block_shape = metric, device, keep, block_shape
+        self.symmetric = symmetric  # one set against itself, in one order: a pair may serve both of its faces
         self.max_values = max_values
         self.kernel = "matmul" if metric == "l2" else laa_kernel
         self.n, self.m = len(query), len(candidates)
@@ -272,16 +278,17 @@ class _Search:
                                       .astype(np.float32))
             self.q, self.c = self.q.to(device), self.c.to(device)
             self.local = threading.local()  # the eager kernel's buffers, one pair per thread
+            self.choosing = threading.Lock()  # "auto" picks the kernel once
         self.best_d = torch.full((self.n, keep), math.inf, dtype=torch.float32, device=device)
         self.best_i = torch.full((self.n, keep), -1, dtype=torch.int64, device=device)
         self.T = torch.full((self.n,), math.inf, dtype=torch.float32, device=device)
-        self.pairs_scored = 0
+        self.pairs_scored, self.went_dense = 0, False
 
-    @property
-    def buffers(self) -> list[torch.Tensor]:
-        """This thread's sub-tile buffers for the eager kernel."""
-        if not hasattr(self.local, "buffers"):
-            shape = (min(self.block_shape[0], EAGER_SUBTILE), min(self.block_shape[1], EAGER_SUBTILE))
+    def buffers(self, rows: int, cols: int) -> list[torch.Tensor]:
+        """This thread's sub-tile buffers for the eager kernel on a rows x cols block."""
+        shape = (min(rows, EAGER_SUBTILE), min(cols, EAGER_SUBTILE))
+        if getattr(self.local, "shape", None) != shape:
+            self.local.shape = shape
             self.local.buffers = [torch.empty(shape, dtype=torch.float32, device=self.device) for _ in range(2)]
         return self.local.buffers
 
@@ -304,26 +311,28 @@ class _Search:
             if self.kernel == "fused":
                 values, hit = _fused_kernel()(*inputs)
                 return values, None if limit is None else hit
-            # auto: the first call builds the fused kernel and checks it against the eager one
-            self.kernel = "eager"
-            eager, eager_hit = self.values(rows, cols, limit)
-            try:
-                values, hit = _fused_kernel()(*inputs)
-                if not torch.allclose(values, eager, rtol=1e-4, atol=1e-2):
-                    gap = torch.where(torch.isfinite(eager), (values - eager).abs(), 0).max()
-                    raise RuntimeError(f"fused kernel differs from eager by {float(gap):.3g}")
-            except Exception as error:  # noqa: BLE001 - no compiler, unsupported platform, ...: eager still works
-                log.warning("torch.compile laa kernel unavailable, using the eager kernel (3-6x slower on CPU): "
-                            "%s", str(error).splitlines()[0] if str(error) else type(error).__name__)
-                return eager, eager_hit
-            self.kernel = "fused"
-            return values, None if limit is None else hit
+            with self.choosing:  # auto: the first call builds the fused kernel and checks it against eager
+                if self.kernel != "auto":
+                    return self.values(rows, cols, limit)
+                self.kernel = "eager"
+                eager, eager_hit = self.values(rows, cols, limit)
+                try:
+                    values, hit = _fused_kernel()(*inputs)
+                    if not torch.allclose(values, eager, rtol=1e-4, atol=1e-2):
+                        gap = torch.where(torch.isfinite(eager), (values - eager).abs(), 0).max()
+                        raise RuntimeError(f"fused kernel differs from eager by {float(gap):.3g}")
+                except Exception as error:  # noqa: BLE001 - no compiler, unsupported platform...: eager works
+                    log.warning("torch.compile laa kernel unavailable, using the eager kernel (3-6x slower on "
+                                "CPU): %s", str(error).splitlines()[0] if str(error) else type(error).__name__)
+                    return eager, eager_hit
+                self.kernel = "fused"
+                return values, None if limit is None else hit
         if self.metric == "l2":
             values = q @ c.T
         else:
             values = torch.empty((len(q), len(cols)), dtype=torch.float32, device=self.device)
             points = q.shape[1] // 2
-            _laa_eager(q[:, :points], q[:, points:], c[:, :points], c[:, points:], values, *self.buffers)
+            _laa_eager(q[:, :points], q[:, points:], c[:, :points], c[:, points:], values, *self.buffers(*values.shape))
         values.masked_fill_(q_video[:, None] == c_video[None, :], math.inf)
         return values, None if limit is None else (values < limit[:, None]).any(dim=1)
 
@@ -333,7 +342,7 @@ class _Search:
         Only rows with a value below their keep-th (``hit``) go through topk, as contiguous copies.
         """
         if bool(hit.all()):
-            rows = slice(r0, r1)
+            rows, values = slice(r0, r1), values.contiguous()
         else:
             rows = hit.nonzero()[:, 0]
             if rows.numel() == 0:
@@ -399,7 +408,7 @@ class _Search:
                 scored += self.score(r0, r1, cols)
         return scored
 
-    def run(self, pool: ThreadPoolExecutor, progress: bool) -> None:
+    def run(self, pool: ThreadPoolExecutor, threads: int, progress: bool) -> None:
         """Every query block, in batches spread over the threads of ``pool`` (blocks write disjoint rows)."""
         self.leaf_starts = np.arange(0, self.m, KD_LEAF)
         self.leaf_sizes = np.minimum(KD_LEAF, self.m - self.leaf_starts)
@@ -409,14 +418,58 @@ class _Search:
         scale = 1.0 + max(np.abs(self.q_features).max(initial=0), np.abs(self.c_features).max(initial=0))
         self.margin = 1e-9 * (scale if self.metric == "laa" else scale * scale)
         starts = list(range(0, self.n, self.block_shape[0]))
-        batches = [starts[:1]] + [starts[i:i + BATCH_BLOCKS] for i in range(1, len(starts), BATCH_BLOCKS)]
+        # a sample of the blocks first, spread over the k-d order: when the bound rules out little, a pass over
+        # every pair once (a set against itself) costs less than the blocks' pass over every pair twice
+        sample, rest = starts[::SAMPLE_EVERY], [r0 for i, r0 in enumerate(starts) if i % SAMPLE_EVERY]
+        window = 2 * threads  # batches queued at once
+
+        def batches(blocks: list[int]) -> list[list[int]]:
+            return [blocks[i:i + BATCH_BLOCKS] for i in range(0, len(blocks), BATCH_BLOCKS)]
+
+        def queries(batch: list[int]) -> int:
+            return sum(min(r0 + self.block_shape[0], self.n) - r0 for r0 in batch)
+
         with tqdm(total=self.n, desc=f"partners ({self.metric})", unit="query", disable=not progress,
                   mininterval=1.0) as bar:
-            self.pairs_scored += self.blocks(batches[0])  # alone: "auto" builds and checks the fused kernel
-            bar.update(len(range(0, self.n)[:self.block_shape[0]]))
-            for batch, scored in zip(batches[1:], pool.map(self.blocks, batches[1:])):
+            self.pairs_scored += self.blocks(sample[:1])  # alone: "auto" builds and checks the fused kernel
+            bar.update(queries(sample[:1]))
+            for batch, scored in zip(batches(sample[1:]), _bounded_map(pool, self.blocks, batches(sample[1:]), window)):
                 self.pairs_scored += scored
-                bar.update(min(batch[-1] + self.block_shape[0], self.n) - batch[0])
+                bar.update(queries(batch))
+            if self.symmetric and self.pairs_scored > DENSE_ABOVE * queries(sample) * self.m:
+                self.best_d.fill_(math.inf), self.best_i.fill_(-1), self.T.fill_(math.inf)
+                self.pairs_scored, self.went_dense = 0, True
+                bar.reset()
+                self.dense(pool, window, bar)
+                return
+            for batch, scored in zip(batches(rest), _bounded_map(pool, self.blocks, batches(rest), window)):
+                self.pairs_scored += scored
+                bar.update(queries(batch))
+
+    def dense(self, pool: ThreadPoolExecutor, window: int, bar: tqdm) -> None:
+        """Every pair once, in tiles on and above the diagonal merged into both sides: for a set against
+        itself when the bound rules out little. Tiles are scored in ``pool``, merged here in order."""
+        size = DENSE_TILE
+
+        @torch.inference_mode()
+        def score(tile: tuple[int, int]) -> torch.Tensor:
+            r0, c0 = tile
+            return self.values(slice(r0, min(r0 + size, self.n)),
+                               torch.arange(c0, min(c0 + size, self.m), device=self.device))[0]
+
+        tiles = [(r0, c0) for r0 in range(0, self.n, size) for c0 in range(r0, self.m, size)]
+        with torch.inference_mode():
+            for (r0, c0), values in zip(tiles, _bounded_map(pool, score, tiles, window)):
+                r1, c1 = min(r0 + size, self.n), min(c0 + size, self.m)
+                rows = torch.arange(r0, r1, device=self.device)
+                cols = torch.arange(c0, c1, device=self.device)
+                self.merge(r0, r1, values, (values < self.T[r0:r1, None]).any(dim=1), cols)
+                if c0 != r0:
+                    flipped = values.T
+                    self.merge(c0, c1, flipped, (flipped < self.T[c0:c1, None]).any(dim=1), rows)
+                self.pairs_scored += values.numel() * (1 if c0 == r0 else 2)
+                if c1 == self.m:
+                    bar.update(r1 - r0)
 
     def scan(self, rows: torch.Tensor, limits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(row, candidate) positions of every candidate of another video whose value is <= ``limits[row]``."""
@@ -465,27 +518,39 @@ def _search(query: np.ndarray, query_video: Any, candidates: np.ndarray, candida
     centre = candidates.mean(axis=0)
     centred_q, centred_c = query - centre, candidates - centre
     q_features, c_features = _features(centred_q, centred_c, metric)
-    self_search = n == m and np.array_equal(query, candidates)
+    self_search = n == m and np.array_equal(query, candidates) and np.array_equal(qv, cv)
     q_order = _kd_order(q_features)
     c_order = q_order if self_search else _kd_order(c_features)
     keep = min(k + TIE_MARGIN, m)
     searcher = _Search(centred_q[q_order], centred_c[c_order], q_features[q_order], c_features[c_order],
                        qv[q_order], cv[c_order], keep, metric, torch.device(device), (bq, bc), max_values,
-                       laa_kernel)
+                       laa_kernel, self_search)
     sorted_query = query[q_order]
     # Query blocks run in threads of one torch thread each: a block's many small operations parallelise far
     # better this way than inside each operation, and the fused kernel releases the GIL.
     threads = torch.get_num_threads() if searcher.device.type == "cpu" else 1
     with _one_torch_thread(), ThreadPoolExecutor(threads) as pool:
-        searcher.run(pool, progress)
+        searcher.run(pool, threads, progress)
         best_ids, best_d = _rescore(searcher, sorted_query, candidates, c_order, k, pool)
         redo = _redo_uncertain(searcher, sorted_query, centred_q[q_order], centred_c, candidates, c_order, k,
                                best_ids, best_d)
     indices[q_order] = np.where(best_ids < m, best_ids, -1)
     distances[q_order] = best_d
     info = {"kernel": searcher.kernel, "block_size": bq, "candidate_block_size": bc,
-            "pairs_scored_fraction": round(searcher.pairs_scored / (n * m), 6), "rows_redone": redo}
+            "pairs_scored_fraction": round(searcher.pairs_scored / (n * m), 6), "rows_redone": redo,
+            "dense": searcher.went_dense}
     return indices, distances, info
+
+
+def _bounded_map(pool: ThreadPoolExecutor, function: Any, items: Sequence, window: int) -> Iterator[Any]:
+    """``pool.map`` that keeps at most ``window`` calls queued (results are large tiles)."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(function, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 @contextmanager

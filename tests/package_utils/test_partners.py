@@ -205,7 +205,22 @@ def test_features_bound_the_metric_from_below(metric):
 def test_bound_skips_most_pairs_and_stays_exact(metric):
     faces, video = clustered_faces(3000, seed=12)
     info = assert_exact(faces, video, faces, video, 30, metric)
-    assert info["pairs_scored_fraction"] < 0.6 and info["rows_redone"] == 0
+    assert info["pairs_scored_fraction"] < 0.6 and info["rows_redone"] == 0 and not info["dense"]
+
+
+@pytest.mark.parametrize("metric", ["l2", "laa"])
+def test_unstructured_landmarks_take_the_dense_pass_exactly(metric):
+    # uniform random landmarks: every pair about equally far, nothing to rule out; a set against itself then
+    # scores every pair once, merged into both faces' lists
+    rng = np.random.default_rng(17)
+    faces, video = rng.uniform(0, 256, (700, N_POINTS, 2)), rng.integers(0, 60, 700)
+    info = assert_exact(faces, video, faces, video, 30, metric, block_size=8)
+    assert info["dense"] and info["pairs_scored_fraction"] == 1.0
+    info = assert_exact(faces[:300], video[:300], faces, video, 30, metric, block_size=8)  # two sets: no dense pass
+    assert not info["dense"]
+    # the same landmarks under other video ids are two sets too (a pair's same-video test is not symmetric)
+    info = assert_exact(faces, video, faces, (video + 1) % 7, 30, metric, block_size=8)
+    assert not info["dense"]
 
 
 @pytest.mark.parametrize("metric", ["l2", "laa"])
