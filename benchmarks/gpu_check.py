@@ -42,6 +42,10 @@ Rows and tolerances (``mean |d|`` is the mean absolute CPU - device difference o
   and CUDA autocast lower different op lists, so these bounds catch a broken low-precision path (a loss off by
   a factor, an overflow), not rounding. Then s/step: the device's median of ``--steps`` timed steps, the CPU's
   second step (fp16 takes ~45 s a step on 2 CPU cores at full size).
+* **Partner search** (``package_utils.partners.find_partners``, BI's exact k nearest landmark sets of other
+  videos, laa and l2 metrics) on the synthetic FF++-like landmarks of benchmarks/partners.py: the same partners
+  in the same order on every row (the search is exact on any device: float32 values with rows whose order they
+  could get wrong redone, float64 distances), distances within 1e-4; the cells show a digest of the lists.
 * **RetinaFace** (the crop stage's detector, ``package_utils.crop.face_detector``) through onnxruntime's
   CUDAExecutionProvider when installed, on a real group photo: the same faces, boxes within 1 px (of faces of
   40 px and more, a shift well inside the 1.5x crop margin) and scores within 0.01.
@@ -101,6 +105,7 @@ LOSS_TOLERANCE = {"fp32": 5e-3, "bf16": 5e-2, "fp16": 3e-2}  # relative, CPU vs 
 DDP_TOLERANCE = {"cpu": 1e-4, "cuda": 1e-3}  # relative, DDP vs its one-process emulation on the same device
 BOX_TOLERANCE, SCORE_TOLERANCE = 1.0, 0.01  # pixels, detector score
 DDP_LR = 1e-3
+PARTNER_FACES = {True: 1500, False: 20_000}  # --tiny: faces searched against themselves (benchmarks/partners.py)
 
 
 class Failed(str):
@@ -321,6 +326,33 @@ class Check:
             self.add(f"LAA-Net step {precision}: s/step", f"{cpu['seconds']:.3f}", other,
                      lambda result: f"{result['seconds']:.3f}",
                      lambda result: f"- (speed {cpu['seconds'] / result['seconds']:.1f}x the CPU's)")
+
+    # --- the BI partner search ------------------------------------------------------------------------------
+
+    def partners(self) -> None:
+        """The exact partner search with ``--device``: the same partners, in the same order, as on the CPU."""
+        from benchmarks.partners import synthetic_faces
+        from package_utils.partners import find_partners
+
+        faces, videos = synthetic_faces(PARTNER_FACES[self.args.tiny], seed=self.args.seed)
+        for metric in ("laa", "l2"):
+            def run(device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+                return find_partners(faces, videos, faces, videos, k=30, metric=metric, device=device)
+
+            cpu = run(torch.device("cpu"))
+            other = self.on_device(run)
+
+            def describe(result: tuple[np.ndarray, np.ndarray]) -> str:
+                # a digest of the lists, so that equal cells mean equal partners
+                digest = hashlib.sha256(result[0].tobytes()).hexdigest()[:10]
+                return f"{len(result[0])} x 30, mean {float(np.mean(result[1])):.4f}, ids {digest}"
+
+            def compare(result: tuple[np.ndarray, np.ndarray]) -> str:
+                rows = int((result[0] != cpu[0]).any(axis=1).sum())
+                gap = float(np.abs(result[1] - cpu[1]).max())
+                return verdict(rows == 0 and gap <= 1e-4, f"{rows} rows differ, max |d| {gap:.1e} <= 1e-4")
+
+            self.add(f"partner search {metric} ({len(faces)} faces, k=30)", describe(cpu), other, describe, compare)
 
     # --- the crop stage's detector --------------------------------------------------------------------------
 
@@ -576,6 +608,7 @@ def main(argv: list[str] | None = None) -> int:
     check.targets(masks)
     core, batch, config = check.train_setup()
     check.train(core, batch, config)
+    check.partners()
     check.detector()
     check.ddp(core, batch, config)
     print()

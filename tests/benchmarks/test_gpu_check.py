@@ -17,6 +17,7 @@ FIGURES = [
     "targets heatmap (32 px)", "targets consistency (32 px)", "targets anchor",
     "LAA-Net step fp32: loss 1st / 2nd", "LAA-Net step fp32: s/step", "LAA-Net step bf16: loss 1st / 2nd",
     "LAA-Net step bf16: s/step", "LAA-Net step fp16: loss 1st / 2nd", "LAA-Net step fp16: s/step",
+    "partner search laa (1500 faces, k=30)", "partner search l2 (1500 faces, k=30)",
     "RetinaFace (2008_001322.jpg): faces, mean score", "2-process DDP: loss 1st / 2nd (emulated 2nd)",
 ]
 
