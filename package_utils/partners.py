@@ -529,7 +529,7 @@ def _search(query: np.ndarray, query_video: Any, candidates: np.ndarray, candida
     # Query blocks run in threads of one torch thread each: a block's many small operations parallelise far
     # better this way than inside each operation, and the fused kernel releases the GIL.
     threads = torch.get_num_threads() if searcher.device.type == "cpu" else 1
-    with _one_torch_thread(), ThreadPoolExecutor(threads) as pool:
+    with _search_settings(), ThreadPoolExecutor(threads) as pool:
         searcher.run(pool, threads, progress)
         best_ids, best_d = _rescore(searcher, sorted_query, candidates, c_order, k, pool)
         redo = _redo_uncertain(searcher, sorted_query, centred_q[q_order], centred_c, candidates, c_order, k,
@@ -554,13 +554,17 @@ def _bounded_map(pool: ThreadPoolExecutor, function: Any, items: Sequence, windo
 
 
 @contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
+def _search_settings() -> Iterator[None]:
+    """One torch thread (the search runs blocks in threads of its own), and float32 matmuls in full float32:
+    the l2 values' error bound (see _redo_uncertain) does not hold for TF32 or bfloat16 passes."""
+    threads, precision = torch.get_num_threads(), torch.get_float32_matmul_precision()
     torch.set_num_threads(1)
+    torch.set_float32_matmul_precision("highest")
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+        torch.set_float32_matmul_precision(precision)
 
 
 def _rescore(searcher: _Search, sorted_query: np.ndarray, candidates: np.ndarray, c_order: np.ndarray, k: int,

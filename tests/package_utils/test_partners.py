@@ -223,6 +223,18 @@ def test_unstructured_landmarks_take_the_dense_pass_exactly(metric):
     assert not info["dense"]
 
 
+def test_search_uses_full_float32_matmuls_and_restores_the_settings():
+    # TF32 / bfloat16 matmuls would break the l2 values' error bound: the search turns them off for its run
+    faces, video = clustered_faces(800, seed=18)
+    threads, precision = torch.get_num_threads(), torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        assert_exact(faces, video, faces, video, 30, "l2")
+        assert torch.get_float32_matmul_precision() == "medium" and torch.get_num_threads() == threads
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
 @pytest.mark.parametrize("metric", ["l2", "laa"])
 def test_ties_beyond_the_margin_are_redone_exactly(metric):
     # 60 copies of one face in 60 videos: a query near it sees 60 candidates tied at the k-th place, more than
