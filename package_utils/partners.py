@@ -339,7 +339,8 @@ class _Search:
     def merge(self, r0: int, r1: int, values: torch.Tensor, hit: torch.Tensor, cols: torch.Tensor) -> None:
         """Fold ``values`` (queries r0..r1 x candidate positions ``cols``) into the running top-keep lists.
 
-        Only rows with a value below their keep-th (``hit``) go through topk, as contiguous copies.
+        Only rows with a value below their keep-th (``hit``) are merged, as contiguous copies; when few values
+        are below, only those are gathered (a topk over all of them cost ~25% of an unstructured search).
         """
         if bool(hit.all()):
             rows, values = slice(r0, r1), values.contiguous()
@@ -349,9 +350,23 @@ class _Search:
                 return
             values = values.index_select(0, rows)
             rows = rows + r0
-        found_d, found_i = torch.topk(values, min(self.keep, values.shape[1]), dim=1, largest=False, sorted=False)
+        below = values < self.T[rows][:, None]
+        counts = below.sum(dim=1)
+        width = int(counts.max())
+        if width * 4 <= values.shape[1]:
+            # few values beat the lists (the usual case once they fill): gather those instead of a topk over all
+            row, col = below.nonzero(as_tuple=True)
+            slot = torch.arange(len(row), device=self.device) - (counts.cumsum(0) - counts)[row]
+            found_d = torch.full((len(values), width), math.inf, device=self.device)
+            found_d[row, slot] = values[row, col]
+            found_i = torch.full((len(values), width), -1, dtype=torch.int64, device=self.device)
+            found_i[row, slot] = cols[col]
+        else:
+            found_d, found_i = torch.topk(values, min(self.keep, values.shape[1]), dim=1, largest=False,
+                                          sorted=False)
+            found_i = cols[found_i]
         merged_d = torch.cat([self.best_d[rows], found_d], dim=1)
-        merged_i = torch.cat([self.best_i[rows], cols[found_i]], dim=1)
+        merged_i = torch.cat([self.best_i[rows], found_i], dim=1)
         best_d, pick = torch.topk(merged_d, self.keep, dim=1, largest=False, sorted=False)
         self.best_d[rows] = best_d
         self.best_i[rows] = merged_i.gather(1, pick)
