@@ -134,8 +134,11 @@ def _video_codes(query_video: Sequence | np.ndarray, candidate_video: Sequence |
 def _exact(query: np.ndarray, candidates: np.ndarray, metric: str) -> np.ndarray:
     """float64 distances between query (n, L, 2) and its candidates (n, m, L, 2) -> (n, m)."""
     diff = candidates - query[:, None]
+    if metric == "l2":  # one dot product over the contiguous 2L coordinates of each pair
+        flat = diff.reshape(*diff.shape[:2], -1)
+        return np.sqrt(np.einsum("nmd,nmd->nm", flat, flat))
     squares = diff[..., 0] ** 2 + diff[..., 1] ** 2  # (n, m, L); einsum is several times slower at this shape
-    return np.sqrt(squares.sum(axis=-1)) if metric == "l2" else np.sqrt(squares).sum(axis=-1)
+    return np.sqrt(squares).sum(axis=-1)
 
 
 def _laa_eager(qx: torch.Tensor, qy: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, out: torch.Tensor,
