@@ -675,11 +675,11 @@ def find_partners(query_landmarks: np.ndarray, query_video: Sequence[str] | np.n
         block_size: queries searched together (default 32 for laa, 64 for l2).
         candidate_block_size: candidates scored per kernel call (default 4096).
         max_tile_mb: bound on the float32 values held per kernel call in MiB.
-        laa_kernel: ``fused`` (torch.compile, one pass per tile; needs a C++ compiler; built on first use,
-            about 15 s, then cached), ``eager`` (plain torch ops, 2-4x slower on CPU) or ``auto`` (fused for
-            large CPU searches, checked against eager on the first tile, with a warning and eager whenever it
-            fails; eager otherwise).
-        progress: show a tqdm bar over query blocks.
+        laa_kernel: ``fused`` (torch.compile, one pass over each pair's landmarks; needs a C++ compiler;
+            built on first use, about 15 s, then cached), ``eager`` (plain torch ops, 3-6x slower on CPU) or
+            ``auto`` (fused for large CPU searches, checked against eager on its first call, with a warning
+            and eager whenever it fails; eager otherwise).
+        progress: show a tqdm bar over the queries.
 
     Returns:
         ``(indices, distances)``: (N, k) int64 candidate positions, nearest first, ties by lower position,
@@ -734,7 +734,7 @@ def add_partners(document: dict, candidates: dict | None = None, *, k: int = 30,
         laa_paths: also write ``best_match``, the partners' ``image_path`` strings.
         source: name of ``document`` in messages.
         candidate_source: name of ``candidates`` in messages and in ``stats.partners.partner_source``.
-        progress: tqdm bar over query blocks.
+        progress: tqdm bar over the queries.
 
     Returns:
         The stats stored in ``document['stats']['partners']``.
