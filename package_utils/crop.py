@@ -201,11 +201,13 @@ def crop_faces(frame: np.ndarray, detector: Any, size: int | None, scale: float 
         height, width = frame.shape[:2]
         chosen, tracks, scale, dropped = [Face(np.array([0, 0, width, height], dtype=np.float32), 1.0)], [0], 1.0, 0
     else:
-        detected = detector.detect(frame)
+        shrunk = detector.shrink(frame)  # made once: the tracker's shot-cut signature is taken from it too
+        detected = detector.detect(frame, shrunk)
         chosen = [f for f in detected if min(f.box[2] - f.box[0], f.box[3] - f.box[1]) >= min_face_size]
         dropped = len(detected) - len(chosen)
         chosen = choose_faces(chosen, faces, min_relative_area)
-        tracks = tracker.update(frame_index, frame, chosen) if tracker is not None else [0] * len(chosen)
+        tracks = (tracker.update(frame_index, frame, chosen, thumbnail=shrunk[0]) if tracker is not None
+                  else [0] * len(chosen))
     crops = []
     for face, track in zip(chosen, tracks):
         box = square_box(face.box, scale)

@@ -87,8 +87,14 @@ class RetinaFaceDetector:
             rows.append(np.hstack([for_sizes, wh]))
         return np.concatenate(rows).astype(np.float32)
 
-    def detect(self, image_bgr: np.ndarray) -> list[Face]:
-        image_bgr, scale = shrink_for_detection(image_bgr, self.max_size)
+    def shrink(self, image_bgr: np.ndarray) -> tuple[np.ndarray, float]:
+        """(the image as the network sees it, its scale): pass it to :meth:`detect` when the caller uses the
+        shrunk image too (the crop stage's shot-cut signature)."""
+        return shrink_for_detection(image_bgr, self.max_size)
+
+    def detect(self, image_bgr: np.ndarray, shrunk: tuple[np.ndarray, float] | None = None) -> list[Face]:
+        """Faces in frame pixels; ``shrunk`` is :meth:`shrink`'s result for this image, when already made."""
+        image_bgr, scale = shrunk if shrunk is not None else self.shrink(image_bgr)
         in_h, in_w = image_bgr.shape[:2]
         # mean subtraction + HWC -> NCHW float32 in one optimised pass
         blob = cv2.dnn.blobFromImage(image_bgr, 1.0, (in_w, in_h), self._MEAN_BGR.tolist(), swapRB=False, crop=False)
@@ -131,12 +137,16 @@ class DlibHogDetector:
     max_size: int | None = 640
     _detector: object = field(default=None, init=False, repr=False)
 
-    def detect(self, image_bgr: np.ndarray) -> list[Face]:
+    def shrink(self, image_bgr: np.ndarray) -> tuple[np.ndarray, float]:
+        """(the image the detector runs on, before upsampling; its scale), as :meth:`RetinaFaceDetector.shrink`."""
+        return shrink_for_detection(image_bgr, self.max_size)
+
+    def detect(self, image_bgr: np.ndarray, shrunk: tuple[np.ndarray, float] | None = None) -> list[Face]:
         import dlib
 
         if self._detector is None:
             self._detector = dlib.get_frontal_face_detector()
-        small, scale = shrink_for_detection(image_bgr, self.max_size)
+        small, scale = shrunk if shrunk is not None else self.shrink(image_bgr)
         rgb = cv2.cvtColor(small, cv2.COLOR_BGR2RGB)
         rects, scores, _ = self._detector.run(rgb, self.upsample, self.score_threshold)
         return [Face((np.array([r.left(), r.top(), r.right() + 1, r.bottom() + 1], dtype=np.float64) / scale)
@@ -236,11 +246,14 @@ class FaceTracker:
         self._last_cut = -1            # sampled-frame count of the last cut seen
         self._signature: np.ndarray | None = None
 
-    def update(self, frame_index: int, frame_bgr: np.ndarray, faces: list[Face]) -> list[int]:
+    def update(self, frame_index: int, frame_bgr: np.ndarray, faces: list[Face],
+               thumbnail: np.ndarray | None = None) -> list[int]:
         """Track id of each face of this frame (same order). Call once per sampled frame, in frame order,
-        also for frames without faces (a cut between two frames is judged on consecutive samples)."""
+        also for frames without faces (a cut between two frames is judged on consecutive samples).
+        ``thumbnail``: a shrunk copy of the frame already made (the detector's), for the shot-cut signature:
+        a quarter of the pixels to average than the frame at 720p."""
         self._updates += 1
-        signature = frame_signature(frame_bgr)
+        signature = frame_signature(frame_bgr if thumbnail is None else thumbnail)
         if self._signature is not None and \
                 cv2.compareHist(self._signature, signature, cv2.HISTCMP_CORREL) < self.cut_correlation:
             self.cuts += 1

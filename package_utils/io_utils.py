@@ -192,25 +192,39 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = No
     atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False))
 
 
+#: PNG encoding of the images we write: the "up" filter and Huffman coding only. On the shared clips' face crops
+#: it encodes in 2.5 instead of 3.1 ms and decodes (every training epoch) in 1.53 instead of 1.67 ms, for files
+#: 1.6% larger than OpenCV's default; still lossless.
+PNG_PARAMS = [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP,
+              cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY]
+
+
+def encode_image(path: Path, image: np.ndarray, params: list[int] | None = None) -> bytes:
+    """``image`` (BGR or grey uint8) encoded by the file's extension (PNG with :data:`PNG_PARAMS` unless
+    ``params`` are given)."""
+    suffix = path.suffix or ".png"
+    if params is None and suffix.lower() == ".png":
+        params = PNG_PARAMS
+    ok, buffer = cv2.imencode(suffix, image, params or [])
+    if not ok:
+        raise OSError(f"{path}: OpenCV could not encode a {image.shape} {image.dtype} image")
+    return buffer.tobytes()
+
+
 def atomic_write_image(path: str | os.PathLike, image: np.ndarray, params: list[int] | None = None) -> None:
     """Encode ``image`` (BGR or grey uint8) by the file's extension and write it atomically."""
     path = Path(path)
-    ok, buffer = cv2.imencode(path.suffix or ".png", image, params or [])
-    if not ok:
-        raise OSError(f"{path}: OpenCV could not encode a {image.shape} {image.dtype} image")
-    atomic_write_bytes(path, buffer.tobytes())
+    atomic_write_bytes(path, encode_image(path, image, params))
 
 
 def write_image(path: str | os.PathLike, image: np.ndarray, params: list[int] | None = None) -> None:
     """Encode ``image`` by the file's extension and write it, not atomically: for files inside a folder that is
     moved into place once complete (crop folders). A failed write leaves no partial file and says why."""
     path = Path(path)
-    ok, buffer = cv2.imencode(path.suffix or ".png", image, params or [])
-    if not ok:
-        raise OSError(f"{path}: OpenCV could not encode a {image.shape} {image.dtype} image")
+    data = encode_image(path, image, params)
     try:
         with open(path, "wb") as handle:
-            handle.write(buffer.tobytes())
+            handle.write(data)
     except OSError as error:
         path.unlink(missing_ok=True)
         raise explain_os_error(error, path) from error

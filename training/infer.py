@@ -66,7 +66,9 @@ HEATMAP_ALPHA = 0.45  # weight of the colour map over the face in the right-hand
 
 
 class Detector(Protocol):
-    def detect(self, image_bgr: np.ndarray) -> list[Face]: ...
+    def shrink(self, image_bgr: np.ndarray) -> tuple[np.ndarray, float]: ...
+
+    def detect(self, image_bgr: np.ndarray, shrunk: tuple[np.ndarray, float] | None = None) -> list[Face]: ...
 
 
 # ----------------------------------------------------------------------------------------------- setup

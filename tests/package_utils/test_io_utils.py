@@ -84,3 +84,23 @@ def test_unwritable_output_is_found_before_any_work(tmp_path, monkeypatch, code,
 def test_full_disk_error_says_so():
     error = explain_os_error(OSError(errno.ENOSPC, "No space left on device"), "/x/a.pth")
     assert "no space left on device" in str(error) and "/x/a.pth" in str(error)
+
+
+def test_images_are_written_losslessly_with_the_fast_png_settings(tmp_path, media_dir):
+    """Crops are PNG with the "up" filter and Huffman coding only: the pixels read back are the ones written,
+    colour and grey, and an explicit ``params`` still overrides the default."""
+    import cv2
+    import numpy as np
+
+    from package_utils.io_utils import PNG_PARAMS, atomic_write_image, read_image, write_image
+
+    face = read_image(media_dir / "photos/face_recognition/obama.jpg")[:320, :320]
+    for image in (face, cv2.cvtColor(face, cv2.COLOR_BGR2GRAY)):
+        write_image(tmp_path / "crop.png", image)
+        atomic_write_image(tmp_path / "atomic.png", image)
+        for name in ("crop.png", "atomic.png"):
+            assert np.array_equal(cv2.imread(str(tmp_path / name), cv2.IMREAD_UNCHANGED), image)
+    fast = (tmp_path / "crop.png").stat().st_size
+    write_image(tmp_path / "small.png", cv2.cvtColor(face, cv2.COLOR_BGR2GRAY), [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    assert (tmp_path / "small.png").stat().st_size < fast  # the caller's settings were used
+    assert cv2.IMWRITE_PNG_STRATEGY in PNG_PARAMS
