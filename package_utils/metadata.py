@@ -46,11 +46,14 @@ whose ``landmark_ok`` is false unless told otherwise; items without the keys cou
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import json
 import math
 import os
 from pathlib import Path
 from typing import Any, Iterable
+
+import numpy as np
 
 from package_utils.io_utils import atomic_write_json
 
@@ -78,10 +81,16 @@ def _is_num(value: Any) -> bool:
 
 
 def _is_points(value: Any) -> bool:
-    return isinstance(value, list) and all(
-        isinstance(p, list) and len(p) == 2 and _is_num(p[0]) and _is_num(p[1])
-        and abs(p[0]) <= LANDMARK_LIMIT and abs(p[1]) <= LANDMARK_LIMIT for p in value
-    )
+    # one type pass and one numpy pass instead of a call per coordinate: saving 100k faces checks 14M of them
+    if not isinstance(value, list) or not all(isinstance(p, list) and len(p) == 2 for p in value):
+        return False
+    if not value:
+        return True
+    types = {type(x) for x in itertools.chain.from_iterable(value)}
+    if not all(issubclass(t, (int, float)) and not issubclass(t, bool) for t in types):
+        return False
+    coordinates = np.abs(np.array(value, dtype=np.float64))
+    return bool(np.all(coordinates <= LANDMARK_LIMIT))  # NaN compares False; an infinity exceeds the limit
 
 
 POINTS = f"finite [x, y] points within +-{LANDMARK_LIMIT:g} px"
