@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from package_utils import crop, landmarks  # noqa: E402
+from package_utils import crop, landmark_fit, landmarks  # noqa: E402
 from package_utils.crop import cut_with_padding, resize_square, square_box, to_crop_coords  # noqa: E402
 from package_utils.detectors import choose_faces  # noqa: E402
 from package_utils.video import MediaReader, sample_indices  # noqa: E402
@@ -126,7 +126,7 @@ def stage_times(video: Path, frames: int, detector_name: str, threads: int, repe
             box = square_box(face.box, crop.DEFAULTS["crop"]["scale"])
             crops.append(resize_square(cut_with_padding(image, box)[0], crop.DEFAULTS["crop"]["size"]))
             boxes.append(to_crop_coords(face.box, box, crop.DEFAULTS["crop"]["size"]).reshape(-1))
-    predictor = landmarks._predictor(68, None)
+    predictor = landmark_fit.shape_predictor(68, None)
     landmark_s, _ = timed(lambda: [predictor.predict(c, b) for c, b in zip(crops, boxes)], repeats)
     n = len(indices)
     return {"decode": decode_s / n, "detect": detect_s / n, "landmarks": landmark_s / n, "sampled": n,

@@ -217,9 +217,10 @@ def atomic_write_image(path: str | os.PathLike, image: np.ndarray, params: list[
     atomic_write_bytes(path, encode_image(path, image, params))
 
 
-def write_image(path: str | os.PathLike, image: np.ndarray, params: list[int] | None = None) -> None:
+def write_image(path: str | os.PathLike, image: np.ndarray, params: list[int] | None = None) -> bytes:
     """Encode ``image`` by the file's extension and write it, not atomically: for files inside a folder that is
-    moved into place once complete (crop folders). A failed write leaves no partial file and says why."""
+    moved into place once complete (crop folders). A failed write leaves no partial file and says why.
+    Returns the bytes written."""
     path = Path(path)
     data = encode_image(path, image, params)
     try:
@@ -228,6 +229,7 @@ def write_image(path: str | os.PathLike, image: np.ndarray, params: list[int] | 
     except OSError as error:
         path.unlink(missing_ok=True)
         raise explain_os_error(error, path) from error
+    return data
 
 
 def replace_dir(tmp_dir: Path, final_dir: Path) -> None:

@@ -9,7 +9,10 @@ Usage::
 when that flag is missing), so aligned landmarks always come with the pixels they describe.
 
 ``--input`` is a crop split folder (``<output>/<split>`` of the crop stage) or its ``crop_index.json``.
-The shape predictor runs on the face box the crop stage found (no second detection that can fail).
+The shape predictor runs on the face box the crop stage found (no second detection that can fail). Without
+alignment, the fits the crop stage made on the crops in memory (``landmark_fit`` in its records) are taken when
+they were made with this stage's model, box calibration and threshold on the very file there now (its digest);
+the summary counts them (``fits_from_crop_stage``). Every other crop is read and fitted here.
 RetinaFace boxes are shaped differently from the dlib HOG boxes the predictor was trained on, so they
 are first mapped onto a HOG-like box (constants measured on the shared face photos; this halves the
 landmark disagreement with HOG-box landmarks: median error 0.026 -> 0.012 of the eye distance).
@@ -42,7 +45,6 @@ import argparse
 import hashlib
 import json
 import logging
-import math
 import shutil
 import sys
 import time
@@ -55,7 +57,8 @@ import numpy as np
 from package_utils import align, metadata
 from package_utils.config import Option, StageSpec
 from package_utils.crop import CROP_INDEX_NAME
-from package_utils.detectors import DlibHogDetector, LandmarkPredictor, choose_faces
+from package_utils.landmark_fit import (LANDMARK_CHECK_VERSION, MAX_LANDMARK_ERROR, FitSettings, checked_landmarks,
+                                       shape_predictor, stored_fit)
 from package_utils.io_utils import (PROJECT_ROOT, BadInputError, atomic_write_image, atomic_write_json,
                                     check_writable, inside, output_file_lock, output_lock, read_finished_json,
                                     read_image, relative_to_root, remove_leftovers, safe_name, safe_relative)
@@ -64,22 +67,6 @@ from package_utils.parallel import run_jobs
 log = logging.getLogger("package_utils.landmarks")
 #: Temp files a killed run can leave in a split folder: write checks, caches and aligned images half written.
 LEFTOVER_PATTERNS = ("landmarks/.*.tmp", "landmarks/*/.*.tmp", "aligned/.*.tmp", "aligned/*/*/*/.*.tmp")
-
-#: RetinaFace box -> dlib-HOG-like box, as fractions of the RetinaFace width/height for x0, y0, x1, y1.
-#: Means over 48 faces of the shared photos (std 0.06-0.09).
-RETINAFACE_TO_DLIB = np.array([-0.058, 0.162, 0.061, -0.030])
-
-#: The 5 RetinaFace keypoints (eye centres, nose tip, mouth corners) inside the dlib HOG box of the face, as
-#: fractions of the box side from its top-left corner: means over the 43 annotated faces of the dlib photos
-#: (std 0.04-0.09). A similarity fit of these onto a face's keypoints gives the box of the second fit.
-KEYPOINTS_IN_HOG_BOX = np.array([[0.3145, 0.3192], [0.6906, 0.3125], [0.4911, 0.5174], [0.3312, 0.7147],
-                                 [0.6970, 0.7067]])
-#: Default pass threshold of ``landmark_error`` (mean keypoint distance / inter-ocular distance).
-MAX_LANDMARK_ERROR = 0.25
-#: Part of every cache fingerprint: caches written before the landmark check (no quality fields) are redone.
-LANDMARK_CHECK_VERSION = 1
-LANDMARK_FITS = ("detector_box", "keypoint_box")
-
 
 def _options() -> list[Option]:
     """The landmarks stage's settings (``configs/preprocess/landmarks.yaml`` documents the same keys)."""
@@ -142,6 +129,10 @@ class LandmarkJob:
                 "max_landmark_error": self.max_landmark_error}
 
     @property
+    def fit_settings(self) -> FitSettings:
+        return FitSettings(self.num_points, self.calibrate_box, self.max_landmark_error, self.pretrained_dir)
+
+    @property
     def geometry_tag(self) -> str:
         return geometry_tag(self._settings)
 
@@ -149,92 +140,6 @@ class LandmarkJob:
     def tag(self) -> str:
         """Cache name (:func:`fingerprint`)."""
         return fingerprint(self._settings)
-
-
-_MODELS: dict[tuple, Any] = {}
-
-
-def _predictor(num_points: int, pretrained_dir: str | None) -> LandmarkPredictor:
-    key = ("predictor", num_points, pretrained_dir)
-    if key not in _MODELS:
-        _MODELS[key] = LandmarkPredictor(num_points, pretrained_dir)
-    return _MODELS[key]
-
-
-def predictor_box(frame: dict, detector: str, calibrate: bool, crop: np.ndarray) -> np.ndarray:
-    """The box handed to the shape predictor, in crop pixels."""
-    box = np.asarray(frame["face_box"], dtype=np.float64)
-    if detector == "retinaface" and calibrate:
-        width, height = box[2] - box[0], box[3] - box[1]
-        return box + RETINAFACE_TO_DLIB * np.array([width, height, width, height])
-    if detector == "none":  # whole-image face crops (DFW): find the face inside, else a central box
-        if "_hog" not in _MODELS:
-            _MODELS["_hog"] = DlibHogDetector(upsample=1)
-        faces = choose_faces(_MODELS["_hog"].detect(crop))
-        if faces:
-            return faces[0].box.astype(np.float64)
-        side = crop.shape[0]
-        return np.array([0.15, 0.2, 0.85, 0.9]) * side
-    return box
-
-
-def keypoints_of_fit(landmarks: np.ndarray) -> np.ndarray:
-    """The fit's counterparts of RetinaFace's 5 keypoints: eye centres (36-41, 42-47), nose tip 30, mouth
-    corners 48 and 54 (image-left first, as RetinaFace orders them; checked on the annotated photos)."""
-    points = np.asarray(landmarks, dtype=np.float64)
-    return np.stack([points[36:42].mean(0), points[42:48].mean(0), points[30], points[48], points[54]])
-
-
-def landmark_error(landmarks: np.ndarray, keypoints: np.ndarray) -> float:
-    """Mean distance between the fit's 5 points and the detector's keypoints / the keypoints' eye distance.
-
-    The eye distance is floored at 1 pixel: a profile face (both eye keypoints on one spot) scores high.
-    """
-    keypoints = np.asarray(keypoints, dtype=np.float64)
-    eye_distance = max(float(np.linalg.norm(keypoints[1] - keypoints[0])), 1.0)
-    return float(np.linalg.norm(keypoints_of_fit(landmarks) - keypoints, axis=1).mean() / eye_distance)
-
-
-def keypoint_box(keypoints: np.ndarray) -> np.ndarray:
-    """The square box [x0, y0, x1, y1] a dlib HOG detection of a face with these 5 keypoints would have:
-    centre and side of the least-squares similarity of KEYPOINTS_IN_HOG_BOX onto them (the box itself stays
-    upright, as dlib's)."""
-    matrix = align.fit_similarity(KEYPOINTS_IN_HOG_BOX, np.asarray(keypoints, dtype=np.float64))
-    centre = matrix[:, :2] @ np.array([0.5, 0.5]) + matrix[:, 2]
-    half = math.sqrt(abs(np.linalg.det(matrix[:, :2]))) / 2
-    return np.concatenate([centre - half, centre + half])
-
-
-def keypoints_inside_frame(keypoints: np.ndarray, frame: dict, crop_size: int) -> bool:
-    """Whether every keypoint lies on frame pixels of the crop, not in the zero padding past the frame edge."""
-    padding = frame.get("padding") or [0, 0, 0, 0]
-    scale = crop_size / float(frame["box"][2] - frame["box"][0])
-    low = np.array(padding[:2], dtype=np.float64) * scale
-    high = crop_size - np.array(padding[2:], dtype=np.float64) * scale
-    points = np.asarray(keypoints, dtype=np.float64)
-    return bool(((points >= low) & (points <= high)).all())
-
-
-def checked_landmarks(predictor: LandmarkPredictor, crop: np.ndarray, frame: dict, detector: str,
-                      job: LandmarkJob) -> tuple[np.ndarray, dict]:
-    """The fit on the usual box, checked against the detector's keypoints and redone from the keypoint box
-    when it fails (the closer of the two is kept). Returns (landmarks, quality fields of the item)."""
-    landmarks = predictor.predict(crop, predictor_box(frame, detector, job.calibrate_box, crop))
-    keypoints = frame.get("keypoints")
-    if keypoints is None:  # dlib / none detectors: nothing independent to check against
-        return landmarks, {"landmark_error": None, "landmark_ok": None, "landmark_fit": "detector_box"}
-    error, fit = landmark_error(landmarks, keypoints), "detector_box"
-    if not keypoints_inside_frame(keypoints, frame, crop.shape[0]):
-        # RetinaFace guesses keypoints of faces cut by the frame edge into the zero padding: on the shared
-        # clips those guesses were the wrong ones, so the check cannot judge the fit (and must not refit to them)
-        return landmarks, {"landmark_error": round(error, 4), "landmark_ok": None, "landmark_fit": fit}
-    if error > job.max_landmark_error:
-        second = predictor.predict(crop, keypoint_box(keypoints))
-        second_error = landmark_error(second, keypoints)
-        if second_error < error:
-            landmarks, error, fit = second, second_error, "keypoint_box"
-    return landmarks, {"landmark_error": round(error, 4), "landmark_ok": error <= job.max_landmark_error,
-                       "landmark_fit": fit}
 
 
 def cache_path(job: LandmarkJob, record: dict) -> Path:
@@ -282,10 +187,17 @@ def landmark_video(record: dict, job: LandmarkJob) -> dict:
             return cached
     if job.save_aligned:  # aligned images of an earlier, unfinished or outdated run of this video
         shutil.rmtree(aligned_dir(job, record), ignore_errors=True)
-    predictor = _predictor(job.num_points, job.pretrained_dir)
-    items, unreadable = [], []
+    predictor = shape_predictor(job.num_points, job.pretrained_dir)
+    items, unreadable, reused = [], [], 0
     for frame in record["frames"]:
         crop_file = job.data_root / frame["image_path"]
+        # the crop stage's fit of this very file, made with these settings; aligning needs the pixels anyway
+        stored = stored_fit(frame, job.fit_settings, crop_file) if job.align == "none" else None
+        if stored is not None:
+            landmarks, quality = stored
+            reused += 1
+            items.append(_item(record, frame, frame["image_path"], landmarks, landmarks, job, None) | quality)
+            continue
         try:
             crop = read_image(crop_file)
         except ValueError as error:
@@ -305,7 +217,7 @@ def landmark_video(record: dict, job: LandmarkJob) -> dict:
         items.append(_item(record, frame, image_path, landmarks, aligned, job,
                            matrix if job.save_aligned else None) | quality)
     result = {"video_id": record["video_id"], "status": "ok" if items else "skipped", "items": items,
-              "unreadable": unreadable, "crop_fingerprint": fingerprint}
+              "unreadable": unreadable, "fits_reused": reused, "crop_fingerprint": fingerprint}
     if not items:
         result["reason"] = "no crop of this video could be read"
     atomic_write_json(path, result)
@@ -398,11 +310,10 @@ def run(config: dict | None = None, /, **settings: Any) -> dict:
         config = {**config, "save_aligned": True}
     split_dir, index = load_crop_index(Path(config["input"]).resolve())
     data_root = Path(config["data_root"] or index["data_root"]).resolve()
-    _predictor(config["landmarks"], config["pretrained_dir"])  # fail now if the model file is missing
+    shape_predictor(config["landmarks"], config["pretrained_dir"])  # fail now if the model file is missing
     size = config["aligned_size"]
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
         raise ValueError(f"--aligned-size must be a whole number of pixels >= 1, got {size!r}")
-    records = index["records"]
     split = index["config"]["split"]
     dataset = index["config"]["dataset"]
     output = Path(config["output"] or PROJECT_ROOT / "processed_data" /
@@ -450,6 +361,8 @@ def _landmark_split(config: dict, index: dict, job: LandmarkJob, output: Path) -
     summary = {
         "videos": len(records), "failed": failed, "items": len(items),
         "videos_resumed": sum(bool(r.get("cached")) for r in results),
+        # fits the crop stage made on the crops in memory, taken instead of reading the files
+        "fits_from_crop_stage": sum(r.get("fits_reused", 0) for r in results),
         "seconds": round(time.perf_counter() - started, 2),
         **landmark_check_counts(items, job.max_landmark_error),
     }

@@ -68,7 +68,7 @@ import torch
 from tqdm import tqdm
 
 import models
-from package_utils import crop, landmarks, metadata
+from package_utils import crop, landmark_fit, landmarks, metadata
 from package_utils import demo as preprocessing
 from package_utils.config import ConfigError, build_config
 from package_utils.detectors import LandmarkPredictor
@@ -124,7 +124,7 @@ class FaceFinder:
         face, box, face_crop = found[0]
         face_box = crop.to_crop_coords(face.box, box, self.size).reshape(-1)
         # The landmarks stage's box calibration (RetinaFace box -> dlib-like box) before predicting.
-        predictor_box = landmarks.predictor_box({"face_box": face_box.tolist()}, "retinaface", True, face_crop)
+        predictor_box = landmark_fit.predictor_box({"face_box": face_box.tolist()}, "retinaface", True, face_crop)
         return FaceView(box=box, crop=face_crop, landmarks=self.predictor.predict(face_crop, predictor_box))
 
 

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from package_utils import align, crop, landmarks, metadata
+from package_utils import align, crop, landmark_fit, landmarks, metadata
 
 SPEC_DESTINATION_256 = np.array([(96.870, 120.433), (158.825, 120.090), (128.044, 155.669), (102.592, 191.939),
                                  (153.899, 191.656)])
@@ -124,8 +124,8 @@ def repredict(root: Path, item: dict) -> np.ndarray:
     half = (box[2:] - box[:2]) / 2 * math.sqrt(abs(np.linalg.det(matrix[:, :2])))
     moved = np.concatenate([centre - half, centre + half])
     width, height = moved[2] - moved[0], moved[3] - moved[1]
-    moved = moved + landmarks.RETINAFACE_TO_DLIB * [width, height, width, height]
-    return landmarks._predictor(68, None).predict(cv2.imread(str(root / item["image_path"])), moved)
+    moved = moved + landmark_fit.RETINAFACE_TO_DLIB * [width, height, width, height]
+    return landmark_fit.shape_predictor(68, None).predict(cv2.imread(str(root / item["image_path"])), moved)
 
 
 def inter_ocular(points: np.ndarray) -> float:

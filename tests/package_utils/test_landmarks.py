@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import cv2
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import box_iou, link
-from package_utils import align, crop, landmarks, metadata
+from package_utils import align, crop, landmark_fit, landmarks, metadata
 
 SIZE = 128
 GROUP = "2009_004587.jpg"  # two frontal faces with annotated landmarks
@@ -243,15 +245,15 @@ def test_check_catches_bad_fits_and_the_second_fit_fixes_them(turned, dlib_annot
     root, document = turned
     faces = dlib_annotations[TURNED]
     assert len(document["data"]) == len(faces) == 7
-    predictor = landmarks._predictor(68, None)
+    predictor = landmark_fit.shape_predictor(68, None)
     caught = 0
     for item in document["data"]:
         image = cv2.imread(str(root / item["crop_path"]))
-        first = predictor.predict(image, landmarks.predictor_box(item, "retinaface", True, image))
-        first_fails = landmarks.landmark_error(first, item["keypoints"]) > landmarks.MAX_LANDMARK_ERROR
+        first = predictor.predict(image, landmark_fit.predictor_box(item, "retinaface", True, image))
+        first_fails = landmark_fit.landmark_error(first, item["keypoints"]) > landmark_fit.MAX_LANDMARK_ERROR
         assert first_fails == (annotation_error(item, first, faces) > 0.3), item["image_path"]
         assert item["landmark_fit"] == ("keypoint_box" if first_fails else "detector_box")
-        assert item["landmark_ok"] is True and item["landmark_error"] <= landmarks.MAX_LANDMARK_ERROR
+        assert item["landmark_ok"] is True and item["landmark_error"] <= landmark_fit.MAX_LANDMARK_ERROR
         assert annotation_error(item, item["orig_lms"], faces) < 0.2, item["image_path"]
         caught += first_fails
     assert caught == 3
@@ -272,12 +274,12 @@ def test_a_loose_threshold_keeps_the_bad_fits(turned, dlib_annotations) -> None:
 
 def test_landmark_error_and_keypoint_box_on_annotated_points(dlib_annotations) -> None:
     _, points = dlib_annotations[TURNED][1]
-    keypoints = landmarks.keypoints_of_fit(points)
+    keypoints = landmark_fit.keypoints_of_fit(points)
     eye_distance = np.linalg.norm(keypoints[1] - keypoints[0])
-    assert landmarks.landmark_error(points, keypoints) == 0.0
-    assert landmarks.landmark_error(points + [0.4 * eye_distance, 0.0], keypoints) == pytest.approx(0.4)
+    assert landmark_fit.landmark_error(points, keypoints) == 0.0
+    assert landmark_fit.landmark_error(points + [0.4 * eye_distance, 0.0], keypoints) == pytest.approx(0.4)
     # the keypoint box lands near the annotated (HOG-like) face boxes: IoU median 0.81, at least 0.68 over 43 faces
-    overlaps = [box_iou(landmarks.keypoint_box(landmarks.keypoints_of_fit(points)), box)
+    overlaps = [box_iou(landmark_fit.keypoint_box(landmark_fit.keypoints_of_fit(points)), box)
                 for faces in dlib_annotations.values() for box, points in faces]
     assert len(overlaps) == 43 and np.median(overlaps) > 0.75 and min(overlaps) > 0.6
 
@@ -290,7 +292,7 @@ def test_keypoints_past_the_frame_edge_leave_quality_unknown(turned) -> None:
     # the same face as if the frame ended left of its first eye keypoint
     side = item["box"][2] - item["box"][0]
     item["padding"] = [int((item["keypoints"][0][0] + 2) * side / SIZE), 0, 0, 0]
-    _, quality = landmarks.checked_landmarks(landmarks._predictor(68, None), image, item, "retinaface", job)
+    _, quality = landmark_fit.checked_landmarks(landmark_fit.shape_predictor(68, None), image, item, "retinaface", job)
     assert quality["landmark_ok"] is None and quality["landmark_error"] is not None
 
 
@@ -300,3 +302,47 @@ def test_faces_without_keypoints_are_not_checked(tmp_path: Path, media_dir: Path
                       str(tmp_path), "--crop-size", "128", "--detector", "dlib", "--backend", "sequential"]) == 0
     [item] = run_landmarks(tmp_path / "out/test", tmp_path / "meta.json")["data"]
     assert (item["landmark_error"], item["landmark_ok"], item["landmark_fit"]) == (None, None, "detector_box")
+
+
+def test_crop_stage_fits_are_the_fits_of_the_files(cropped: Path, unsaved: dict, tmp_path: Path) -> None:
+    """The crop stage fits the crops while they are in memory; the landmarks stage takes those fits instead of
+    reading the PNGs, and they are exactly the fits it makes from the files (a crop run without fits)."""
+    assert unsaved["stats"]["landmarks"]["fits_from_crop_stage"] == len(unsaved["data"]) == 5
+    assert crop.main(["--input", str(cropped / "data"), "--output", str(tmp_path / "out"), "--data-root",
+                      str(tmp_path), "--num-frames", "2", "--crop-size", str(SIZE), "--faces", "all", "--backend",
+                      "sequential", "--landmarks", "0", "min_relative_area=0.5"]) == 0
+    from_files = run_landmarks(tmp_path / "out/test", tmp_path / "meta.json", "--align", "none")
+    assert from_files["stats"]["landmarks"]["fits_from_crop_stage"] == 0
+    assert strip_volatile(from_files)["data"] == strip_volatile(unsaved)["data"]
+
+
+def test_crop_stage_fits_are_not_taken_for_other_pixels_or_settings(cropped: Path, unsaved: dict,
+                                                                    tmp_path: Path) -> None:
+    """A crop rewritten with other pixels (same size, same modification time), another landmark-check threshold
+    or an alignment make the stage fit on the files again."""
+    copy = tmp_path / "copy"
+    shutil.copytree(cropped / "out", copy / "out")
+    first = unsaved["data"][0]
+    crop_file = copy / first["image_path"]
+    stat = crop_file.stat()
+    flipped = cv2.flip(cv2.imread(str(crop_file)), 1)
+    crop_file.write_bytes(cv2.imencode(".png", flipped)[1].tobytes())
+    os.utime(crop_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    document = run_landmarks(copy / "out/test", copy / "meta.json", "--align", "none", "--data-root", str(copy))
+    assert document["stats"]["landmarks"]["fits_from_crop_stage"] == 4
+    [refit] = [item for item in document["data"] if item["image_path"] == first["image_path"]]
+    expected = landmark_fit.shape_predictor(68).predict(
+        flipped, landmark_fit.predictor_box(refit, "retinaface", True, flipped))
+    assert np.array_equal(np.array(refit["orig_lms"]), expected)
+    assert refit["orig_lms"] != first["orig_lms"]
+    for extra in (["--max-landmark-error", "0.3"], ["--align", "rotate"]):
+        other = run_landmarks(cropped / "out/test", tmp_path / "other.json", *extra)
+        assert other["stats"]["landmarks"]["fits_from_crop_stage"] == 0, extra
+
+
+def test_crop_stage_81_point_fits_need_the_model_before_any_work(tmp_path: Path, media_dir: Path) -> None:
+    link(media_dir / "photos/face_recognition/obama.jpg", tmp_path / "data/real/obama.jpg")
+    with pytest.raises(FileNotFoundError, match="shape_predictor_81_face_landmarks.dat"):
+        crop.run(input=str(tmp_path / "data"), output=str(tmp_path / "out"), data_root=str(tmp_path),
+                 landmarks=81, pretrained_dir=str(tmp_path / "empty"), backend="sequential")
+    assert not (tmp_path / "out").exists()
