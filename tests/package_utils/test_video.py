@@ -1,6 +1,7 @@
 """Frame sampling and decoding: indices, frame identity against sequential cv2 reads, counts, odd inputs."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -384,6 +385,76 @@ def test_every_container_gives_the_sequential_frames(container_clip, seek_gap: i
         assert [index for index, _ in got] == sorted(set(int(i) for i in indices)), "not all, or not in order"
         for index, frame in got:
             assert np.array_equal(frame, reference[index]), f"{path.name}: frame {index} is not the sequential one"
+
+
+def test_reading_twice_gives_the_same_frames(container_clip) -> None:
+    """The first read may reuse the container the frame count was taken from (prefetched here, as the crop stage
+    reads); a second read of the same reader must give the same frames."""
+    path, reference = container_clip
+    reader = MediaReader(path, allow_image=False)
+    indices = sorted(set(sample_indices(CLIP_FRAMES, 8).tolist()) | {13, 14})
+    first = list(reader.read(indices, prefetch=2))
+    second = list(reader.read(indices))
+    assert [i for i, _ in first] == [i for i, _ in second] == indices
+    for (index, frame), (_, again) in zip(first, second):
+        assert np.array_equal(frame, reference[index]) and np.array_equal(again, frame), f"{path.name}: {index}"
+
+
+def test_mp4_is_opened_once_for_the_first_read(h264_video: Path, monkeypatch) -> None:
+    opened = []
+    real_open = av.open
+    monkeypatch.setattr(av, "open", lambda *args, **kwargs: opened.append(args[0]) or real_open(*args, **kwargs))
+    for seek_gap, indices in [(1, [0, 13, 47]), (10**6, [0, 13, 47]), (1, [13, 47]), (0, [5])]:
+        opened.clear()
+        reader = MediaReader(h264_video)
+        reader.min_seek_gap = seek_gap
+        got = dict(reader.read(indices))
+        assert opened == [str(h264_video)], f"gap {seek_gap}, {indices}: opened {len(opened)} times"
+        assert_same_frames(got, read_sequentially(h264_video, indices), indices)
+
+
+def _descriptors_open_on(path: Path) -> int:
+    target, count = str(path.resolve()), 0
+    for entry in Path("/proc/self/fd").iterdir():
+        try:
+            count += os.readlink(entry) == target
+        except OSError:  # closed while listing
+            pass
+    return count
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to list open files")
+def test_readers_leave_no_file_open(tmp_path: Path, h264_video: Path) -> None:
+    """The container a reader keeps for its first read is closed when the read ends, when the caller stops
+    early (also with prefetching), on close() / leaving a with block, and when an unread reader goes away."""
+    reader = MediaReader(h264_video)
+    assert _descriptors_open_on(h264_video) == 1  # kept for the first read
+    assert len(list(reader.read([0, 30]))) == 2
+    assert _descriptors_open_on(h264_video) == 0
+    for prefetch in (0, 2):
+        frames = MediaReader(h264_video).read([0, 20, 40], prefetch=prefetch)
+        next(frames)
+        frames.close()
+        assert _descriptors_open_on(h264_video) == 0, f"prefetch={prefetch}"
+    with MediaReader(h264_video) as reader:
+        assert reader.info.frame_count == 48
+    assert _descriptors_open_on(h264_video) == 0
+    reader = MediaReader(h264_video)
+    reader.close()
+    assert _descriptors_open_on(h264_video) == 0
+    assert len(list(reader.read([47]))) == 1  # a closed reader opens the file again
+    MediaReader(h264_video)  # unread and dropped
+    assert _descriptors_open_on(h264_video) == 0
+    # a read that fails part-way (data cut after a complete index) closes what it opened
+    full = encode_video(tmp_path / "full.mp4", (numbered_frame(i) for i in range(48)),
+                        container_options={"movflags": "faststart"})
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    assert 0 < len(list(MediaReader(cut).read(sample_indices(48, 8)))) < 8
+    assert _descriptors_open_on(cut) == 0
+    avi = encode_video(tmp_path / "clip.avi", (numbered_frame(i) for i in range(24)))
+    reader = MediaReader(avi)
+    assert _descriptors_open_on(avi) == 0  # decoded from the start anyway: nothing kept
 
 
 def test_packed_bframes_avi_really_is_packed(tmp_path: Path) -> None:
