@@ -419,6 +419,7 @@ def crop_video(entry: datasets.VideoEntry, job: CropJob) -> dict:
     tracker = FaceTracker()
     frames, without_face, decoded, dropped_small = [], [], 0, 0
     largest_track: dict[int, int] = {}  # frame -> track of its largest face (a per-frame choice would crop it)
+    pending_fits: list[tuple[dict, np.ndarray, str]] = []  # (item, crop, PNG digest) awaiting the landmark fit
     for index, frame in reader.read(indices, prefetch=2):
         decoded += 1
         # faces=largest crops every face here and keeps the main person's once the whole video is seen
@@ -444,10 +445,10 @@ def crop_video(entry: datasets.VideoEntry, job: CropJob) -> dict:
                 "keypoints": _rounded(None if face.keypoints is None else to_crop_coords(face.keypoints, box, job.size)),
                 "mask_path": None,
             }
-            if job.landmarks is not None:
-                # the crop is in memory now: the landmarks stage need not read it back (~1.5 ms a PNG)
-                item["landmark_fit"] = fit_for_record(cut.image, item, job.detector["name"], job.landmarks)
-                item["landmark_fit"]["digest"] = content_digest(encoded)
+            if job.landmarks is not None:  # fitted below, while the crop is still in memory
+                pending_fits.append((item, cut.image, content_digest(encoded)))
+                if sum(image.nbytes for _, image, _ in pending_fits) > MAX_PENDING_FIT_BYTES:
+                    _fit_landmarks(pending_fits, job)
             if mask_frames is not None and index in mask_frames:
                 tmp_masks.mkdir(parents=True, exist_ok=True)
                 mask_patch, _ = cut_with_padding(mask_frames[index], box)
@@ -459,6 +460,9 @@ def crop_video(entry: datasets.VideoEntry, job: CropJob) -> dict:
     if job.faces == "largest":
         person = _main_person(tracker, job.max_descriptors, job.threads) if detector is not None else {0}
         frames = _keep_person(frames, person, tmp_frames, tmp_masks, frames_dir, masks_dir, job.data_root)
+    kept_items = {id(item) for item in frames}
+    _fit_landmarks([fit for fit in pending_fits if id(fit[0]) in kept_items], job)  # the kept faces only
+    if job.faces == "largest":
         kept = {f["frame_index"] for f in frames}
         other_faces_only = sorted(set(largest_track) - kept)
         # frames where a per-frame choice of the largest face would have taken someone else
@@ -487,6 +491,19 @@ def crop_video(entry: datasets.VideoEntry, job: CropJob) -> dict:
             record["reason"] += f" ({dropped_small} faces smaller than {job.min_face_size:g} px dropped)"
     atomic_write_json(record_path, record)
     return record
+
+
+#: Crops held for the landmark fit before it runs on them (~200 crops of 320 px). The fits run together after a
+#: video's frames: interleaved with detection and decoding the shape predictor's 100 MB of trees fall out of the
+#: CPU caches and a fit costs 2.6 ms instead of 1.1 (measured on the shared 720p clip).
+MAX_PENDING_FIT_BYTES = 64 * 2**20
+
+
+def _fit_landmarks(pending: list[tuple[dict, np.ndarray, str]], job: CropJob) -> None:
+    """Store each pending crop's landmark fit (with the digest of its PNG) in its item; empties ``pending``."""
+    for item, image, digest in pending:
+        item["landmark_fit"] = fit_for_record(image, item, job.detector["name"], job.landmarks) | {"digest": digest}
+    pending.clear()
 
 
 def _main_person(tracker: FaceTracker, max_descriptors: int, threads: int = 1) -> set[int]:

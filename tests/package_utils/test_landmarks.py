@@ -346,3 +346,17 @@ def test_crop_stage_81_point_fits_need_the_model_before_any_work(tmp_path: Path,
         crop.run(input=str(tmp_path / "data"), output=str(tmp_path / "out"), data_root=str(tmp_path),
                  landmarks=81, pretrained_dir=str(tmp_path / "empty"), backend="sequential")
     assert not (tmp_path / "out").exists()
+
+
+def test_crop_stage_fits_do_not_depend_on_when_they_run(cropped: Path, tmp_path: Path, monkeypatch) -> None:
+    """Fits held back until a video's frames are done (warm caches) equal fits made as each crop is cut (the
+    memory cap reached at once)."""
+    monkeypatch.setattr(crop, "MAX_PENDING_FIT_BYTES", 0)
+    assert crop.main(["--input", str(cropped / "data"), "--output", str(tmp_path / "out"), "--data-root",
+                      str(tmp_path), "--num-frames", "2", "--crop-size", str(SIZE), "--faces", "all", "--backend",
+                      "sequential", "min_relative_area=0.5"]) == 0
+
+    def fits(root: Path) -> list[dict]:
+        index = json.loads((root / "out/test" / crop.CROP_INDEX_NAME).read_text())
+        return [frame["landmark_fit"] for record in index["records"] for frame in record["frames"]]
+    assert fits(tmp_path) == fits(cropped) and len(fits(cropped)) == 5
