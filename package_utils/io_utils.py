@@ -11,8 +11,10 @@ import json
 import os
 import shutil
 import socket
+import struct
 import tempfile
 import time
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -192,18 +194,48 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = No
     atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False))
 
 
-#: PNG encoding of the images we write: the "up" filter and Huffman coding only. On the shared clips' face crops
-#: it encodes in 2.5 instead of 3.1 ms and decodes (every training epoch) in 1.53 instead of 1.67 ms, for files
-#: 1.6% larger than OpenCV's default; still lossless.
+#: PNG settings for images the fast writer does not take (not 8-bit grey/BGR): the "up" filter and Huffman
+#: coding only, 19% faster than OpenCV's defaults on face crops, still lossless.
 PNG_PARAMS = [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP,
               cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY]
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def encode_png(image: np.ndarray) -> bytes | None:
+    """``image`` (BGR or grey uint8) as a PNG: every row "up"-filtered (its difference to the row above), then
+    Huffman-coded by zlib-ng, which deflates 2.2x faster than the zlib in OpenCV and Python. On the shared
+    clips' 320 px face crops: 1.4 ms instead of OpenCV's 3.1 (2.4 with PNG_PARAMS), files 6% larger than
+    OpenCV's default, the same pixels. None for other images (the caller uses OpenCV)."""
+    if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)) \
+            or 0 in image.shape:
+        return None
+    from zlib_ng import zlib_ng
+
+    height, width = image.shape[:2]
+    channels = 1 if image.ndim == 2 else 3
+    rows = (image if channels == 1 else image[:, :, ::-1]).reshape(height, width * channels)  # PNG is RGB
+    filtered = np.empty((height, width * channels + 1), dtype=np.uint8)
+    filtered[:, 0] = 2  # filter type "up"; the first row's "above" is zeros
+    filtered[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # modulo 256, as PNG defines it
+    deflate = zlib_ng.compressobj(1, zlib_ng.DEFLATED, 15, 9, zlib_ng.Z_HUFFMAN_ONLY)
+    data = deflate.compress(filtered) + deflate.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 0 if channels == 1 else 2, 0, 0, 0)
+    return _PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")
 
 
 def encode_image(path: Path, image: np.ndarray, params: list[int] | None = None) -> bytes:
-    """``image`` (BGR or grey uint8) encoded by the file's extension (PNG with :data:`PNG_PARAMS` unless
-    ``params`` are given)."""
+    """``image`` (BGR or grey uint8) encoded by the file's extension: PNGs by :func:`encode_png` unless
+    ``params`` are given (then OpenCV with them)."""
     suffix = path.suffix or ".png"
     if params is None and suffix.lower() == ".png":
+        encoded = encode_png(image)
+        if encoded is not None:
+            return encoded
         params = PNG_PARAMS
     ok, buffer = cv2.imencode(suffix, image, params or [])
     if not ok:

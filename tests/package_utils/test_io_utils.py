@@ -86,21 +86,35 @@ def test_full_disk_error_says_so():
     assert "no space left on device" in str(error) and "/x/a.pth" in str(error)
 
 
-def test_images_are_written_losslessly_with_the_fast_png_settings(tmp_path, media_dir):
-    """Crops are PNG with the "up" filter and Huffman coding only: the pixels read back are the ones written,
-    colour and grey, and an explicit ``params`` still overrides the default."""
+def test_images_are_written_losslessly_with_the_fast_png_writer(tmp_path, media_dir):
+    """Our PNG writer (up filter, zlib-ng Huffman coding) gives the pixels back to OpenCV and Pillow (which also
+    checks every chunk's CRC), for colour and grey, odd sizes and strided views; images it does not take
+    (alpha, 16-bit) go through OpenCV, and an explicit ``params`` still overrides the default."""
+    import io
+
     import cv2
     import numpy as np
+    from PIL import Image
 
-    from package_utils.io_utils import PNG_PARAMS, atomic_write_image, read_image, write_image
+    from package_utils.io_utils import atomic_write_image, encode_png, read_image, write_image
 
     face = read_image(media_dir / "photos/face_recognition/obama.jpg")[:320, :320]
-    for image in (face, cv2.cvtColor(face, cv2.COLOR_BGR2GRAY)):
-        write_image(tmp_path / "crop.png", image)
+    grey = cv2.cvtColor(face, cv2.COLOR_BGR2GRAY)
+    for image in (face, grey, face[:1, :1], grey[:3, :5], face[::2, 1::3], np.zeros((7, 9, 3), np.uint8)):
+        encoded = write_image(tmp_path / "crop.png", image)
+        assert encoded == encode_png(image) and (tmp_path / "crop.png").read_bytes() == encoded
+        assert np.array_equal(cv2.imread(str(tmp_path / "crop.png"), cv2.IMREAD_UNCHANGED), image)
+        with Image.open(io.BytesIO(encoded)) as checked:
+            checked.verify()
+        with Image.open(io.BytesIO(encoded)) as opened:
+            pixels = np.asarray(opened)
+        assert np.array_equal(pixels if pixels.ndim == 2 else pixels[:, :, ::-1], image)
         atomic_write_image(tmp_path / "atomic.png", image)
-        for name in ("crop.png", "atomic.png"):
-            assert np.array_equal(cv2.imread(str(tmp_path / name), cv2.IMREAD_UNCHANGED), image)
-    fast = (tmp_path / "crop.png").stat().st_size
-    write_image(tmp_path / "small.png", cv2.cvtColor(face, cv2.COLOR_BGR2GRAY), [cv2.IMWRITE_PNG_COMPRESSION, 9])
+        assert (tmp_path / "atomic.png").read_bytes() == encoded
+    for other in (cv2.cvtColor(face, cv2.COLOR_BGR2BGRA), grey.astype(np.uint16) * 257):
+        assert encode_png(other) is None
+        write_image(tmp_path / "other.png", other)
+        assert np.array_equal(cv2.imread(str(tmp_path / "other.png"), cv2.IMREAD_UNCHANGED), other)
+    fast = len(encode_png(grey))
+    write_image(tmp_path / "small.png", grey, [cv2.IMWRITE_PNG_COMPRESSION, 9])
     assert (tmp_path / "small.png").stat().st_size < fast  # the caller's settings were used
-    assert cv2.IMWRITE_PNG_STRATEGY in PNG_PARAMS
