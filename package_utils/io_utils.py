@@ -217,7 +217,7 @@ def encode_png(image: np.ndarray) -> bytes | None:
 
     height, width = image.shape[:2]
     channels = 1 if image.ndim == 2 else 3
-    rows = (image if channels == 1 else image[:, :, ::-1]).reshape(height, width * channels)  # PNG is RGB
+    rows = (image if channels == 1 else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)).reshape(height, width * channels)
     filtered = np.empty((height, width * channels + 1), dtype=np.uint8)
     filtered[:, 0] = 2  # filter type "up"; the first row's "above" is zeros
     filtered[0, 1:] = rows[0]
