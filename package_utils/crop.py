@@ -408,6 +408,8 @@ def crop_video(entry: datasets.VideoEntry, job: CropJob) -> dict:
                   requested_frames=job.num_frames, short_video=reader.info.frame_count < job.num_frames)
 
     mask_frames = _mask_frames(entry, indices) if job.save_mask and entry.mask_path else None
+    # the folders relative to the data root, resolved once (a crop's path is its folder's plus its plain name)
+    frames_rel, masks_rel = (relative_to_root(folder, job.data_root) for folder in (frames_dir, masks_dir))
     tmp_frames = frames_dir.with_name(frames_dir.name + ".partial")
     tmp_masks = masks_dir.with_name(masks_dir.name + ".partial")
     for tmp in (tmp_frames, tmp_masks):
@@ -438,7 +440,7 @@ def crop_video(entry: datasets.VideoEntry, job: CropJob) -> dict:
             encoded = write_image(tmp_frames / file_name, cut.image)
             item: dict[str, Any] = {
                 "frame_index": int(index), "face_index": cut.track, "file_name": file_name,
-                "image_path": relative_to_root(frames_dir / file_name, job.data_root),
+                "image_path": f"{frames_rel}/{file_name}",
                 "box": box.tolist(), "padding": cut.padding,
                 "face_box": _rounded(to_crop_coords(face.box, box, job.size).reshape(-1)),
                 "face_score": round(face.score, 4),
@@ -453,13 +455,13 @@ def crop_video(entry: datasets.VideoEntry, job: CropJob) -> dict:
                 tmp_masks.mkdir(parents=True, exist_ok=True)
                 mask_patch, _ = cut_with_padding(mask_frames[index], box)
                 write_image(tmp_masks / file_name, resize_square(mask_patch, job.size))
-                item["mask_path"] = relative_to_root(masks_dir / file_name, job.data_root)
+                item["mask_path"] = f"{masks_rel}/{file_name}"
             frames.append(item)
 
     other_faces_only: list[int] = []
     if job.faces == "largest":
         person = _main_person(tracker, job.max_descriptors, job.threads) if detector is not None else {0}
-        frames = _keep_person(frames, person, tmp_frames, tmp_masks, frames_dir, masks_dir, job.data_root)
+        frames = _keep_person(frames, person, tmp_frames, tmp_masks, frames_rel, masks_rel)
     kept_items = {id(item) for item in frames}
     _fit_landmarks([fit for fit in pending_fits if id(fit[0]) in kept_items], job)  # the kept faces only
     if job.faces == "largest":
@@ -514,8 +516,8 @@ def _main_person(tracker: FaceTracker, max_descriptors: int, threads: int = 1) -
     return {track.track_id for track in groups[0]} if groups else set()
 
 
-def _keep_person(frames: list[dict], person: set[int], tmp_frames: Path, tmp_masks: Path, frames_dir: Path,
-                 masks_dir: Path, data_root: Path) -> list[dict]:
+def _keep_person(frames: list[dict], person: set[int], tmp_frames: Path, tmp_masks: Path, frames_rel: str,
+                 masks_rel: str) -> list[dict]:
     """The person's crops renamed to ``<frame>.png`` (face_index 0, one per frame); the other crops deleted."""
     kept = []
     for item in frames:
@@ -526,10 +528,10 @@ def _keep_person(frames: list[dict], person: set[int], tmp_frames: Path, tmp_mas
             continue
         name = f"{item['frame_index']:03d}.png"
         (tmp_frames / old_name).rename(tmp_frames / name)
-        item.update(face_index=0, file_name=name, image_path=relative_to_root(frames_dir / name, data_root))
+        item.update(face_index=0, file_name=name, image_path=f"{frames_rel}/{name}")
         if item["mask_path"] is not None:
             (tmp_masks / old_name).rename(tmp_masks / name)
-            item["mask_path"] = relative_to_root(masks_dir / name, data_root)
+            item["mask_path"] = f"{masks_rel}/{name}"
         kept.append(item)
     return kept
 
