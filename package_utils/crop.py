@@ -422,6 +422,7 @@ def crop_video(entry: datasets.VideoEntry, job: CropJob) -> dict:
     frames, without_face, decoded, dropped_small = [], [], 0, 0
     largest_track: dict[int, int] = {}  # frame -> track of its largest face (a per-frame choice would crop it)
     pending_fits: list[tuple[dict, np.ndarray, str]] = []  # (item, crop, PNG digest) awaiting the landmark fit
+    pending_bytes = 0
     for index, frame in reader.read(indices, prefetch=2):
         decoded += 1
         # faces=largest crops every face here and keeps the main person's once the whole video is seen
@@ -449,8 +450,10 @@ def crop_video(entry: datasets.VideoEntry, job: CropJob) -> dict:
             }
             if job.landmarks is not None:  # fitted below, while the crop is still in memory
                 pending_fits.append((item, cut.image, content_digest(encoded)))
-                if sum(image.nbytes for _, image, _ in pending_fits) > MAX_PENDING_FIT_BYTES:
+                pending_bytes += cut.image.nbytes
+                if pending_bytes > MAX_PENDING_FIT_BYTES:
                     _fit_landmarks(pending_fits, job)
+                    pending_bytes = 0
             if mask_frames is not None and index in mask_frames:
                 tmp_masks.mkdir(parents=True, exist_ok=True)
                 mask_patch, _ = cut_with_padding(mask_frames[index], box)
@@ -462,14 +465,13 @@ def crop_video(entry: datasets.VideoEntry, job: CropJob) -> dict:
     if job.faces == "largest":
         person = _main_person(tracker, job.max_descriptors, job.threads) if detector is not None else {0}
         frames = _keep_person(frames, person, tmp_frames, tmp_masks, frames_rel, masks_rel)
-    kept_items = {id(item) for item in frames}
-    _fit_landmarks([fit for fit in pending_fits if id(fit[0]) in kept_items], job)  # the kept faces only
-    if job.faces == "largest":
         kept = {f["frame_index"] for f in frames}
         other_faces_only = sorted(set(largest_track) - kept)
         # frames where a per-frame choice of the largest face would have taken someone else
         switches = sum(track not in person for track in largest_track.values())
         record.update(person_tracks=sorted(person), identity_switches_avoided=switches)
+    kept_items = {id(item) for item in frames}
+    _fit_landmarks([fit for fit in pending_fits if id(fit[0]) in kept_items], job)  # the kept faces only
     record.update(tracks=len(tracker.tracks) if detector is not None else 1, shot_cuts=tracker.cuts,
                   descriptors=tracker.descriptors_computed, faces_dropped_small=dropped_small,
                   frames_other_faces_only=other_faces_only)

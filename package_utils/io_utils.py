@@ -21,6 +21,7 @@ from typing import Any, Iterable, Iterator
 
 import cv2
 import numpy as np
+from zlib_ng import zlib_ng
 
 #: The project root (the folder holding package_utils/).
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -208,13 +209,11 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 def encode_png(image: np.ndarray) -> bytes | None:
     """``image`` (BGR or grey uint8) as a PNG: every row "up"-filtered (its difference to the row above), then
     Huffman-coded by zlib-ng, which deflates 2.2x faster than the zlib in OpenCV and Python. On the shared
-    clips' 320 px face crops: 1.4 ms instead of OpenCV's 3.1 (2.4 with PNG_PARAMS), files 6% larger than
+    clips' 320 px face crops: 1.19 ms instead of OpenCV's 2.81 (2.24 with PNG_PARAMS), files ~2% larger than
     OpenCV's default, the same pixels. None for other images (the caller uses OpenCV)."""
     if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)) \
             or 0 in image.shape:
         return None
-    from zlib_ng import zlib_ng
-
     height, width = image.shape[:2]
     channels = 1 if image.ndim == 2 else 3
     rows = (image if channels == 1 else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)).reshape(height, width * channels)

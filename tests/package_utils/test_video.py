@@ -324,6 +324,10 @@ def encode_clip(path: Path, frames, codec: str, options: dict | None = None, max
     return encode_video(path, frames, codec, gop=gop, stream_options=options or {}, max_b_frames=max_b_frames)
 
 
+def renamed(path: Path, suffix: str) -> Path:
+    return path.rename(path.with_suffix(suffix))
+
+
 def save_with_pillow(path: Path, frames, **options) -> Path:
     from PIL import Image
 
@@ -358,6 +362,11 @@ CONTAINERS = {
     "webm-vp9": lambda path, frames: encode_clip(path.with_suffix(".webm"), frames, "libvpx-vp9",
                                                  {"crf": "20", "b": "0", "cpu-used": "8", "deadline": "realtime"}),
     "gif": lambda path, frames: save_with_pillow(path.with_suffix(".gif"), frames),
+    # named as containers whose header describes their streams, but another container inside
+    "mpegts-h264-named-mp4": lambda path, frames: renamed(
+        encode_clip(path.with_suffix(".ts"), frames, "libx264", X264_BFRAMES), ".mp4"),
+    "avi-mpeg4-named-mkv": lambda path, frames: renamed(
+        encode_clip(path.with_suffix(".avi"), frames, "mpeg4", {"qscale": "3"}, max_b_frames=2), ".mkv"),
 }
 CLIP_FRAMES = 60
 CLIP_INDEX_SETS = [sample_indices(CLIP_FRAMES, 8), sample_indices(CLIP_FRAMES, 31), [5, 30], [59], [13, 14, 15, 40],
@@ -385,6 +394,24 @@ def test_every_container_gives_the_sequential_frames(container_clip, seek_gap: i
         assert [index for index, _ in got] == sorted(set(int(i) for i in indices)), "not all, or not in order"
         for index, frame in got:
             assert np.array_equal(frame, reference[index]), f"{path.name}: frame {index} is not the sequential one"
+
+
+def test_a_quick_open_that_fails_falls_back_to_full_probing(h264_video: Path, monkeypatch) -> None:
+    """An MP4 the header-only open cannot take is opened with FFmpeg's full probing: same count, same frames."""
+    reference = decode_sequentially(h264_video)
+    real_open, quick_opens = av.open, []
+
+    def refusing_quick_open(*args, **kwargs):
+        if kwargs.get("container_options"):
+            quick_opens.append(args[0])
+            raise av.error.InvalidDataError(1094995529, "refused for the test")
+        return real_open(*args, **kwargs)
+    monkeypatch.setattr(av, "open", refusing_quick_open)
+    reader = MediaReader(h264_video, allow_image=False)
+    assert reader.info.frame_count == len(reference)
+    got = dict(reader.read([0, 7, len(reference) - 1]))
+    assert quick_opens and all(np.array_equal(frame, reference[index]) for index, frame in got.items())
+    assert sorted(got) == [0, 7, len(reference) - 1]
 
 
 def test_reading_twice_gives_the_same_frames(container_clip) -> None:
